@@ -1,0 +1,172 @@
+"""Every knob of a KV policy in one dataclass, with defaults and start-up validation.
+
+The settings travel inside vLLM's own ``additional_config`` (keys ``kv_policy``,
+``kv_budget``, ...), so the same dictionary reaches the API server, the engine core
+and every worker.  ``--kv-policy retentive`` and the other ``--kv-*`` flags are
+spellings of those keys (see ``engine/cli.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+KEY_PREFIX = "kv_"
+
+
+class ConfigError(ValueError):
+    """A bad KV-policy setting; the message names the option."""
+
+
+def _option(name: str) -> str:
+    return f"--kv-{name.replace('_', '-')} (additional_config.{KEY_PREFIX}{name})"
+
+
+def _knob(default: Any, help: str, kind: type) -> Any:
+    return field(default=default, metadata={"help": help, "kind": kind})
+
+
+@dataclass(frozen=True)
+class KVPolicyConfig:
+    policy: str = _knob(None, "KV-cache policy: full, streaming, h2o, snapkv, retentive.", str)
+    budget: float = _knob(
+        0.2,
+        "Cache tokens kept per request: a ratio of the prompt (0 < b <= 1) or a "
+        "token count (an integer > 1).",
+        float,
+    )
+    sinks: int = _knob(4, "First tokens of a request that are never compressed.", int)
+    window: int = _knob(32, "Most recent tokens that are never compressed.", int)
+    observation_window: int = _knob(
+        32, "Last queries whose attention scores the cache (SnapKV's window).", int
+    )
+    lambda_: float = _knob(
+        0.5, "Weight of attention against entropy in the retention score.", float
+    )
+    pool_kernel: int = _knob(7, "Width of the 1-D average pooling of scores (odd).", int)
+    feature_map: str = _knob(
+        "prf", "State feature map: prf (positive random features) or elu.", str
+    )
+    state_rank: int = _knob(64, "Feature dimension r of the recurrent state (prf).", int)
+    gamma0: float = _knob(0.99, "Base retention of the state per folded token.", float)
+    absorption_min: float = _knob(0.5, "Lower clamp of the absorption weight.", float)
+    absorption_max: float = _knob(2.0, "Upper clamp of the absorption weight.", float)
+    decode_interval: int = _knob(
+        64, "Tokens over budget that decoding may add before compressing again.", int
+    )
+    seed: int = _knob(0, "Seed of the random-feature projection.", int)
+
+    @property
+    def budget_is_ratio(self) -> bool:
+        return self.budget <= 1
+
+    def budget_tokens(self, num_prompt_tokens: int) -> int:
+        """Cache tokens a request may keep (sinks, kept and window together)."""
+        if self.budget_is_ratio:
+            return max(1, math.ceil(self.budget * num_prompt_tokens))
+        return int(self.budget)
+
+    @classmethod
+    def knobs(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @staticmethod
+    def key(f: dataclasses.Field) -> str:
+        """The additional_config key of a knob (``lambda_`` is spelled ``kv_lambda``)."""
+        return KEY_PREFIX + f.name.rstrip("_")
+
+    @classmethod
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | None
+    ) -> KVPolicyConfig | None:
+        """The policy settings, or None when no policy was asked for.
+
+        Raises ConfigError naming the option for unknown keys and bad values.
+        """
+        extra = dict(additional_config or {})
+        by_key = {cls.key(f): f for f in cls.knobs()}
+        ours = {k: v for k, v in extra.items() if k.startswith(KEY_PREFIX)}
+        unknown = sorted(set(ours) - set(by_key))
+        if unknown:
+            raise ConfigError(
+                f"unknown KV-policy option(s) {unknown} in additional_config; "
+                f"known: {sorted(by_key)}"
+            )
+        if ours.get("kv_policy") is None:
+            if len(ours) > 0:
+                raise ConfigError(
+                    f"{_option('policy')} is required when other KV options are set "
+                    f"({sorted(ours)})"
+                )
+            return None
+        values = {}
+        for key, value in ours.items():
+            f = by_key[key]
+            values[f.name] = _coerce(f, value)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return {self.key(f): getattr(self, f.name) for f in self.knobs()}
+
+    def validate(self) -> None:
+        from retentivekv_vllm.policies import POLICIES
+        from retentivekv_vllm.core import FEATURE_MAPS
+
+        def fail(name: str, why: str) -> None:
+            raise ConfigError(f"{_option(name)}: {why}")
+
+        if self.policy not in POLICIES:
+            fail("policy", f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        if not (self.budget > 0) or (self.budget > 1 and self.budget != int(self.budget)):
+            fail(
+                "budget",
+                f"got {self.budget!r}; use a ratio 0 < b <= 1 or a whole token count > 1",
+            )
+        for name in ("sinks", "window"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("observation_window", "state_rank", "decode_interval"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lambda_ <= 1:
+            fail("lambda", f"must lie in [0, 1], got {self.lambda_}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            fail("pool_kernel", f"must be a positive odd number, got {self.pool_kernel}")
+        if self.feature_map not in FEATURE_MAPS:
+            fail(
+                "feature_map",
+                f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}",
+            )
+        if not 0 < self.gamma0 <= 1:
+            fail("gamma0", f"must lie in (0, 1], got {self.gamma0}")
+        if not 0 <= self.absorption_min <= self.absorption_max:
+            fail(
+                "absorption_min",
+                f"need 0 <= absorption_min <= absorption_max, got "
+                f"{self.absorption_min} and {self.absorption_max}",
+            )
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = f.metadata["kind"]
+    name = f.name.rstrip("_")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{_option(name)}: expected a string, got {value!r}")
+        return value.strip().lower()
+    if isinstance(value, bool):
+        raise ConfigError(f"{_option(name)}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_option(name)}: expected a number, got {value!r}") from None
+    if kind is int:
+        if number != int(number):
+            raise ConfigError(f"{_option(name)}: expected an integer, got {value!r}")
+        return int(number)
+    return number

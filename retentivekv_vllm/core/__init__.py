@@ -1,0 +1,50 @@
+"""RetentiveKV's method in plain torch: scores, feature maps, the recurrent state, readout and merge."""
+
+from .feature_maps import FEATURE_MAPS, EluPlusOne, FeatureMap, PositiveRandomFeatures, make_feature_map
+from .merge import local_attention, merge_with_states
+from .reference import compressed_attention
+from .scores import (
+    accumulated_attention,
+    attention_probs,
+    entropy_potential,
+    masked_logits,
+    masked_softmax,
+    normalize_by_max,
+    pool1d,
+    retention_score,
+    select_topk,
+)
+from .state import (
+    RecurrentState,
+    absorption_from_attention,
+    fold,
+    fold_sequential,
+    readout,
+    retention_from_entropy,
+)
+
+__all__ = [
+    "FEATURE_MAPS",
+    "EluPlusOne",
+    "FeatureMap",
+    "PositiveRandomFeatures",
+    "RecurrentState",
+    "absorption_from_attention",
+    "accumulated_attention",
+    "attention_probs",
+    "compressed_attention",
+    "entropy_potential",
+    "fold",
+    "fold_sequential",
+    "local_attention",
+    "make_feature_map",
+    "masked_logits",
+    "masked_softmax",
+    "merge_with_states",
+    "normalize_by_max",
+    "pool1d",
+    "readout",
+    "retention_from_entropy",
+    "retention_score",
+    "select_topk",
+]

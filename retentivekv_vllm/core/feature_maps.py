@@ -1,0 +1,66 @@
+"""Feature maps φ: R^d → R^r_{>0} that turn softmax attention into a linear, foldable sum.
+
+Both maps are computed in log space: random-feature exponents overflow float32 for large-norm keys long
+before their products do, and the merge already works with logs.
+"""
+
+import abc
+import math
+
+import torch
+from torch import Tensor
+
+
+class FeatureMap(abc.ABC):
+    rank: int
+
+    @abc.abstractmethod
+    def log_features(self, x: Tensor) -> Tensor:
+        """x [..., d] -> log φ(x) [..., r], float32."""
+
+    def features(self, x: Tensor) -> Tensor:
+        """x [..., d] -> φ(x) [..., r], float32, all entries > 0 (barring underflow)."""
+        return self.log_features(x).exp()
+
+
+class EluPlusOne(FeatureMap):
+    """φ(x) = elu(x) + 1 (Infini-attention); r = d. Cheap, but a biased stand-in for exp(q·k)."""
+
+    def __init__(self, head_dim: int):
+        self.rank = head_dim
+
+    def log_features(self, x: Tensor) -> Tensor:
+        x = x.float()
+        # elu(x)+1 is exp(x) below 0 and 1+x above, so its log is exact on both sides and never -inf.
+        return torch.where(x < 0, x, torch.log1p(x.clamp(min=0)))
+
+
+class PositiveRandomFeatures(FeatureMap):
+    """φ(x) = exp(W x̃ − ‖x̃‖²/2)/√r with x̃ = x·√scale and W [r, d] ~ N(0, 1) fixed by `seed`.
+
+    E_W[φ(q)·φ(k)] = exp(scale·q·k) (Performer's positive features), so a state built with φ estimates,
+    without bias, exactly the softmax terms that folding removed from the cache.
+    """
+
+    def __init__(self, head_dim: int, rank: int, scale: float, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(rank, head_dim, generator=generator)
+        self.rank = rank
+        self.scale = scale
+
+    def log_features(self, x: Tensor) -> Tensor:
+        x = x.float() * math.sqrt(self.scale)
+        projection = x @ self.weight.to(x.device).T
+        return projection - 0.5 * x.square().sum(-1, keepdim=True) - 0.5 * math.log(self.rank)
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluPlusOne, "prf": PositiveRandomFeatures}
+
+
+def make_feature_map(name: str, head_dim: int, rank: int, scale: float, seed: int = 0) -> FeatureMap:
+    """Build a registered feature map; `elu` ignores rank, scale and seed (its rank is head_dim)."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature map {name!r}; valid names: {sorted(FEATURE_MAPS)}")
+    if name == "elu":
+        return EluPlusOne(head_dim)
+    return FEATURE_MAPS[name](head_dim, rank, scale, seed)

@@ -1,0 +1,63 @@
+"""Local softmax attention over the retained cache, and its merge with the readouts of folded-token states.
+
+o = (e^{lse}·o_L + Σ_X g_X·num_X) / (e^{lse} + Σ_X g_X·den_X), evaluated as a merge of two normalised
+partial outputs in log space, like FlashAttention's merge_attn_states.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .scores import masked_logits, masked_softmax
+
+
+def local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention over visible keys: out [H, m, dv], lse [H, m] = log Σ_j exp(scale·q·k_j).
+
+    q [H, m, d], k [H, n, d], v [H, n, dv]; visibility as in `scores.masked_logits`. Rows with no visible
+    key get out 0 and lse -inf.
+    """
+    probs, lse = masked_softmax(masked_logits(q, k, scale, q_positions, k_positions, key_mask))
+    return probs @ v.float(), lse
+
+
+def merge_with_states(
+    out_local: Tensor,
+    lse_local: Tensor,
+    numerators: Sequence[Tensor],
+    denominators: Sequence[Tensor],
+    gains: Sequence[float] | None = None,
+) -> Tensor:
+    """Merge local attention out_local [H, m, dv] (lse_local [H, m]) with state readouts -> [H, m, dv].
+
+    numerators [H, m, dv] and denominators [H, m] come one per state from `state.readout`; gains, one
+    float per state, default 1. Rows whose states hold no mass (empty list, zero denominators) return
+    out_local unchanged, bit for bit, so a cache that folded nothing is exactly full attention.
+    """
+    out_local = out_local.float()
+    if not numerators:
+        return out_local
+    gains = [1.0] * len(numerators) if gains is None else gains
+    num = sum(g * n.float() for g, n in zip(gains, numerators, strict=True))
+    den = sum(g * d.float() for g, d in zip(gains, denominators, strict=True))
+    has_state = den > 0
+    # The state as a second normalised partial output: o_S = num/den with lse_S = log den.
+    out_state = num / torch.where(has_state, den, 1.0)[..., None]
+    lse_state = torch.where(has_state, den, 1.0).log().masked_fill(~has_state, float("-inf"))
+    # Factor out the larger lse: both weights are then <= 1 and no exp overflows.
+    lse_max = torch.maximum(lse_local.float(), lse_state)
+    weight_local = torch.exp(lse_local.float() - lse_max)
+    weight_state = torch.exp(lse_state - lse_max)
+    merged = (weight_local[..., None] * out_local + weight_state[..., None] * out_state) / (
+        weight_local + weight_state
+    )[..., None]
+    return torch.where(has_state[..., None], merged, out_local)

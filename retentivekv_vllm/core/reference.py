@@ -1,0 +1,34 @@
+"""Compressed attention over a whole sequence in one call: the oracle for kernels and engine tests."""
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .feature_maps import FeatureMap
+from .merge import local_attention, merge_with_states
+from .state import RecurrentState, readout
+
+
+def compressed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    keep_mask: Tensor,
+    states: Sequence[RecurrentState],
+    feature_map: FeatureMap,
+    gains: Sequence[float] | None = None,
+) -> Tensor:
+    """Attention of q [H, m, d] (GQA rows grouped per KV head) over the kept part of k, v [H, n, d(v)]
+    (keep_mask [H, n] bool, causal by position) plus every state's readout, merged -> [H, m, dv] float32.
+
+    States are read whole by every query: they hold tokens folded before any of these queries.
+    """
+    out_local, lse_local = local_attention(q, k, v, scale, q_positions, k_positions, key_mask=keep_mask)
+    phi_q = feature_map.features(q)
+    readouts = [readout(state, phi_q) for state in states]
+    return merge_with_states(
+        out_local, lse_local, [num for num, _ in readouts], [den for _, den in readouts], gains
+    )

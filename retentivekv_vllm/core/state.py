@@ -1,0 +1,91 @@
+"""The recurrent state that absorbs folded tokens, and the two per-token gates of a fold.
+
+S ← γ_i·S + a_i·φ(k_i) v_iᵀ,  z ← γ_i·z + a_i·φ(k_i)  — one state per KV head, size independent of the
+number of tokens folded.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RecurrentState:
+    """S [H, r, dv] and normaliser z [H, r], float32, one (S, z) per KV head."""
+
+    S: Tensor
+    z: Tensor
+
+    @classmethod
+    def zeros(cls, num_heads: int, rank: int, head_dim_v: int, device=None) -> "RecurrentState":
+        return cls(
+            S=torch.zeros(num_heads, rank, head_dim_v, device=device),
+            z=torch.zeros(num_heads, rank, device=device),
+        )
+
+    @property
+    def num_elements(self) -> int:
+        return self.S.numel() + self.z.numel()
+
+
+def fold_sequential(
+    state: RecurrentState, phi_k: Tensor, v: Tensor, gamma: Tensor, absorption: Tensor
+) -> RecurrentState:
+    """The definition, one token at a time (the oracle for `fold`).
+
+    phi_k [H, n, r] features (not logs), v [H, n, dv], gamma [H, n] in (0, 1], absorption [H, n] >= 0.
+    """
+    S, z = state.S.float(), state.z.float()
+    phi_k, v, gamma, absorption = phi_k.float(), v.float(), gamma.float(), absorption.float()
+    for i in range(phi_k.shape[1]):
+        weighted_phi = absorption[:, i, None] * phi_k[:, i]
+        S = gamma[:, i, None, None] * S + weighted_phi[:, :, None] * v[:, i, None, :]
+        z = gamma[:, i, None] * z + weighted_phi
+    return RecurrentState(S, z)
+
+
+def fold(state: RecurrentState, phi_k: Tensor, v: Tensor, gamma: Tensor, absorption: Tensor) -> RecurrentState:
+    """`fold_sequential` in one batch; returns a new state.
+
+    Unrolling the recurrence, token i is scaled by a_i·∏_{j>i} γ_j and the old state by ∏_j γ_j. The
+    products are taken as sums of log γ so that long folds do not underflow step by step.
+    Shapes as in `fold_sequential`.
+    """
+    phi_k, v, absorption = phi_k.float(), v.float(), absorption.float()
+    log_gamma = gamma.float().log()
+    suffix = log_gamma.flip(-1).cumsum(-1).flip(-1)  # Σ_{j>=i} log γ_j
+    # Shift by one instead of subtracting log γ_i: Σ_{j>i} log γ_j without cancellation error.
+    decay_after = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)
+    weight = absorption * decay_after.exp()  # [H, n]
+    decay_total = log_gamma.sum(-1).exp()  # [H]
+    weighted_phi = weight[:, :, None] * phi_k
+    return RecurrentState(
+        S=decay_total[:, None, None] * state.S.float() + weighted_phi.transpose(1, 2) @ v,
+        z=decay_total[:, None] * state.z.float() + weighted_phi.sum(1),
+    )
+
+
+def readout(state: RecurrentState, phi_q: Tensor) -> tuple[Tensor, Tensor]:
+    """phi_q [H, m, r] (a KV head's query rows) -> numerator φ(q)ᵀS [H, m, dv], denominator φ(q)ᵀz [H, m]."""
+    phi_q = phi_q.float()
+    return phi_q @ state.S, (phi_q @ state.z[:, :, None]).squeeze(-1)
+
+
+def retention_from_entropy(entropy_hat: Tensor, gamma0: float) -> Tensor:
+    """γ = γ0^(1 − Ĥ): a token in diffuse attention (Ĥ → 1) barely decays what the state already holds.
+
+    entropy_hat [...] in [0, 1] (clamped) -> γ [...] in [γ0, 1].
+    """
+    return torch.pow(gamma0, 1.0 - entropy_hat.float().clamp(0.0, 1.0))
+
+
+def absorption_from_attention(alpha: Tensor, a_min: float, a_max: float) -> Tensor:
+    """a = clamp(α / mean(α), a_min, a_max) over the last dim; rows whose mean is 0 carry no signal -> 1.
+
+    alpha [..., n] >= 0 -> a [..., n]. The caller picks the tokens the mean runs over.
+    """
+    alpha = alpha.float()
+    mean = alpha.mean(-1, keepdim=True)
+    ratio = alpha / mean.clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(mean > 0, ratio.clamp(a_min, a_max), torch.ones_like(alpha))

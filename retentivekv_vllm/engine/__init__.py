@@ -1,0 +1,1 @@
+"""The only code that imports vLLM internals: flags, backend, runner hooks, memory."""

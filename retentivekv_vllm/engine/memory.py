@@ -1,0 +1,132 @@
+"""Per-request compression state, owned by the worker process, outside vLLM's KV cache.
+
+A RequestMemory is created the first step a request is scheduled and dropped when the
+scheduler reports it finished or aborted (or preempted: a resumed request recomputes
+its prompt from scratch, so its memory starts again too).  It holds, per attention
+layer, which cached tokens are still live (not folded), the recurrent states, the
+recent queries that score the cache, and the accumulated attention statistic.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from retentivekv_vllm.core import RecurrentState
+
+# Stats of finished requests are kept for inspection (tests, debugging), bounded.
+FINISHED_STATS_KEPT = 1024
+
+
+@dataclass
+class LayerMemory:
+    live: torch.Tensor  # [Hkv, capacity] bool, True = visible to attention
+    accumulated: torch.Tensor  # [Hkv, capacity] float32, H2O statistic
+    states: list[RecurrentState] = field(default_factory=list)
+    recent_queries: torch.Tensor | None = None  # [m, Hq, d]
+    recent_positions: torch.Tensor | None = None  # [m]
+
+    @classmethod
+    def empty(cls, num_kv_heads: int, capacity: int) -> LayerMemory:
+        return cls(
+            live=torch.ones(num_kv_heads, capacity, dtype=torch.bool),
+            accumulated=torch.zeros(num_kv_heads, capacity),
+        )
+
+    def ensure_capacity(self, n: int) -> None:
+        """Grow the per-token tensors geometrically; new tokens are live."""
+        capacity = self.live.shape[1]
+        if n <= capacity:
+            return
+        grown = max(n, 2 * capacity)
+        heads = self.live.shape[0]
+        live = torch.ones(heads, grown, dtype=torch.bool)
+        live[:, :capacity] = self.live
+        accumulated = torch.zeros(heads, grown)
+        accumulated[:, :capacity] = self.accumulated
+        self.live, self.accumulated = live, accumulated
+
+    def remember_queries(self, queries: torch.Tensor, positions: torch.Tensor, m: int) -> None:
+        if self.recent_queries is not None:
+            queries = torch.cat([self.recent_queries, queries])
+            positions = torch.cat([self.recent_positions, positions])
+        self.recent_queries = queries[-m:].clone()
+        self.recent_positions = positions[-m:].clone()
+
+    @property
+    def state_elements(self) -> int:
+        return sum(s.num_elements for s in self.states)
+
+
+@dataclass
+class RequestMemory:
+    req_id: str
+    num_prompt_tokens: int
+    budget: int
+    layers: dict[str, LayerMemory] = field(default_factory=dict)
+    # Tokens folded per KV head, equal in every layer and head.  The builder sets it
+    # when it plans a compression; every layer's forward of that step makes it true.
+    num_folded: int = 0
+    num_compressions: int = 0
+    max_live: int = 0  # the largest live count after any compression
+
+    def layer(self, name: str, num_kv_heads: int, n: int) -> LayerMemory:
+        memory = self.layers.get(name)
+        if memory is None:
+            memory = self.layers[name] = LayerMemory.empty(num_kv_heads, max(n, 64))
+        memory.ensure_capacity(n)
+        return memory
+
+    def stats(self) -> dict:
+        state_elements = sum(m.state_elements for m in self.layers.values())
+        return {
+            "req_id": self.req_id,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "budget_tokens": self.budget,
+            "tokens_folded": self.num_folded,
+            "max_tokens_kept": self.max_live,
+            "compressions": self.num_compressions,
+            "state_elements": state_elements,
+        }
+
+
+class MemoryRegistry:
+    """The live RequestMemory objects of one worker, plus stats of finished ones."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, RequestMemory] = {}
+        self.finished: OrderedDict[str, dict] = OrderedDict()
+
+    def get_or_create(self, req_id: str, num_prompt_tokens: int, budget: int) -> RequestMemory:
+        memory = self.live.get(req_id)
+        if memory is None:
+            memory = self.live[req_id] = RequestMemory(req_id, num_prompt_tokens, budget)
+        return memory
+
+    def restart(self, req_id: str) -> None:
+        """Forget a request's memory (its prompt is being recomputed from the start)."""
+        self.live.pop(req_id, None)
+
+    def release(self, req_ids) -> None:
+        for req_id in req_ids:
+            memory = self.live.pop(req_id, None)
+            if memory is not None:
+                self.finished[req_id] = memory.stats()
+                while len(self.finished) > FINISHED_STATS_KEPT:
+                    self.finished.popitem(last=False)
+
+    def snapshot(self) -> dict:
+        return {
+            "live": {rid: m.stats() for rid, m in self.live.items()},
+            "finished": dict(self.finished),
+        }
+
+
+REGISTRY = MemoryRegistry()
+
+
+def worker_stats(worker=None) -> dict:
+    """Stats of this worker's requests; usable as ``llm.collective_rpc(worker_stats)``."""
+    return REGISTRY.snapshot()

@@ -1,0 +1,148 @@
+"""Every change this plugin makes to vLLM, in one place.
+
+vLLM has no public API for KV compression, for extra CLI flags or for per-request
+worker hooks, so the plugin wraps a few internal symbols.  Each wrapper calls the
+original and only adds behaviour; the runner hooks are installed only once a policy
+is active.  Checked against the versions in CHECKED_VLLM_VERSIONS; internals change
+every release, so a new vLLM version must be re-checked here first.
+
+Patched or overridden symbols:
+
+==========================================================================  =========================================
+symbol                                                                      why
+==========================================================================  =========================================
+``AttentionBackendEnum.CPU_ATTN`` (via ``register_backend``)                CPU attention with KV policies (pass-through
+                                                                            without one); the CPU platform ignores
+                                                                            ``--attention-backend``
+``vllm.engine.arg_utils.EngineArgs.add_cli_args``                           adds the ``--kv-*`` flags
+``vllm.engine.arg_utils.EngineArgs.from_cli_args``                          moves them into ``additional_config``
+``vllm.engine.arg_utils.EngineArgs.create_engine_config``                   prefix caching off by default under a
+                                                                            policy; start-up validation
+``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids and prompt lengths
+                                                                            of the step (``engine/batch.py``)
+``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``            releases the memory of finished, aborted
+                                                                            and preempted requests
+==========================================================================  =========================================
+
+The ``vllm`` console script of this package also patches
+``importlib.metadata.version`` for the name "vllm" (see ``launcher.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+CHECKED_VLLM_VERSIONS = ("0.32.0",)
+CPU_BACKEND_PATH = "retentivekv_vllm.engine.cpu_backend.RetentiveCPUAttentionBackend"
+
+_applied: set[str] = set()
+
+
+def _once(name: str) -> bool:
+    if name in _applied:
+        return False
+    _applied.add(name)
+    return True
+
+
+def apply_process_patches() -> None:
+    """Safe in every vLLM process, any number of times."""
+    if not _once("process"):
+        return
+    import vllm
+
+    base_version = vllm.__version__.split("+")[0]
+    if base_version not in CHECKED_VLLM_VERSIONS:
+        logger.warning(
+            "retentivekv-vllm was checked against vLLM %s, not %s; its patches may not fit",
+            ", ".join(CHECKED_VLLM_VERSIONS),
+            vllm.__version__,
+        )
+    _register_cpu_backend()
+    _patch_engine_args()
+
+
+def _register_cpu_backend() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from retentivekv_vllm.config import KVPolicyConfig
+    from retentivekv_vllm.engine.cli import add_kv_arguments, merge_kv_arguments
+    from retentivekv_vllm.engine.settings import validate_engine
+
+    original_add = EngineArgs.add_cli_args
+
+    @functools.wraps(original_add)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        if "--kv-policy" not in parser._option_string_actions:
+            add_kv_arguments(parser)
+        return parser
+
+    original_from = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(original_from)
+    def from_cli_args(cls, args):
+        merge_kv_arguments(args)
+        return original_from(cls, args)
+
+    original_create = EngineArgs.create_engine_config
+
+    @functools.wraps(original_create)
+    def create_engine_config(self, *args, **kwargs):
+        extra = self.additional_config if isinstance(self.additional_config, dict) else None
+        if KVPolicyConfig.from_additional_config(extra) is not None:
+            if self.enable_prefix_caching is None:
+                # A compressed cache cannot be shared; off unless the user insists
+                # (then validate_engine refuses with a clear message).
+                self.enable_prefix_caching = False
+        vllm_config = original_create(self, *args, **kwargs)
+        validate_engine(vllm_config)
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def install_runner_hooks() -> None:
+    """Called by the policy's metadata builder, in the worker, when a policy is active."""
+    if not _once("runner"):
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from retentivekv_vllm.engine import batch
+    from retentivekv_vllm.engine.memory import REGISTRY
+
+    original_build = GPUModelRunner._build_attention_metadata
+
+    @functools.wraps(original_build)
+    def build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
+        input_batch = self.input_batch
+        batch.record(
+            input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs]
+        )
+        return original_build(self, num_tokens, num_reqs, *args, **kwargs)
+
+    original_update = GPUModelRunner._update_states
+
+    @functools.wraps(original_update)
+    def update_states(self, scheduler_output):
+        REGISTRY.release(scheduler_output.finished_req_ids)
+        REGISTRY.release(scheduler_output.preempted_req_ids or ())
+        return original_update(self, scheduler_output)
+
+    GPUModelRunner._build_attention_metadata = build_attention_metadata
+    GPUModelRunner._update_states = update_states

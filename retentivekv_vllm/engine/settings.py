@@ -1,0 +1,60 @@
+"""From vLLM's config to this process's policy, and the start-up checks."""
+
+from __future__ import annotations
+
+import functools
+
+from retentivekv_vllm.config import ConfigError, KVPolicyConfig
+from retentivekv_vllm.policies import KVPolicy, make_policy
+
+
+def kv_config_from_vllm_config(vllm_config) -> KVPolicyConfig | None:
+    extra = getattr(vllm_config, "additional_config", None)
+    return KVPolicyConfig.from_additional_config(extra if isinstance(extra, dict) else None)
+
+
+@functools.cache
+def _policy(config: KVPolicyConfig) -> KVPolicy:
+    # One instance per process and config, so the builder and every layer share
+    # its caches (e.g. the random-feature projection).
+    return make_policy(config)
+
+
+def policy_from_vllm_config(vllm_config) -> KVPolicy | None:
+    config = kv_config_from_vllm_config(vllm_config)
+    return None if config is None else _policy(config)
+
+
+def validate_engine(vllm_config) -> None:
+    """Refuse, at start-up, combinations the policy cannot serve correctly."""
+    config = kv_config_from_vllm_config(vllm_config)
+    if config is None:
+        return
+    flag = f"--kv-policy {config.policy}"
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ConfigError(
+            f"{flag} needs prefix caching off (--enable-prefix-caching is on): a compressed "
+            "cache cannot be shared between requests; pass --no-enable-prefix-caching"
+        )
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ConfigError(
+            f"{flag}: only the CPU backend is available in this version of retentivekv-vllm"
+        )
+    model = vllm_config.model_config
+    if model is None:
+        return
+    if model.use_mla:
+        raise ConfigError(f"{flag}: MLA models are not supported")
+    if model.get_sliding_window() is not None:
+        raise ConfigError(f"{flag}: sliding-window models are not supported")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head_size = model.get_head_size()
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in supported:
+        raise ConfigError(
+            f"{flag}: the model's head size {head_size} is not supported on CPU "
+            f"(supported: {supported})"
+        )

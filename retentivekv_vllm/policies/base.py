@@ -1,0 +1,81 @@
+"""What every KV policy shares: the observation it scores, top-k selection, folding.
+
+A policy is a small dataclass that turns an Observation into one score per cached
+token (higher = keep).  The engine keeps sinks and the recent window itself, keeps
+the `k` best-scoring candidates per KV head (the same `k` for every head and layer,
+so that each head can keep different tokens in the same physical slots), and hands
+the rest to ``absorb``: eviction policies drop them, retentive folds them into its
+recurrent state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from retentivekv_vllm.config import KVPolicyConfig
+from retentivekv_vllm.core import RecurrentState, select_topk
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One request in one layer at the moment it is compressed.
+
+    probs: [Hkv, rows, n] softmax attention of the observation queries (GQA query
+        heads stacked as rows) over the n cached tokens; hidden tokens get 0.
+    positions: [n] token positions.
+    candidates: [Hkv, n] bool, tokens that may be folded (live, not sink, not window).
+    accumulated: [Hkv, n] attention each token received from every observation
+        window since the request started (H2O's heavy-hitter statistic).
+    """
+
+    probs: torch.Tensor
+    positions: torch.Tensor
+    candidates: torch.Tensor
+    accumulated: torch.Tensor
+
+
+@dataclass
+class KVPolicy(ABC):
+    config: KVPolicyConfig
+    name: ClassVar[str]
+    # False for `full`: the engine never compresses, whatever the budget.
+    compresses: ClassVar[bool] = True
+    # True when folded tokens live on in a recurrent state read by later queries.
+    keeps_state: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, obs: Observation) -> torch.Tensor:
+        """[Hkv, n] score per token, higher = keep; only candidates are compared."""
+
+    def select(self, obs: Observation, k: int) -> torch.Tensor:
+        """[Hkv, n] bool: the candidates kept, k per head."""
+        scores = self.score(obs).masked_fill(~obs.candidates, float("-inf"))
+        return select_topk(scores, k) & obs.candidates
+
+    def absorb(
+        self,
+        states: list[RecurrentState],
+        obs: Observation,
+        folded: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scale: float,
+    ) -> list[RecurrentState]:
+        """Fold the tokens marked in `folded` [Hkv, n] into the states; eviction drops them."""
+        return states
+
+
+POLICIES: dict[str, type[KVPolicy]] = {}
+
+
+def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(config: KVPolicyConfig) -> KVPolicy:
+    return POLICIES[config.policy](config)
