@@ -18,15 +18,19 @@ def compressed_attention(
     k_positions: Tensor,
     keep_mask: Tensor,
     states: Sequence[RecurrentState],
-    feature_map: FeatureMap,
+    feature_map: FeatureMap | None,
     gains: Sequence[float] | None = None,
 ) -> Tensor:
     """Attention of q [H, m, d] (GQA rows grouped per KV head) over the kept part of k, v [H, n, d(v)]
     (keep_mask [H, n] bool, causal by position) plus every state's readout, merged -> [H, m, dv] float32.
 
     States are read whole by every query: they hold tokens folded before any of these queries.
+    Without states (eviction policies) this is attention over the kept tokens and
+    `feature_map` may be None.
     """
     out_local, lse_local = local_attention(q, k, v, scale, q_positions, k_positions, key_mask=keep_mask)
+    if not states:
+        return out_local
     phi_q = feature_map.features(q)
     readouts = [readout(state, phi_q) for state in states]
     return merge_with_states(

@@ -28,14 +28,9 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from retentivekv_vllm.core import (
-    accumulated_attention,
-    attention_probs,
-    local_attention,
-    merge_with_states,
-    readout,
-)
+from retentivekv_vllm.core import accumulated_attention, attention_probs, compressed_attention
 from retentivekv_vllm.engine import batch
+from retentivekv_vllm.engine.cpu_layout import gather_request_kv
 from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory
 from retentivekv_vllm.engine.patches import install_runner_hooks
 from retentivekv_vllm.engine.settings import policy_from_vllm_config
@@ -85,10 +80,11 @@ def plan_request(
         window=window,
         keep_top=budget - sinks - window,
     )
+    memory.num_cached = seq_len
     if plan.compress:
         memory.num_folded = seq_len - budget
         memory.num_compressions += 1
-        memory.max_live = max(memory.max_live, budget)
+        memory.kept_after_compression = max(memory.kept_after_compression, budget)
     return plan
 
 
@@ -155,24 +151,19 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         plans = getattr(attn_metadata, "plans", None)
         if not plans or self.attn_type != AttentionType.DECODER:
             return output
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        # The same K/V split as CPUAttentionBackendImpl.forward.
-        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(
-            2, dim=2
-        )
         rows = output.view(output.shape[0], self.num_heads, self.head_size)
         for plan in plans:
-            self._run_plan(layer.layer_name, plan, query, key_cache, value_cache, attn_metadata, rows)
+            self._run_plan(layer, plan, query, kv_cache, attn_metadata.block_table, rows)
         return output
 
-    def _run_plan(self, layer_name, plan, query, key_cache, value_cache, metadata, rows) -> None:
+    def _run_plan(self, layer, plan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
         q = query[plan.query_start : plan.query_end].float()
         positions = torch.arange(n - q.shape[0], n)
-        memory = plan.memory.layer(layer_name, self.num_kv_heads, n)
+        memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
         keys = values = None
         if plan.attend_with_memory or plan.compress:
-            keys, values = _gather_request_kv(key_cache, value_cache, metadata.block_table[plan.row], n)
+            keys, values = gather_request_kv(kv_cache, block_table[plan.row], n, layer.isa)
         if plan.attend_with_memory:
             out = self._attend(q, positions, keys, values, memory, n)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
@@ -187,17 +178,22 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _attend(self, q, positions, keys, values, memory: LayerMemory, n: int) -> torch.Tensor:
         grouped = self._group(q)
-        q_positions = positions.repeat(self.num_queries_per_kv)
-        out, lse = local_attention(
-            grouped, keys, values, self.scale, q_positions, torch.arange(n), memory.live[:, :n]
+        feature_map = (
+            self.policy.feature_map(self.head_size, self.scale) if memory.states else None
         )
-        if memory.states:
-            phi_q = self.policy.feature_map(self.head_size, self.scale).features(grouped)
-            nums, dens = zip(*(readout(state, phi_q) for state in memory.states))
-            out = merge_with_states(out, lse, list(nums), list(dens))
-        t = q.shape[0]
+        out = compressed_attention(
+            grouped,
+            keys,
+            values,
+            self.scale,
+            positions.repeat(self.num_queries_per_kv),
+            torch.arange(n),
+            memory.live[:, :n],
+            memory.states,
+            feature_map,
+        )
         # [Hkv, g*T, dv] -> [T, Hq, dv]
-        return out.view(self.num_heads, t, -1).permute(1, 0, 2)
+        return out.view(self.num_heads, q.shape[0], -1).permute(1, 0, 2)
 
     def _compress(self, plan: RequestPlan, memory: LayerMemory, keys, values) -> None:
         n = plan.seq_len
@@ -214,19 +210,6 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             memory.states = self.policy.absorb(memory.states, obs, folded, keys, values, self.scale)
         live &= ~folded
         memory.accumulated[:, :n].masked_fill_(folded, 0.0)
-
-
-def _gather_request_kv(key_cache, value_cache, block_row, n):
-    """A request's first n cached tokens as [Hkv, n, d] keys and values (float32)."""
-    block_size = key_cache.shape[2]
-    blocks = block_row[: (n + block_size - 1) // block_size].long()
-
-    def gather(cache):
-        per_block = cache[blocks]  # [nb, Hkv, bs, d]
-        heads = per_block.shape[1]
-        return per_block.permute(1, 0, 2, 3).reshape(heads, -1, per_block.shape[-1])[:, :n].float()
-
-    return gather(key_cache), gather(value_cache)
 
 
 class RetentiveCPUAttentionBackend(CPUAttentionBackend):

@@ -9,12 +9,17 @@ recent queries that score the cache, and the accumulated attention statistic.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from retentivekv_vllm.core import RecurrentState
+
+# A child of vLLM's logger, so lines appear in vLLM's log format and stream.
+logger = logging.getLogger("vllm.retentivekv_vllm")
 
 # Stats of finished requests are kept for inspection (tests, debugging), bounded.
 FINISHED_STATS_KEPT = 1024
@@ -69,8 +74,9 @@ class RequestMemory:
     # Tokens folded per KV head, equal in every layer and head.  The builder sets it
     # when it plans a compression; every layer's forward of that step makes it true.
     num_folded: int = 0
+    num_cached: int = 0  # tokens written to the cache so far (folded ones included)
     num_compressions: int = 0
-    max_live: int = 0  # the largest live count after any compression
+    kept_after_compression: int = 0  # the largest live count right after a compression
 
     def layer(self, name: str, num_kv_heads: int, n: int) -> LayerMemory:
         memory = self.layers.get(name)
@@ -85,8 +91,10 @@ class RequestMemory:
             "req_id": self.req_id,
             "num_prompt_tokens": self.num_prompt_tokens,
             "budget_tokens": self.budget,
+            "tokens_cached": self.num_cached,
             "tokens_folded": self.num_folded,
-            "max_tokens_kept": self.max_live,
+            "tokens_kept": self.num_cached - self.num_folded,
+            "kept_after_compression": self.kept_after_compression,
             "compressions": self.num_compressions,
             "state_elements": state_elements,
         }
@@ -98,6 +106,14 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self.live: dict[str, RequestMemory] = {}
         self.finished: OrderedDict[str, dict] = OrderedDict()
+        self._runner = lambda: None
+
+    def bind(self, runner) -> None:
+        """Start afresh when a new model runner (a new engine in this process) steps."""
+        if self._runner() is not runner:
+            self.live.clear()
+            self.finished.clear()
+            self._runner = weakref.ref(runner)
 
     def get_or_create(self, req_id: str, num_prompt_tokens: int, budget: int) -> RequestMemory:
         memory = self.live.get(req_id)
@@ -113,7 +129,13 @@ class MemoryRegistry:
         for req_id in req_ids:
             memory = self.live.pop(req_id, None)
             if memory is not None:
-                self.finished[req_id] = memory.stats()
+                stats = self.finished[req_id] = memory.stats()
+                logger.info(
+                    "retentivekv: request %s kept %d of %d cached tokens (budget %d), folded %d "
+                    "(prompt %d) in %d compressions",
+                    req_id, stats["tokens_kept"], stats["tokens_cached"], stats["budget_tokens"],
+                    stats["tokens_folded"], stats["num_prompt_tokens"], stats["compressions"],
+                )
                 while len(self.finished) > FINISHED_STATS_KEPT:
                     self.finished.popitem(last=False)
 

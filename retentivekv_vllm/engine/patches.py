@@ -78,7 +78,7 @@ def _register_cpu_backend() -> None:
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    from retentivekv_vllm.config import KVPolicyConfig
+    from retentivekv_vllm.config import ConfigError, KVPolicyConfig
     from retentivekv_vllm.engine.cli import add_kv_arguments, merge_kv_arguments
     from retentivekv_vllm.engine.settings import validate_engine
 
@@ -95,7 +95,12 @@ def _patch_engine_args() -> None:
 
     @functools.wraps(original_from)
     def from_cli_args(cls, args):
-        merge_kv_arguments(args)
+        try:
+            merge_kv_arguments(args)
+            KVPolicyConfig.from_additional_config(args.additional_config)
+        except ConfigError as error:
+            # Command-line mistakes end like argparse's: one line, no traceback.
+            raise SystemExit(f"error: {error}") from None
         return original_from(cls, args)
 
     original_create = EngineArgs.create_engine_config
@@ -130,6 +135,7 @@ def install_runner_hooks() -> None:
 
     @functools.wraps(original_build)
     def build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
+        REGISTRY.bind(self)
         input_batch = self.input_batch
         batch.record(
             input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs]

@@ -1,0 +1,21 @@
+"""Greedy tokens from stock vLLM, with this plugin not loaded (VLLM_PLUGINS="" set by the caller).
+
+Usage: python -m tests.engine.stock_generate SPEC_JSON OUT_JSON, where SPEC_JSON holds
+{"model": dir, "prompts": [[ids]], "max_tokens": n, "engine": {LLM kwargs}}.
+"""
+
+import json
+import sys
+
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    spec = json.loads(open(sys.argv[1]).read())
+    llm = LLM(model=spec["model"], **spec["engine"])
+    outputs = llm.generate(
+        [{"prompt_token_ids": ids} for ids in spec["prompts"]],
+        SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True),
+        use_tqdm=False,
+    )
+    with open(sys.argv[2], "w") as f:
+        json.dump([list(o.outputs[0].token_ids) for o in outputs], f)

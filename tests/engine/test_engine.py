@@ -1,0 +1,166 @@
+"""The plugin inside a real vLLM engine (in-process, tiny Llama, fp32, greedy)."""
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+
+from retentivekv_vllm.config import KVPolicyConfig
+from retentivekv_vllm.engine.memory import worker_stats
+from retentivekv_vllm.fixtures import build_tiny_model
+
+from .hf_reference import reference_greedy
+
+ENGINE = dict(
+    dtype="float32",
+    enforce_eager=True,
+    kv_cache_memory_bytes=64 * 2**20,
+    max_model_len=2048,
+    seed=0,
+)
+MAX_TOKENS = 24  # below the decode interval: only the prefill compression runs
+PROMPT_LENGTHS = (300, 150, 40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process_engine():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama"))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(5, 2000, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(model_dir, prompts, tmp_path_factory):
+    """Stock vLLM in its own process with this plugin disabled."""
+    work = tmp_path_factory.mktemp("stock")
+    spec = {"model": model_dir, "prompts": prompts, "max_tokens": MAX_TOKENS, "engine": ENGINE}
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    subprocess.run(
+        [sys.executable, "-m", "tests.engine.stock_generate", work / "spec.json", work / "out.json"],
+        check=True, env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)) + "/..",
+    )
+    return json.loads((work / "out.json").read_text())
+
+
+def generate(model_dir, prompts, additional_config, max_tokens=MAX_TOKENS, **engine):
+    """Greedy tokens and the worker's per-request stats, in prompt order."""
+    llm = LLM(
+        model=model_dir,
+        additional_config=additional_config,
+        enable_prefix_caching=False,
+        **{**ENGINE, **engine},
+    )
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts],
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            use_tqdm=False,
+        )
+        (stats,) = llm.collective_rpc(worker_stats)
+    finally:
+        del llm
+        gc.collect()
+    by_id = {**stats["finished"], **stats["live"]}
+    per_request = [
+        next(s for rid, s in by_id.items() if rid.split("-")[0] == o.request_id) for o in outputs
+    ]
+    return [list(o.outputs[0].token_ids) for o in outputs], per_request
+
+
+@pytest.mark.parametrize("policy, budget", [("full", 0.2), ("retentive", 1.0)])
+def test_no_compression_gives_stock_tokens(model_dir, prompts, stock_tokens, policy, budget):
+    tokens, stats = generate(model_dir, prompts, {"kv_policy": policy, "kv_budget": budget})
+    assert tokens == stock_tokens
+    assert [s["tokens_folded"] for s in stats] == [0] * len(prompts)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "retentive"])
+def test_compressed_generation_matches_reference(model_dir, prompts, policy):
+    """At budget 0.2 the engine folds each prompt to its budget and generates exactly
+    what a plain transformers run of the same policy generates."""
+    config = {"kv_policy": policy, "kv_budget": 0.2}
+    tokens, stats = generate(model_dir, prompts, config)
+    kv = KVPolicyConfig.from_additional_config(config)
+    for ids, got, s in zip(prompts, tokens, stats):
+        budget = math.ceil(0.2 * len(ids))
+        assert s["budget_tokens"] == budget
+        assert s["tokens_folded"] == len(ids) - budget > 0
+        assert s["kept_after_compression"] == budget
+        assert s["tokens_kept"] == s["tokens_cached"] - s["tokens_folded"]
+        assert (s["state_elements"] > 0) == (policy == "retentive")
+        assert got == reference_greedy(model_dir, ids, kv, MAX_TOKENS)
+
+
+def test_decode_compression_keeps_the_budget(model_dir, prompts):
+    budget, interval, max_tokens = 64, 32, 100
+    config = {"kv_policy": "retentive", "kv_budget": budget, "kv_decode_interval": interval}
+    tokens, stats = generate(model_dir, prompts[1:2], config, max_tokens=max_tokens)
+    (s,) = stats
+    assert len(tokens[0]) == max_tokens
+    # Cached tokens when the last step ran: prompt + generated - 1 (the last sample is not cached).
+    cached = len(prompts[1]) + max_tokens - 1
+    assert s["tokens_cached"] == cached
+    assert s["kept_after_compression"] == budget
+    assert s["tokens_kept"] <= budget + interval
+    # One compression at the end of the prompt, then one each time decoding has
+    # added interval + 1 tokens over the budget.
+    assert s["compressions"] == 1 + (cached - len(prompts[1])) // (interval + 1)
+    assert cached - budget - interval <= s["tokens_folded"] <= cached - budget
+
+
+@pytest.mark.parametrize(
+    "additional_config, engine, message",
+    [
+        ({"kv_policy": "nope"}, {}, "--kv-policy"),
+        ({"kv_policy": "retentive", "kv_budget": 1.5}, {}, "--kv-budget"),
+        ({"kv_policy": "retentive", "kv_budget": 0}, {}, "--kv-budget"),
+        ({"kv_policy": "retentive", "kv_window": -1}, {}, "--kv-window"),
+        ({"kv_policy": "retentive", "kv_feature_map": "cosine"}, {}, "--kv-feature-map"),
+        ({"kv_policy": "retentive", "kv_pool_kernel": 4}, {}, "--kv-pool-kernel"),
+        ({"kv_policy": "retentive", "kv_bogus": 1}, {}, "kv_bogus"),
+        ({"kv_budget": 0.5}, {}, "--kv-policy"),
+        ({"kv_policy": "retentive"}, {"enable_prefix_caching": True}, "--no-enable-prefix-caching"),
+    ],
+)
+def test_bad_settings_are_refused_at_start_up(model_dir, additional_config, engine, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model=model_dir, additional_config=additional_config, **{**ENGINE, **engine})
+
+
+def test_unsupported_head_size_is_refused(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "head48", arch="llama", head_dim=48)
+    with pytest.raises(ValueError, match="head size 48"):
+        LLM(model=str(model_dir), additional_config={"kv_policy": "retentive"}, **ENGINE)
+
+
+def test_prefill_chunks_are_compressed_once_over_budget(model_dir, prompts):
+    chunk = 64
+    ids = prompts[0]
+    budget = math.ceil(0.2 * len(ids))
+    tokens, (s,) = generate(
+        model_dir, [ids], {"kv_policy": "retentive", "kv_budget": 0.2},
+        max_num_batched_tokens=chunk, enable_chunked_prefill=True,
+    )
+    chunk_ends = list(range(chunk, len(ids), chunk)) + [len(ids)]
+    assert s["compressions"] == sum(end > budget for end in chunk_ends)
+    assert s["tokens_folded"] == len(ids) - budget
+    assert len(tokens[0]) == MAX_TOKENS

@@ -1,0 +1,249 @@
+"""`vllm serve --kv-policy retentive` as a user runs it: the OpenAI API and the CLI.
+
+One server (tiny random-weight Llama, fp32, CPU) serves every API test of this
+module; the CLI tests run `vllm` without starting a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from retentivekv_vllm.fixtures import build_tiny_model
+from retentivekv_vllm.fixtures.server import CPU_DEFAULTS, Server, free_port, vllm_command
+
+BUDGET = 0.2
+SERVER_ARGS = ("--kv-policy", "retentive", "--kv-budget", str(BUDGET))
+MAX_TOKENS = 16  # below the decode interval: the prompt is compressed at prefill
+CLI_TIMEOUT = 300
+
+LOG_LINE = re.compile(
+    r"retentivekv: request (?P<id>\S+) kept (?P<kept>\d+) of (?P<cached>\d+) cached tokens "
+    r"\(budget (?P<budget>\d+)\), folded (?P<folded>\d+) "
+    r"\(prompt (?P<prompt>\d+)\) in (?P<compressions>\d+) compressions"
+)
+
+
+def long_prompt(n: int, topic: str = "the river carried sand and stones past the old mill") -> str:
+    """n numbered sentences, ~27 tokens each with the shipped tokenizer."""
+    return " ".join(f"Sentence {i}: {topic}." for i in range(1, n + 1))
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server") / "vllm-serve.log"
+    srv = Server(model=model_dir, args=SERVER_ARGS, log_path=log_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with OpenAI(base_url=server.base_url + "/v1", api_key="x", timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def served_model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def complete(client, model, prompt, max_tokens=MAX_TOKENS):
+    return client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0
+    )
+
+
+def chat(client, model, messages, **kwargs):
+    return client.chat.completions.create(
+        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, **kwargs
+    )
+
+
+def read_log(server) -> str:
+    return server.log_path.read_text(errors="replace")
+
+
+def wait_for_log_line(server, prompt_tokens: int, timeout: float = 60.0) -> re.Match:
+    """The release line of the request with `prompt_tokens` (flushed by later requests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for match in LOG_LINE.finditer(read_log(server)):
+            if int(match["prompt"]) == prompt_tokens:
+                return match
+        if time.monotonic() > deadline:
+            tail = read_log(server)[-4000:]
+            pytest.fail(f"no 'retentivekv: request' line with prompt {prompt_tokens}:\n{tail}")
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- API
+
+
+def test_completion_long_prompt(client, served_model, tokenizer):
+    prompt = long_prompt(20)
+    expected_prompt_tokens = len(tokenizer(prompt).input_ids)
+    assert expected_prompt_tokens >= 400
+
+    response = complete(client, served_model, prompt)
+
+    choice = response.choices[0]
+    assert choice.text.strip(), response
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens == expected_prompt_tokens
+    assert 0 < response.usage.completion_tokens <= MAX_TOKENS
+
+
+def test_chat_completion(client, served_model):
+    messages = [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": long_prompt(15) + " Which sentence mentions the mill?"},
+    ]
+    response = chat(client, served_model, messages)
+
+    message = response.choices[0].message
+    assert message.role == "assistant"
+    assert message.content and message.content.strip(), response
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 400
+
+
+def test_streaming_chat_matches_non_streamed(client, served_model):
+    messages = [{"role": "user", "content": long_prompt(16, "a heron waited in the reeds")}]
+    whole = chat(client, served_model, messages).choices[0].message.content
+
+    pieces = []
+    finish_reasons = []
+    for chunk in chat(client, served_model, messages, stream=True):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if delta.content:
+            pieces.append(delta.content)
+        if chunk.choices[0].finish_reason:
+            finish_reasons.append(chunk.choices[0].finish_reason)
+
+    assert len(pieces) > 1, pieces
+    assert "".join(pieces) == whole
+    assert finish_reasons, "the stream never reported a finish_reason"
+
+
+def test_concurrent_requests_match_sequential(server, client, served_model):
+    prompts = [long_prompt(18, "the wind bent the barley"), long_prompt(22, "a lamp burned late")]
+    alone = [complete(client, served_model, p).choices[0].text for p in prompts]
+    assert all(text.strip() for text in alone), alone
+
+    async def together():
+        async with AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", timeout=300) as ac:
+            return await asyncio.gather(
+                *(
+                    ac.completions.create(
+                        model=served_model, prompt=p, max_tokens=MAX_TOKENS, temperature=0
+                    )
+                    for p in prompts
+                )
+            )
+
+    responses = asyncio.run(together())
+    assert [r.choices[0].text for r in responses] == alone
+
+
+def test_folding_happened_in_server(server, client, served_model, tokenizer):
+    prompt = long_prompt(19, "seven gulls circled the harbour wall")
+    prompt_tokens = len(tokenizer(prompt).input_ids)
+    response = complete(client, served_model, prompt)
+    assert response.usage.prompt_tokens == prompt_tokens
+    # A request's memory is released (and logged) at the next engine step.
+    complete(client, served_model, "Flush.", max_tokens=2)
+
+    line = wait_for_log_line(server, prompt_tokens)
+    kept, budget, folded = int(line["kept"]), int(line["budget"]), int(line["folded"])
+    assert budget == math.ceil(BUDGET * prompt_tokens), line.group(0)
+    # Short answers stay below the decode interval: only the prompt was compressed.
+    assert folded == prompt_tokens - budget > 0, line.group(0)
+    assert kept == int(line["cached"]) - folded, line.group(0)
+    assert int(line["cached"]) == prompt_tokens + response.usage.completion_tokens - 1
+    assert int(line["compressions"]) >= 1, line.group(0)
+
+
+def test_server_log_has_no_errors(server, client, served_model):
+    complete(client, served_model, "Flush again.", max_tokens=2)
+    log = read_log(server)
+    assert "Traceback" not in log, log[-6000:]
+    assert not re.search(r"^ERROR", log, re.MULTILINE), log[-6000:]
+
+
+# ---------------------------------------------------------------- CLI, no server
+
+
+def run_vllm(*args: str) -> subprocess.CompletedProcess:
+    """Run `vllm ARGS` in its own process group; on a timeout the whole group is killed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [*vllm_command(), *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{command} did not finish in {CLI_TIMEOUT}s")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_serve_help_lists_kv_flags():
+    result = run_vllm("serve", "--help")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "--kv-policy" in result.stdout
+
+    result = run_vllm("serve", "--help=KVPolicy")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for flag in ("--kv-policy", "--kv-budget", "--kv-sinks", "--kv-window", "--kv-lambda"):
+        assert flag in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    "bad_args, expected",
+    [
+        (("--kv-policy", "nope"), ("--kv-policy", "nope")),
+        (("--kv-policy", "retentive", "--kv-budget", "1.5"), ("--kv-budget",)),
+    ],
+    ids=["unknown-policy", "fractional-budget-over-one"],
+)
+def test_bad_kv_option_exits_naming_it(model_dir, bad_args, expected):
+    port = str(free_port())
+    result = run_vllm(
+        "serve", model_dir, "--host", "127.0.0.1", "--port", port, *CPU_DEFAULTS, *bad_args
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    for text in expected:
+        assert text in output, output[-4000:]
