@@ -16,10 +16,12 @@ def masked_logits(
 ) -> Tensor:
     """scale·q·kᵀ [H, m, n] float32, -inf where key j is hidden from row i.
 
-    q [H, m, d], k [H, n, d], q_positions [m] and k_positions [n] long: key j is visible to row i iff
-    k_positions[j] <= q_positions[i] and key_mask[h, j] (key_mask [H, n] bool, None = all keys).
+    q [H, m, d], k [H, n, d], q_positions [m] and k_positions [n] or per head [H, n] long: key j is
+    visible to row i iff k_positions[j] <= q_positions[i] and key_mask[h, j] (key_mask [H, n] bool,
+    None = all keys).  Per-head positions serve a compacted cache, where each head keeps other tokens.
     """
-    visible = (k_positions[None, :] <= q_positions[:, None])[None]  # [1, m, n]
+    per_head = k_positions if k_positions.dim() == 2 else k_positions[None]
+    visible = per_head[:, None, :] <= q_positions[None, :, None]  # [H or 1, m, n]
     if key_mask is not None:
         visible = visible & key_mask[:, None, :]
     logits = scale * (q.float() @ k.float().transpose(-1, -2))

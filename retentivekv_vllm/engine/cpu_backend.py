@@ -3,15 +3,15 @@
 Registered in place of CPU_ATTN (the CPU platform ignores --attention-backend), so it
 is a pass-through whenever no policy is configured.  With a policy:
 
-* the builder plans, once per step and request, whether attention must read the
-  request's memory (something was folded before) and whether to compress after it;
+* the builder plans, once per step and request, which cache slots are live and how
+  many tokens the request has folded after the step (``budget.folded_after_step``,
+  the rule the scheduler's KV manager applies too);
 * the impl runs vLLM's C++ kernel for the whole batch (exact for requests with
   nothing folded), recomputes the rows of requests with folded tokens in torch
-  (attention over live tokens with its log-sum-exp, state readout, merge), then
-  compresses the requests that the plan says are over budget.
-
-Folding here is logical: folded tokens stay in their blocks but are hidden from
-attention.
+  (attention over the live slots with its log-sum-exp, state readout, merge), then
+  compresses the requests over budget: each head's kept tokens are packed, in
+  position order, into the slots right below the newest token, so the folded ones
+  are always a request's oldest slots and the KV manager frees their blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backend import AttentionType
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -30,27 +31,39 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from retentivekv_vllm.core import accumulated_attention, attention_probs, compressed_attention
 from retentivekv_vllm.engine import batch
-from retentivekv_vllm.engine.cpu_layout import gather_request_kv
+from retentivekv_vllm.budget import folded_after_step
+from retentivekv_vllm.engine.cpu_layout import RequestSlots
 from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory
 from retentivekv_vllm.engine.patches import install_runner_hooks
-from retentivekv_vllm.engine.settings import policy_from_vllm_config
+from retentivekv_vllm.engine.settings import (
+    loaded_policy,
+    policy_from_vllm_config,
+    record_loaded_policy,
+)
 from retentivekv_vllm.policies import KVPolicy, Observation
 
 
 @dataclass
 class RequestPlan:
-    """What one layer does for one request in this step (identical in every layer)."""
+    """What every layer does for one request in this step."""
 
     memory: RequestMemory
     row: int
     query_start: int
     query_end: int
     seq_len: int
-    attend_with_memory: bool  # tokens were folded before this step
-    compress: bool  # fold down to the budget after attention
+    live_start: int  # tokens folded before this step: live slots are [live_start, seq_len)
+    fold_to: int  # tokens folded after this step
     sinks: int
     window: int
-    keep_top: int  # candidates kept per head when compressing
+
+    @property
+    def compress(self) -> bool:
+        return self.fold_to != self.live_start
+
+    @property
+    def budget(self) -> int:
+        return self.seq_len - self.fold_to
 
 
 @dataclass
@@ -62,29 +75,25 @@ def plan_request(
     policy: KVPolicy, memory: RequestMemory, row: int, start: int, end: int, seq_len: int
 ) -> RequestPlan:
     c = policy.config
-    budget = memory.budget
-    sinks = min(c.sinks, budget)
-    window = min(c.window, budget - sinks)
-    prefilling = seq_len - (end - start) < memory.num_prompt_tokens
-    live = seq_len - memory.num_folded
-    allowance = budget if prefilling else budget + c.decode_interval
+    sinks = min(c.sinks, memory.budget)
     plan = RequestPlan(
         memory=memory,
         row=row,
         query_start=start,
         query_end=end,
         seq_len=seq_len,
-        attend_with_memory=memory.num_folded > 0,
-        compress=policy.compresses and live > allowance,
+        live_start=memory.num_folded,
+        fold_to=folded_after_step(
+            c, memory.num_prompt_tokens, memory.num_folded, seq_len - (end - start), seq_len
+        ),
         sinks=sinks,
-        window=window,
-        keep_top=budget - sinks - window,
+        window=min(c.window, memory.budget - sinks),
     )
     memory.num_cached = seq_len
     if plan.compress:
-        memory.num_folded = seq_len - budget
+        memory.num_folded = plan.fold_to
         memory.num_compressions += 1
-        memory.kept_after_compression = max(memory.kept_after_compression, budget)
+        memory.kept_after_compression = max(memory.kept_after_compression, plan.budget)
     return plan
 
 
@@ -130,6 +139,7 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         from vllm.config import get_current_vllm_config
 
         self.policy = policy_from_vllm_config(get_current_vllm_config())
+        record_loaded_policy(self.policy)
         if self.policy is not None and self.attn_type == AttentionType.DECODER:
             unsupported = {
                 "sliding window": self.sliding_window != -1,
@@ -156,64 +166,80 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             self._run_plan(layer, plan, query, kv_cache, attn_metadata.block_table, rows)
         return output
 
-    def _run_plan(self, layer, plan, query, kv_cache, block_table, rows) -> None:
+    def _run_plan(self, layer, plan: RequestPlan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
         q = query[plan.query_start : plan.query_end].float()
-        positions = torch.arange(n - q.shape[0], n)
+        q_positions = torch.arange(n - q.shape[0], n)
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
-        keys = values = None
-        if plan.attend_with_memory or plan.compress:
-            keys, values = gather_request_kv(kv_cache, block_table[plan.row], n, layer.isa)
-        if plan.attend_with_memory:
-            out = self._attend(q, positions, keys, values, memory, n)
+        if plan.live_start > 0 or plan.compress:
+            slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
+            keys, values = slots.read()
+            key_positions = memory.positions[:, plan.live_start : n]
+        if plan.live_start > 0:
+            out = self._attend(q, q_positions, keys, values, key_positions, memory)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
-        memory.remember_queries(q, positions, self.policy.config.observation_window)
+        memory.remember_queries(q, q_positions, self.policy.config.observation_window)
         if plan.compress:
-            self._compress(plan, memory, keys, values)
+            self._compress(plan, memory, slots, keys, values, key_positions)
 
     def _group(self, q: torch.Tensor) -> torch.Tensor:
         """[T, Hq, d] -> [Hkv, g*T, d]: query head h reads KV head h // g."""
         t, hq, d = q.shape
         return q.permute(1, 0, 2).reshape(self.num_kv_heads, (hq // self.num_kv_heads) * t, d)
 
-    def _attend(self, q, positions, keys, values, memory: LayerMemory, n: int) -> torch.Tensor:
+    def _attend(self, q, q_positions, keys, values, key_positions, memory: LayerMemory):
         grouped = self._group(q)
         feature_map = (
             self.policy.feature_map(self.head_size, self.scale) if memory.states else None
         )
         out = compressed_attention(
-            grouped,
-            keys,
-            values,
-            self.scale,
-            positions.repeat(self.num_queries_per_kv),
-            torch.arange(n),
-            memory.live[:, :n],
-            memory.states,
-            feature_map,
+            grouped, keys, values, self.scale, q_positions.repeat(self.num_queries_per_kv),
+            key_positions, None, memory.states, feature_map,
         )
         # [Hkv, g*T, dv] -> [T, Hq, dv]
         return out.view(self.num_heads, q.shape[0], -1).permute(1, 0, 2)
 
-    def _compress(self, plan: RequestPlan, memory: LayerMemory, keys, values) -> None:
-        n = plan.seq_len
-        positions = torch.arange(n)
-        live = memory.live[:, :n]
-        candidates = live & (positions >= plan.sinks) & (positions < n - plan.window)
+    def _compress(self, plan: RequestPlan, memory: LayerMemory, slots, keys, values, positions):
+        """Fold down to the budget and pack each head's kept tokens below the newest slot."""
+        n, live = plan.seq_len, slice(plan.live_start, plan.seq_len)
+        candidates = (positions >= plan.sinks) & (positions < n - plan.window)
         queries = self._group(memory.recent_queries)
         q_positions = memory.recent_positions.repeat(self.num_queries_per_kv)
-        probs = attention_probs(queries, keys, self.scale, q_positions, positions, live)
-        memory.accumulated[:, :n] += accumulated_attention(probs)
-        obs = Observation(probs, positions, candidates, memory.accumulated[:, :n])
-        folded = candidates & ~self.policy.select(obs, plan.keep_top)
+        probs = attention_probs(queries, keys, self.scale, q_positions, positions)
+        accumulated = memory.accumulated[:, live] + accumulated_attention(probs)
+        obs = Observation(probs, positions, candidates, accumulated)
+        keep_top = plan.budget - plan.sinks - plan.window
+        kept = ~candidates | self.policy.select(obs, keep_top)
         if self.policy.keeps_state:
-            memory.states = self.policy.absorb(memory.states, obs, folded, keys, values, self.scale)
-        live &= ~folded
-        memory.accumulated[:, :n].masked_fill_(folded, 0.0)
+            memory.states = self.policy.absorb(
+                memory.states, obs, ~kept, keys, values, self.scale
+            )
+        # Each head keeps the same number of tokens; nonzero() lists them in slot
+        # order, which is position order.
+        index = kept.nonzero()[:, 1].view(self.num_kv_heads, plan.budget)
+        take = lambda x: x.gather(1, index)  # noqa: E731
+        expand = index.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+        packed = slice(plan.fold_to, n)
+        memory.positions[:, packed] = take(positions)
+        memory.accumulated[:, packed] = take(accumulated)
+        memory.accumulated[:, live.start : plan.fold_to] = 0.0
+        slots.write(plan.fold_to, keys.gather(1, expand), values.gather(1, expand))
 
 
 class RetentiveCPUAttentionBackend(CPUAttentionBackend):
     """CPU_ATTN with KV policies; same name, so vLLM's enum lookups are unchanged."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """Full attention under a compressing policy gets the spec whose KV manager
+        frees the blocks of folded tokens."""
+        spec = super().customize_spec(spec)
+        policy = loaded_policy()
+        if policy is None or not policy.compresses or type(spec) is not FullAttentionSpec:
+            return spec
+        from retentivekv_vllm.engine.kv_manager import RetentiveAttentionSpec
+
+        return RetentiveAttentionSpec.from_full(spec, policy.config)
 
     @staticmethod
     def get_impl_cls():

@@ -54,18 +54,40 @@ def block_layout(
     return offsets(stored_k), offsets(stored_v)
 
 
-def gather_request_kv(
-    kv_cache: torch.Tensor, block_row: torch.Tensor, n: int, isa: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request's first n cached tokens as [Hkv, n, d] keys and values (float32)."""
-    key_cache, value_cache = split_kv_cache(kv_cache)
-    _, heads, block_size, head_size = key_cache.shape
-    key_offsets, value_offsets = block_layout(isa, block_size, head_size, kv_cache.dtype)
-    blocks = block_row[: (n + block_size - 1) // block_size].long()
+class RequestSlots:
+    """The cache blocks of one request covering slots [start, end), in token order."""
 
-    def gather(cache: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        regions = cache[blocks].reshape(len(blocks), heads, block_size * head_size)
-        ordered = regions[:, :, offsets].view(len(blocks), heads, block_size, head_size)
-        return ordered.permute(1, 0, 2, 3).reshape(heads, -1, head_size)[:, :n].float()
+    def __init__(self, kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int, isa: str):
+        self.caches = split_kv_cache(kv_cache)
+        _, self.heads, self.block_size, self.head_size = self.caches[0].shape
+        self.offsets = block_layout(isa, self.block_size, self.head_size, kv_cache.dtype)
+        first = start // self.block_size
+        self.blocks = block_row[first : (end + self.block_size - 1) // self.block_size].long()
+        self.first_slot = first * self.block_size
+        self.span = slice(start - self.first_slot, end - self.first_slot)
 
-    return gather(key_cache, key_offsets), gather(value_cache, value_offsets)
+    def _read(self, which: int) -> torch.Tensor:
+        """[Hkv, blocks * bs, d] in token order, cache dtype."""
+        n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
+        regions = self.caches[which][self.blocks].reshape(n, h, bs * d)
+        ordered = regions[:, :, self.offsets[which]].view(n, h, bs, d)
+        return ordered.permute(1, 0, 2, 3).reshape(h, n * bs, d)
+
+    def _write(self, which: int, tokens: torch.Tensor) -> None:
+        n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
+        ordered = tokens.view(h, n, bs, d).permute(1, 0, 2, 3).reshape(n, h, bs * d)
+        regions = torch.empty_like(ordered)
+        regions[:, :, self.offsets[which]] = ordered
+        self.caches[which][self.blocks] = regions.view(n, h, bs, d)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the slots, [Hkv, end - start, d] float32."""
+        return tuple(self._read(i)[:, self.span].float() for i in (0, 1))
+
+    def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite slots [start, start + m) (inside the span) with [Hkv, m, d] keys and values."""
+        begin = start - self.first_slot
+        for which, new in enumerate((keys, values)):
+            tokens = self._read(which)
+            tokens[:, begin : begin + new.shape[1]] = new.to(tokens.dtype)
+            self._write(which, tokens)

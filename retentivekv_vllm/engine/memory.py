@@ -27,8 +27,14 @@ FINISHED_STATS_KEPT = 1024
 
 @dataclass
 class LayerMemory:
-    live: torch.Tensor  # [Hkv, capacity] bool, True = visible to attention
-    accumulated: torch.Tensor  # [Hkv, capacity] float32, H2O statistic
+    """One request in one layer.  Slot i of the request's cache holds the token at
+    position ``positions[h, i]`` for head h: folding packs each head's kept tokens
+    (in position order) into the slots right below the newest token, so the live
+    slots are always ``[num_folded, seq_len)`` and slots at or above the last
+    compression hold their own position."""
+
+    positions: torch.Tensor  # [Hkv, capacity] long
+    accumulated: torch.Tensor  # [Hkv, capacity] float32, H2O statistic per slot
     states: list[RecurrentState] = field(default_factory=list)
     recent_queries: torch.Tensor | None = None  # [m, Hq, d]
     recent_positions: torch.Tensor | None = None  # [m]
@@ -36,22 +42,22 @@ class LayerMemory:
     @classmethod
     def empty(cls, num_kv_heads: int, capacity: int) -> LayerMemory:
         return cls(
-            live=torch.ones(num_kv_heads, capacity, dtype=torch.bool),
+            positions=torch.arange(capacity).expand(num_kv_heads, -1).clone(),
             accumulated=torch.zeros(num_kv_heads, capacity),
         )
 
     def ensure_capacity(self, n: int) -> None:
-        """Grow the per-token tensors geometrically; new tokens are live."""
-        capacity = self.live.shape[1]
+        """Grow the per-slot tensors geometrically; new slots hold their own position."""
+        capacity = self.positions.shape[1]
         if n <= capacity:
             return
         grown = max(n, 2 * capacity)
-        heads = self.live.shape[0]
-        live = torch.ones(heads, grown, dtype=torch.bool)
-        live[:, :capacity] = self.live
+        heads = self.positions.shape[0]
+        positions = torch.arange(grown).expand(heads, -1).clone()
+        positions[:, :capacity] = self.positions
         accumulated = torch.zeros(heads, grown)
         accumulated[:, :capacity] = self.accumulated
-        self.live, self.accumulated = live, accumulated
+        self.positions, self.accumulated = positions, accumulated
 
     def remember_queries(self, queries: torch.Tensor, positions: torch.Tensor, m: int) -> None:
         if self.recent_queries is not None:

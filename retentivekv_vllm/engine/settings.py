@@ -25,6 +25,21 @@ def policy_from_vllm_config(vllm_config) -> KVPolicy | None:
     return None if config is None else _policy(config)
 
 
+# vLLM asks the backend class for the KV-cache spec (customize_spec) without a
+# config.  The attention impls, built under vLLM's config context while the model
+# loads, record the policy of the model this worker serves before that happens.
+_loaded_policy: KVPolicy | None = None
+
+
+def record_loaded_policy(policy: KVPolicy | None) -> None:
+    global _loaded_policy
+    _loaded_policy = policy
+
+
+def loaded_policy() -> KVPolicy | None:
+    return _loaded_policy
+
+
 def validate_engine(vllm_config) -> None:
     """Refuse, at start-up, combinations the policy cannot serve correctly."""
     config = kv_config_from_vllm_config(vllm_config)

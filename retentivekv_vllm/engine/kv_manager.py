@@ -1,0 +1,79 @@
+"""The scheduler side: a KV-cache spec and manager that free the blocks of folded tokens.
+
+Folded tokens are always a request's oldest cache slots (the worker packs the kept
+ones right after them), so freeing them is vLLM's own sliding-window mechanism:
+the manager replaces the request's leading blocks with the null block and returns
+them to the pool, and admission, allocation and preemption all see the compressed
+size.  How many tokens are folded follows from the step sizes alone
+(``budget.folded_after_step``), so this manager and the worker agree without a
+message between them.
+
+Importing this module registers the spec with vLLM's spec registry; the spec
+travels from the worker to the engine core by pickling, which imports it there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from retentivekv_vllm.budget import folded_after_step
+from retentivekv_vllm.config import KVPolicyConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentiveAttentionSpec(FullAttentionSpec):
+    """Full attention whose requests fold tokens under `kv_policy`."""
+
+    kv_policy: KVPolicyConfig
+
+    @classmethod
+    def from_full(cls, spec: FullAttentionSpec, kv_policy: KVPolicyConfig) -> RetentiveAttentionSpec:
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
+        return cls(**fields, kv_policy=kv_policy)
+
+    @classmethod
+    def merge(cls, specs: list[RetentiveAttentionSpec]) -> RetentiveAttentionSpec:
+        policies = {spec.kv_policy for spec in specs}
+        assert len(policies) == 1, f"one KV policy per cache group, got {policies}"
+        return cls.from_full(FullAttentionSpec.merge(specs), policies.pop())
+
+
+class RetentiveAttentionManager(FullAttentionManager):
+    def __init__(self, kv_cache_spec: RetentiveAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.kv_policy = kv_cache_spec.kv_policy
+        # request id -> (computed tokens at its last step boundary, tokens folded)
+        self.progress: dict[str, tuple[int, int]] = {}
+
+    def num_folded(self, request_id: str) -> int:
+        return self.progress.get(request_id, (0, 0))[1]
+
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
+        # Called before every allocation of a request; the computed count moves once
+        # per finished step, which is exactly when the worker may have folded.
+        computed, folded = self.progress.get(request_id, (0, 0))
+        if processed_computed_tokens != computed and num_prompt_tokens is not None:
+            folded = folded_after_step(
+                self.kv_policy, num_prompt_tokens, folded, computed, processed_computed_tokens
+            )
+            self.progress[request_id] = (processed_computed_tokens, folded)
+        blocks = self.req_to_blocks.get(request_id)
+        if blocks:
+            self._remove_blocks_in_range(request_id, 0, min(folded // self.block_size, len(blocks)))
+
+    def free(self, request_id: str) -> None:
+        self.progress.pop(request_id, None)
+        super().free(request_id)
+
+
+KVCacheSpecRegistry._ensure_registered()
+KVCacheSpecRegistry.register(
+    RetentiveAttentionSpec, RetentiveAttentionManager, uniform_type_base_spec=FullAttentionSpec
+)
