@@ -1,0 +1,156 @@
+"""Folded tokens really leave vLLM's KV cache: block accounting read from vLLM's own
+scheduler and block pool (in-process engine), release on finish, abort and preemption."""
+
+import gc
+import math
+import random
+
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+
+from retentivekv_vllm.engine.memory import REGISTRY
+from retentivekv_vllm.fixtures import build_tiny_model
+
+from .test_engine import ENGINE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process_engine():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama"))
+
+
+def random_prompt(n: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"prompt_token_ids": torch.randint(5, 2000, (n,), generator=generator).tolist()}
+
+
+class Engine:
+    """An in-process LLM and the vLLM objects that own its KV cache."""
+
+    def __init__(self, model_dir, additional_config, **engine):
+        self.llm = LLM(
+            model=model_dir, additional_config=additional_config, enable_prefix_caching=False,
+            **{**ENGINE, **engine},
+        )
+        self.engine = self.llm.llm_engine
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        self.pool = self.scheduler.kv_cache_manager.block_pool
+        self.manager = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        self.block_size = self.manager.block_size
+        self.free_at_start = self.pool.get_num_free_blocks()
+
+    def held_blocks(self) -> int:
+        return self.free_at_start - self.pool.get_num_free_blocks()
+
+    def drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        # Finished requests are released in the worker at the next step.
+        self.engine.step()
+
+    def close(self) -> None:
+        del self.llm, self.engine, self.scheduler, self.pool, self.manager
+        gc.collect()
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(*args, **kwargs):
+        engines.append(Engine(*args, **kwargs))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.05])
+def test_request_holds_the_blocks_of_its_live_slots(model_dir, make_engine, budget):
+    """A request whose live slots are [folded, n) holds ceil(n / bs) - floor(folded / bs)
+    blocks (docs/method.md); everything returns to the pool when it finishes."""
+    engine = make_engine(model_dir, {"kv_policy": "retentive", "kv_budget": budget})
+    prompt_len = 1000
+    engine.engine.add_request("r", random_prompt(prompt_len, 0), SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.engine.step()  # the whole prompt, then folded down to the budget
+    assert engine.held_blocks() == math.ceil(prompt_len / engine.block_size)
+    folded = prompt_len - math.ceil(budget * prompt_len)
+    for decode_step in range(1, 4):
+        engine.engine.step()  # frees the folded blocks before allocating the next slot
+        slots = prompt_len + decode_step
+        expected = math.ceil(slots / engine.block_size) - folded // engine.block_size
+        assert engine.held_blocks() == expected
+        assert expected < math.ceil(slots / engine.block_size)
+    engine.drain()
+    assert engine.held_blocks() == 0
+    assert not REGISTRY.live
+
+
+def test_stock_run_holds_every_block(model_dir, make_engine):
+    engine = make_engine(model_dir, {})
+    engine.engine.add_request("r", random_prompt(1000, 0), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.engine.step()
+    engine.engine.step()
+    assert engine.held_blocks() == math.ceil(1001 / engine.block_size)
+    engine.drain()
+    assert engine.held_blocks() == 0
+
+
+def run_with_aborts(engine, num_requests: int, seed: int) -> int:
+    """Random long prompts and lengths on a small pool, random aborts; returns preemptions."""
+    rng = random.Random(seed)
+    preemptions = 0
+    preempt = engine.scheduler._preempt_request
+
+    def counting_preempt(*args, **kwargs):
+        nonlocal preemptions
+        preemptions += 1
+        return preempt(*args, **kwargs)
+
+    engine.scheduler._preempt_request = counting_preempt
+    pending = list(range(num_requests))
+    live: set[str] = set()
+    while pending or engine.engine.has_unfinished_requests():
+        while pending and len(live) < 12:
+            i = pending.pop()
+            engine.engine.add_request(
+                str(i), random_prompt(rng.randint(100, 1000), i),
+                SamplingParams(max_tokens=rng.randint(1, 300), ignore_eos=True),
+            )
+            live.add(str(i))
+        for output in engine.engine.step():
+            if output.finished:
+                live.discard(output.request_id)
+        if live and rng.random() < 0.03:
+            victim = rng.choice(sorted(live))
+            engine.engine.abort_request([victim])
+            live.discard(victim)
+    engine.engine.step()
+    return preemptions
+
+
+@pytest.mark.parametrize(
+    "num_requests", [pytest.param(40, id="40"), pytest.param(200, id="200", marks=pytest.mark.slow)]
+)
+def test_aborts_and_preemption_return_every_block_and_state(model_dir, make_engine, num_requests):
+    engine = make_engine(
+        # A long decode interval lets decoding outgrow the small pool, so requests are
+        # preempted (and recomputed) as well as aborted and finished.
+        model_dir, {"kv_policy": "retentive", "kv_budget": 0.5, "kv_decode_interval": 256},
+        kv_cache_memory_bytes=8 * 2**20, max_model_len=1536, max_num_batched_tokens=512, enable_chunked_prefill=True,
+    )
+    preemptions = run_with_aborts(engine, num_requests, seed=num_requests)
+    assert preemptions > 0, "the pool was meant to be too small to avoid preemption"
+    assert engine.held_blocks() == 0
+    assert not engine.manager.progress
+    assert not REGISTRY.live
