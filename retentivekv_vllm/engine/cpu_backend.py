@@ -33,7 +33,7 @@ from retentivekv_vllm.core import accumulated_attention, attention_probs, compre
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
 from retentivekv_vllm.engine.cpu_layout import RequestSlots
-from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory
+from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan
 from retentivekv_vllm.engine.patches import install_runner_hooks
 from retentivekv_vllm.engine.settings import (
     loaded_policy,
@@ -103,6 +103,7 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self.policy = policy_from_vllm_config(vllm_config)
         if self.policy is not None:
             install_runner_hooks()
+            log_memory_plan(self.policy, kv_cache_spec, len(layer_names), vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)

@@ -155,6 +155,40 @@ class MemoryRegistry:
 REGISTRY = MemoryRegistry()
 
 
+def state_bytes_per_request(policy, num_layers: int, num_kv_heads: int, head_size: int) -> int:
+    """Bytes of the float32 recurrent states of one request (0 for eviction policies)."""
+    if not policy.keeps_state:
+        return 0
+    rank = policy.feature_map(head_size, 1.0).rank
+    num_states = 1  # the text state; the visual state arrives with image requests
+    return num_layers * num_states * num_kv_heads * rank * (head_size + 1) * 4
+
+
+def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None:
+    """One start-up line: what a request costs with this policy, against stock vLLM."""
+    c = policy.config
+    max_len = vllm_config.model_config.max_model_len
+    kv_per_token = kv_cache_spec.page_size_bytes // kv_cache_spec.block_size * num_layers
+    state = state_bytes_per_request(
+        policy, num_layers, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size
+    )
+    kept = min(max_len, c.budget_tokens(max_len) + c.decode_interval) if policy.compresses else max_len
+    ours, stock = kept * kv_per_token + state, max_len * kv_per_token
+    pool = vllm_config.cache_config.kv_cache_memory_bytes
+    capacity = (
+        f"; a {pool / 2**20:.0f} MiB pool holds {pool / ours:.1f} such requests against "
+        f"{pool / stock:.1f} for stock vLLM"
+        if pool
+        else ""
+    )
+    logger.info(
+        "retentivekv: policy %s, budget %s: KV %d B/token, state %d B/request; a %d-token "
+        "request keeps at most %d tokens: %.2f MiB against %.2f MiB (%.1fx)%s",
+        c.policy, c.budget, kv_per_token, state, max_len, kept, ours / 2**20, stock / 2**20,
+        stock / ours, capacity,
+    )
+
+
 def worker_stats(worker=None) -> dict:
     """Stats of this worker's requests; usable as ``llm.collective_rpc(worker_stats)``."""
     return REGISTRY.snapshot()

@@ -4,6 +4,7 @@ import gc
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ ENGINE = dict(
     max_model_len=2048,
     seed=0,
 )
+REPO = pathlib.Path(__file__).parents[2]
 MAX_TOKENS = 24  # below the decode interval: only the prefill compression runs
 PROMPT_LENGTHS = (300, 150, 40)
 
@@ -47,18 +49,21 @@ def prompts():
     return [torch.randint(5, 2000, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
+def generate_in_subprocess(model_dir, prompts, engine, env, work) -> list[list[int]]:
+    spec = {"model": model_dir, "prompts": prompts, "max_tokens": MAX_TOKENS, "engine": engine}
+    (work / "spec.json").write_text(json.dumps(spec))
+    subprocess.run(
+        [sys.executable, "-m", "tests.engine.generate_in_subprocess", work / "spec.json", work / "out.json"],
+        check=True, env={**os.environ, **env}, timeout=600, cwd=REPO,
+    )
+    return json.loads((work / "out.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def stock_tokens(model_dir, prompts, tmp_path_factory):
     """Stock vLLM in its own process with this plugin disabled."""
-    work = tmp_path_factory.mktemp("stock")
-    spec = {"model": model_dir, "prompts": prompts, "max_tokens": MAX_TOKENS, "engine": ENGINE}
-    (work / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    subprocess.run(
-        [sys.executable, "-m", "tests.engine.stock_generate", work / "spec.json", work / "out.json"],
-        check=True, env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)) + "/..",
-    )
-    return json.loads((work / "out.json").read_text())
+    env = {"VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return generate_in_subprocess(model_dir, prompts, ENGINE, env, tmp_path_factory.mktemp("stock"))
 
 
 def generate(model_dir, prompts, additional_config, max_tokens=MAX_TOKENS, **engine):
@@ -164,3 +169,14 @@ def test_prefill_chunks_are_compressed_once_over_budget(model_dir, prompts):
     assert s["compressions"] == sum(end > budget for end in chunk_ends)
     assert s["tokens_folded"] == len(ids) - budget
     assert len(tokens[0]) == MAX_TOKENS
+
+
+def test_tensor_parallel_two_gives_the_same_tokens(model_dir, prompts, tmp_path):
+    """TP=2 (two CPU workers, one KV head each: the state is sharded with the heads)."""
+    config = {"kv_policy": "retentive", "kv_budget": 0.2}
+    expected, _ = generate(model_dir, prompts, config)
+    engine = {**ENGINE, "additional_config": config, "enable_prefix_caching": False,
+              "tensor_parallel_size": 2}
+    # One core per worker: vLLM's CPU workers each bind to their own cores.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert generate_in_subprocess(model_dir, prompts, engine, env, tmp_path) == expected

@@ -1,7 +1,9 @@
-"""Greedy tokens from stock vLLM, with this plugin not loaded (VLLM_PLUGINS="" set by the caller).
+"""Greedy tokens from a vLLM engine in a process of its own.
 
-Usage: python -m tests.engine.stock_generate SPEC_JSON OUT_JSON, where SPEC_JSON holds
-{"model": dir, "prompts": [[ids]], "max_tokens": n, "engine": {LLM kwargs}}.
+For runs that cannot share the test process: stock vLLM with this plugin not loaded
+(the caller sets VLLM_PLUGINS=""), or tensor parallelism (worker processes).
+Usage: python -m tests.engine.generate_in_subprocess SPEC_JSON OUT_JSON, where SPEC_JSON
+holds {"model": dir, "prompts": [[ids]], "max_tokens": n, "engine": {LLM kwargs}}.
 """
 
 import json

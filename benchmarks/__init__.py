@@ -1,0 +1,1 @@
+"""Benchmarks of retentivekv-vllm against stock vLLM (see benchmarks/README.md)."""
