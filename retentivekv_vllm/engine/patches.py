@@ -24,6 +24,11 @@ symbol                                                                      why
                                                                             and preempted requests
 ==========================================================================  =========================================
 
+Extended through vLLM's own registries and subclassing (no patch): the CPU backend
+trio (``engine/cpu_backend.py``) and, registered in ``KVCacheSpecRegistry``,
+``RetentiveAttentionSpec(FullAttentionSpec)`` with ``RetentiveAttentionManager(FullAttentionManager)``
+(``engine/kv_manager.py``), which overrides ``remove_skipped_blocks`` and ``free``.
+
 The ``vllm`` console script of this package also patches
 ``importlib.metadata.version`` for the name "vllm" (see ``launcher.py``).
 """
