@@ -35,3 +35,19 @@ def folded_after_step(
     if seq_len - num_folded > allowance:
         return seq_len - budget
     return num_folded
+
+
+def peak_live_tokens(config: KVPolicyConfig, num_tokens: int, max_step_tokens: int) -> int:
+    """Most cache slots a request of num_tokens ever holds at once under `folded_after_step`.
+
+    After every step at most budget + decode_interval tokens are live; the next step adds at
+    most max_step_tokens (one prefill chunk, or a recomputed span after preemption) before
+    compression runs again.  The budget of a ratio grows with the tokens it is taken of, so
+    num_tokens (prompt and any output a resumed request recomputes) bounds it from above.
+    """
+    from retentivekv_vllm.policies import POLICIES
+
+    if not POLICIES[config.policy].compresses:
+        return num_tokens
+    peak = config.budget_tokens(num_tokens) + config.decode_interval + max_step_tokens
+    return min(num_tokens, peak)

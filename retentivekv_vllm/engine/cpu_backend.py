@@ -139,8 +139,9 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         from vllm.config import get_current_vllm_config
 
-        self.policy = policy_from_vllm_config(get_current_vllm_config())
-        record_loaded_policy(self.policy)
+        vllm_config = get_current_vllm_config()
+        self.policy = policy_from_vllm_config(vllm_config)
+        record_loaded_policy(self.policy, vllm_config)
         if self.policy is not None and self.attn_type == AttentionType.DECODER:
             unsupported = {
                 "sliding window": self.sliding_window != -1,
@@ -235,12 +236,12 @@ class RetentiveCPUAttentionBackend(CPUAttentionBackend):
         """Full attention under a compressing policy gets the spec whose KV manager
         frees the blocks of folded tokens."""
         spec = super().customize_spec(spec)
-        policy = loaded_policy()
-        if policy is None or not policy.compresses or type(spec) is not FullAttentionSpec:
+        loaded = loaded_policy()
+        if loaded is None or not loaded.policy.compresses or type(spec) is not FullAttentionSpec:
             return spec
         from retentivekv_vllm.engine.kv_manager import RetentiveAttentionSpec
 
-        return RetentiveAttentionSpec.from_full(spec, policy.config)
+        return RetentiveAttentionSpec.from_full(spec, loaded.policy.config, loaded.max_step_tokens)
 
     @staticmethod
     def get_impl_cls():

@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from retentivekv_vllm.budget import folded_after_step
+from retentivekv_vllm.budget import folded_after_step, peak_live_tokens
 from retentivekv_vllm.config import KVPolicyConfig
 
 
@@ -30,17 +31,21 @@ class RetentiveAttentionSpec(FullAttentionSpec):
     """Full attention whose requests fold tokens under `kv_policy`."""
 
     kv_policy: KVPolicyConfig
+    # Most tokens one step adds to a request's cache (vLLM's max_in_flight_tokens).
+    max_step_tokens: int
 
     @classmethod
-    def from_full(cls, spec: FullAttentionSpec, kv_policy: KVPolicyConfig) -> RetentiveAttentionSpec:
+    def from_full(
+        cls, spec: FullAttentionSpec, kv_policy: KVPolicyConfig, max_step_tokens: int
+    ) -> RetentiveAttentionSpec:
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
-        return cls(**fields, kv_policy=kv_policy)
+        return cls(**fields, kv_policy=kv_policy, max_step_tokens=max_step_tokens)
 
     @classmethod
     def merge(cls, specs: list[RetentiveAttentionSpec]) -> RetentiveAttentionSpec:
-        policies = {spec.kv_policy for spec in specs}
-        assert len(policies) == 1, f"one KV policy per cache group, got {policies}"
-        return cls.from_full(FullAttentionSpec.merge(specs), policies.pop())
+        settings = {(spec.kv_policy, spec.max_step_tokens) for spec in specs}
+        assert len(settings) == 1, f"one KV policy per cache group, got {settings}"
+        return cls.from_full(FullAttentionSpec.merge(specs), *settings.pop())
 
 
 class RetentiveAttentionManager(FullAttentionManager):
@@ -52,6 +57,19 @@ class RetentiveAttentionManager(FullAttentionManager):
 
     def num_folded(self, request_id: str) -> int:
         return self.progress.get(request_id, (0, 0))[1]
+
+    def get_num_blocks_to_allocate(
+        self, request_id: str, num_tokens: int, *args, apply_admission_cap: bool = False, **kwargs
+    ) -> int:
+        # Admission (vLLM's full-sequence check, scheduler_reserve_full_isl) asks whether the
+        # whole request fits; a compressing request never holds more than its peak live slots,
+        # which span at most one block more than their count (the first may be part-folded).
+        if apply_admission_cap and request_id not in self.req_to_blocks:
+            peak = peak_live_tokens(self.kv_policy, num_tokens, self.kv_cache_spec.max_step_tokens)
+            num_tokens = min(num_tokens, (cdiv(peak, self.block_size) + 1) * self.block_size)
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
+        )
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from retentivekv_vllm.config import ConfigError, KVPolicyConfig
@@ -25,19 +26,27 @@ def policy_from_vllm_config(vllm_config) -> KVPolicy | None:
     return None if config is None else _policy(config)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedPolicy:
+    policy: KVPolicy
+    # Upper bound on the tokens a request adds to its cache in one step (vLLM's
+    # max_in_flight_tokens): what a request may hold beyond its budget before it folds.
+    max_step_tokens: int
+
+
 # vLLM asks the backend class for the KV-cache spec (customize_spec) without a
 # config.  The attention impls, built under vLLM's config context while the model
 # loads, record the policy of the model this worker serves before that happens.
-_loaded_policy: KVPolicy | None = None
+_loaded: LoadedPolicy | None = None
 
 
-def record_loaded_policy(policy: KVPolicy | None) -> None:
-    global _loaded_policy
-    _loaded_policy = policy
+def record_loaded_policy(policy: KVPolicy | None, vllm_config) -> None:
+    global _loaded
+    _loaded = None if policy is None else LoadedPolicy(policy, vllm_config.max_in_flight_tokens)
 
 
-def loaded_policy() -> KVPolicy | None:
-    return _loaded_policy
+def loaded_policy() -> LoadedPolicy | None:
+    return _loaded
 
 
 def validate_engine(vllm_config) -> None:

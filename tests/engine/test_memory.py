@@ -58,8 +58,9 @@ class Engine:
         self.engine.step()
 
     def close(self) -> None:
-        del self.llm, self.engine, self.scheduler, self.pool, self.manager
-        gc.collect()
+        if hasattr(self, "llm"):
+            del self.llm, self.engine, self.scheduler, self.pool, self.manager
+            gc.collect()
 
 
 @pytest.fixture
@@ -154,3 +155,44 @@ def test_aborts_and_preemption_return_every_block_and_state(model_dir, make_engi
     assert engine.held_blocks() == 0
     assert not engine.manager.progress
     assert not REGISTRY.live
+
+
+def max_running(engine, prompts: list[dict], max_tokens: int) -> int:
+    """Submit every prompt at once; the most requests vLLM's scheduler ran at once."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.engine.add_request(str(i), prompt, params)
+    most = 0
+    while engine.engine.has_unfinished_requests():
+        engine.engine.step()
+        most = max(most, len(engine.scheduler.running))
+    engine.engine.step()
+    assert engine.held_blocks() == 0
+    return most
+
+
+def test_budget_0_2_runs_at_least_four_times_the_requests_of_stock(tmp_path_factory, make_engine):
+    """Same KV pool, long prompts, vLLM's own admission (the whole request must fit): at budget
+    0.2 the scheduler runs at least 4x as many requests at once as stock vLLM."""
+    prompt_len, max_tokens, block_size = 8000, 160, 32
+    model_dir = str(build_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama-8k", arch="llama", max_position_embeddings=8192
+    ))
+    stock_blocks_per_request = math.ceil((prompt_len + max_tokens) / block_size)
+    # 2 (K and V) x 4 layers x 2 KV heads x 64 dims x 4 bytes per token; one block more for vLLM's null block.
+    pool_bytes = (4 * stock_blocks_per_request + 1) * block_size * 2 * 4 * 2 * 64 * 4
+    engine = dict(
+        kv_cache_memory_bytes=pool_bytes, block_size=block_size, max_model_len=prompt_len + max_tokens,
+        enable_chunked_prefill=True, max_num_batched_tokens=1024,
+    )
+    stock = make_engine(model_dir, {}, **engine)
+    stock_running = max_running(stock, [random_prompt(prompt_len, i) for i in range(5)], max_tokens)
+    assert stock_running == 4
+    stock.close()
+    retentive = make_engine(model_dir, {"kv_policy": "retentive", "kv_budget": 0.2}, **engine)
+    # One request more than needed: the test then fails only if fewer than 4x run at once.
+    num_requests = 4 * stock_running + 1
+    retentive_running = max_running(
+        retentive, [random_prompt(prompt_len, i) for i in range(num_requests)], max_tokens
+    )
+    assert retentive_running >= 4 * stock_running
