@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KEY_PREFIX = "kv_"
+STATE_MODES = ("dual", "single", "none")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,12 @@ class KVPolicyConfig:
         64, "Tokens over budget that decoding may add before compressing again.", int
     )
     seed: int = _knob(0, "Seed of the random-feature projection.", int)
+    states: str = _knob(
+        "dual",
+        "Recurrent states of retentive: dual (visual and text), single (one for both) or "
+        "none (folded tokens are dropped: eviction by the retention score).",
+        str,
+    )
 
     @property
     def budget_is_ratio(self) -> bool:
@@ -142,6 +149,8 @@ class KVPolicyConfig:
                 "feature_map",
                 f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}",
             )
+        if self.states not in STATE_MODES:
+            fail("states", f"unknown mode {self.states!r}; choose one of {list(STATE_MODES)}")
         if not 0 < self.gamma0 <= 1:
             fail("gamma0", f"must lie in (0, 1], got {self.gamma0}")
         if not 0 <= self.absorption_min <= self.absorption_max:

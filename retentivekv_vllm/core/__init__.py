@@ -4,6 +4,9 @@ from .feature_maps import FEATURE_MAPS, EluPlusOne, FeatureMap, PositiveRandomFe
 from .merge import local_attention, merge_with_states
 from .reference import compressed_attention
 from .scores import (
+    PatchLayout,
+    modality_entropy,
+    pool_scores,
     accumulated_attention,
     attention_probs,
     entropy_potential,
@@ -14,6 +17,7 @@ from .scores import (
     retention_score,
     select_topk,
 )
+from .visual import VisualFoldPlan, root_patches, visual_fold_plan
 from .state import (
     RecurrentState,
     absorption_from_attention,
@@ -27,6 +31,7 @@ __all__ = [
     "FEATURE_MAPS",
     "EluPlusOne",
     "FeatureMap",
+    "PatchLayout",
     "PositiveRandomFeatures",
     "RecurrentState",
     "absorption_from_attention",
@@ -47,4 +52,9 @@ __all__ = [
     "retention_from_entropy",
     "retention_score",
     "select_topk",
+    "modality_entropy",
+    "pool_scores",
+    "root_patches",
+    "visual_fold_plan",
+    "VisualFoldPlan",
 ]

@@ -4,6 +4,8 @@ Everything is per KV head. The query heads of one KV head are stacked as rows: t
 q [T, Hq, d] to [Hkv, g·T, d], so summing over rows aggregates a GQA group.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,13 +92,80 @@ def pool1d(x: Tensor, kernel: int) -> Tensor:
     return pooled.reshape(x.shape)
 
 
-def retention_score(alpha: Tensor, entropy: Tensor, lam: float, candidates: Tensor, pool_kernel: int) -> Tensor:
-    """R = λ·α̂ + (1−λ)·Ĥ [H, n]; α̂, Ĥ are pooled then divided by their max over candidates. -inf off candidates.
+@dataclass(frozen=True)
+class PatchLayout:
+    """Where each cached token sits: image index, row and column on that image's patch grid
+    (after any spatial merge), all [H, n] long and -1 for text tokens; grids[i] = (rows, cols)."""
+
+    image: Tensor
+    row: Tensor
+    col: Tensor
+    grids: tuple[tuple[int, int], ...]
+
+    @property
+    def visual(self) -> Tensor:
+        return self.image >= 0
+
+
+def modality_entropy(probs: Tensor, layout: PatchLayout | None) -> Tensor:
+    """Entropy potential [H, n]: visual keys over the attention restricted to visual keys, text
+    keys over the attention restricted to text keys; over all keys when there is no image."""
+    if layout is None:
+        return entropy_potential(probs)
+    visual = layout.visual
+    return torch.where(visual, entropy_potential(probs, visual), entropy_potential(probs, ~visual))
+
+
+def _masked_pool1d(x: Tensor, mask: Tensor, kernel: int) -> Tensor:
+    """Average of x over the masked tokens among each token's `kernel` slot neighbours."""
+    weight = mask.float()
+    return pool1d(x * weight, kernel) / pool1d(weight, kernel).clamp(min=1e-30)
+
+
+def pool_scores(x: Tensor, layout: PatchLayout | None, kernel_1d: int, kernel_2d: int = 3) -> Tensor:
+    """Smooth per-token scores x [H, n]: 1-D over text tokens, 2-D over each image's patch grid.
+
+    2-D pooling averages a patch with the present neighbours of its kernel_2d x kernel_2d grid
+    window, so kept patches come in spatial clusters instead of scattered dots.
+    """
+    if layout is None:
+        return pool1d(x, kernel_1d)
+    x = x.float()
+    visual = layout.visual
+    pooled = torch.where(visual, 0.0, _masked_pool1d(x, ~visual, kernel_1d))
+    heads = x.shape[0]
+    for image, (rows, cols) in enumerate(layout.grids):
+        mine = layout.image == image  # [H, n]
+        if not mine.any():
+            continue
+        head, slot = mine.nonzero(as_tuple=True)
+        cell = layout.row[head, slot] * cols + layout.col[head, slot]
+        values = x.new_zeros(heads, rows * cols)
+        present = x.new_zeros(heads, rows * cols)
+        values[head, cell] = x[head, slot]
+        present[head, cell] = 1.0
+        window = dict(kernel_size=kernel_2d, stride=1, padding=kernel_2d // 2, count_include_pad=True)
+        total = F.avg_pool2d(values.view(heads, 1, rows, cols), **window).view(heads, -1)
+        count = F.avg_pool2d(present.view(heads, 1, rows, cols), **window).view(heads, -1)
+        pooled[head, slot] = (total / count.clamp(min=1e-30))[head, cell]
+    return pooled
+
+
+def retention_score(
+    alpha: Tensor,
+    entropy: Tensor,
+    lam: float,
+    candidates: Tensor,
+    pool_kernel: int,
+    layout: PatchLayout | None = None,
+) -> Tensor:
+    """R = λ·α̂ + (1−λ)·Ĥ [H, n]; α̂, Ĥ are pooled (`pool_scores`) then divided by their max over
+    candidates. -inf off candidates.
 
     alpha, entropy [H, n]; candidates bool [H, n] or [n] (tokens that may be folded: not sinks, not window).
     """
-    alpha_hat = normalize_by_max(pool1d(alpha, pool_kernel), candidates)
-    entropy_hat = normalize_by_max(pool1d(entropy, pool_kernel), candidates)
+    alpha_hat = normalize_by_max(pool_scores(alpha, layout, pool_kernel), candidates)
+    entropy_hat = normalize_by_max(pool_scores(entropy, layout, pool_kernel), candidates)
     score = lam * alpha_hat + (1.0 - lam) * entropy_hat
     return score.masked_fill(~candidates.expand_as(score), float("-inf"))
 

@@ -156,11 +156,12 @@ REGISTRY = MemoryRegistry()
 
 
 def state_bytes_per_request(policy, num_layers: int, num_kv_heads: int, head_size: int) -> int:
-    """Bytes of the float32 recurrent states of one request (0 for eviction policies)."""
+    """Most bytes the float32 recurrent states of one request take (an image request's; 0 for
+    eviction policies)."""
     if not policy.keeps_state:
         return 0
     rank = policy.feature_map(head_size, 1.0).rank
-    num_states = 1  # the text state; the visual state arrives with image requests
+    num_states = policy.num_states(has_images=True)
     return num_layers * num_states * num_kv_heads * rank * (head_size + 1) * 4
 
 

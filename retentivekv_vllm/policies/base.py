@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.core import RecurrentState, select_topk
+from retentivekv_vllm.core import PatchLayout, RecurrentState, select_topk
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,18 @@ class Observation:
 
     probs: [Hkv, rows, n] softmax attention of the observation queries (GQA query
         heads stacked as rows) over the n cached tokens; hidden tokens get 0.
-    positions: [n] token positions.
+    positions: [Hkv, n] token position of each cached slot, per head.
     candidates: [Hkv, n] bool, tokens that may be folded (live, not sink, not window).
     accumulated: [Hkv, n] attention each token received from every observation
         window since the request started (H2O's heavy-hitter statistic).
+    layout: where image tokens sit on their patch grids; None for a text-only request.
     """
 
     probs: torch.Tensor
     positions: torch.Tensor
     candidates: torch.Tensor
     accumulated: torch.Tensor
+    layout: PatchLayout | None = None
 
 
 @dataclass

@@ -1,7 +1,12 @@
-"""`retentive` (RetentiveKV): keep by attention + entropy, fold the rest into a state.
+"""`retentive` (RetentiveKV): keep by attention + entropy, fold the rest into recurrent states.
 
-Text-only scoring for now: the entropy potential runs over all keys and every
-folded token goes into the text state, in position order (oldest first).
+Two states per layer and KV head (``--kv-states dual``): the text state absorbs folded text
+tokens in position order, oldest first, like a causal scan; the visual state absorbs each
+image's folded patches from the farthest Manhattan ring around the image's root patch (its
+highest-scoring patch) to the nearest, decaying by γ per ring crossed, so the root's
+neighbourhood is remembered best.  ``single`` folds every token into one state in position
+order; ``none`` drops folded tokens (eviction by the retention score).  Scoring is the same in
+every mode: entropy within each modality, 1-D pooling over text, 2-D pooling over each image.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from retentivekv_vllm.core import (
     RecurrentState,
     absorption_from_attention,
     accumulated_attention,
-    entropy_potential,
     fold,
     make_feature_map,
+    modality_entropy,
     normalize_by_max,
     retention_from_entropy,
     retention_score,
+    visual_fold_plan,
 )
 from retentivekv_vllm.policies.base import KVPolicy, Observation, register_policy
 
@@ -29,10 +35,16 @@ from retentivekv_vllm.policies.base import KVPolicy, Observation, register_polic
 @dataclass
 class RetentivePolicy(KVPolicy):
     name = "retentive"
-    keeps_state = True
     _feature_maps: dict[tuple[int, float], FeatureMap] = field(
         default_factory=dict, init=False, repr=False
     )
+
+    @property
+    def keeps_state(self) -> bool:
+        return self.config.states != "none"
+
+    def num_states(self, has_images: bool) -> int:
+        return {"none": 0, "single": 1, "dual": 2 if has_images else 1}[self.config.states]
 
     def feature_map(self, head_dim: int, scale: float) -> FeatureMap:
         key = (head_dim, scale)
@@ -47,31 +59,51 @@ class RetentivePolicy(KVPolicy):
         c = self.config
         return retention_score(
             accumulated_attention(obs.probs),
-            entropy_potential(obs.probs),
+            modality_entropy(obs.probs, obs.layout),
             c.lambda_,
             obs.candidates,
             c.pool_kernel,
+            obs.layout,
         )
 
     def absorb(self, states, obs, folded, keys, values, scale):
         c = self.config
         num_heads, _, head_dim = keys.shape
         per_head = int(folded[0].sum())
-        if per_head == 0:
+        if per_head == 0 or not self.keeps_state:
             return states
-        # The same number of tokens is folded in every head; gathering them in index
-        # order folds oldest first, so recency decays like a causal scan.
+        # The same number of tokens is folded in every head; nonzero() lists them in
+        # slot order, which is position order (oldest first).
         index = folded.nonzero()[:, 1].view(num_heads, per_head)
         take = lambda x: x.gather(1, index)  # noqa: E731
         alpha = accumulated_attention(obs.probs)
-        entropy_hat = normalize_by_max(entropy_potential(obs.probs), obs.candidates)
+        entropy_hat = normalize_by_max(modality_entropy(obs.probs, obs.layout), obs.candidates)
         gamma = retention_from_entropy(take(entropy_hat), c.gamma0)
         absorption = absorption_from_attention(take(alpha), c.absorption_min, c.absorption_max)
         phi = self.feature_map(head_dim, scale)
         expand = index.unsqueeze(-1).expand(-1, -1, head_dim)
-        k_folded = keys.float().gather(1, expand)
-        v_folded = values.float().gather(1, expand)
-        state = states[0] if states else RecurrentState.zeros(
-            num_heads, phi.rank, values.shape[-1], device=keys.device
+        phi_k = phi.features(keys.float().gather(1, expand))
+        v = values.float().gather(1, expand)
+        num_states = self.num_states(obs.layout is not None)
+        states = list(states) or [
+            RecurrentState.zeros(num_heads, phi.rank, values.shape[-1], device=keys.device)
+            for _ in range(num_states)
+        ]
+        if num_states == 1:
+            return [fold(states[0], phi_k, v, gamma, absorption)]
+        visual = obs.layout.visual.gather(1, index)
+        # A token of the other modality passes through a state untouched: γ = 1, a = 0.
+        text_state = fold(
+            states[0], phi_k, v, torch.where(visual, 1.0, gamma), torch.where(visual, 0.0, absorption)
         )
-        return [fold(state, phi.features(k_folded), v_folded, gamma, absorption)]
+        plan = visual_fold_plan(index, obs.layout, self.score(obs))
+        order = lambda x: x.gather(1, plan.order)  # noqa: E731
+        ring_gamma = order(gamma).pow(plan.decay_steps)
+        visual_state = fold(
+            states[1],
+            phi_k.gather(1, plan.order.unsqueeze(-1).expand_as(phi_k)),
+            v.gather(1, plan.order.unsqueeze(-1).expand_as(v)),
+            torch.where(plan.member, ring_gamma, 1.0),
+            torch.where(plan.member, order(absorption), 0.0),
+        )
+        return [text_state, visual_state]
