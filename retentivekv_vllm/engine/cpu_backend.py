@@ -33,8 +33,8 @@ from retentivekv_vllm.core import accumulated_attention, attention_probs, compre
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
 from retentivekv_vllm.engine.cpu_layout import RequestSlots
-from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan
-from retentivekv_vllm.engine.patches import install_runner_hooks
+from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan, logger
+from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
 from retentivekv_vllm.engine.settings import (
     loaded_policy,
     policy_from_vllm_config,
@@ -97,6 +97,22 @@ def plan_request(
     return plan
 
 
+def request_token_layout(view: batch.BatchView, req_id: str, num_prompt_tokens: int):
+    """Where the request's image tokens sit, from the runner's multimodal features; None for a
+    text-only request, and for inputs the policy cannot place (scored as text, with a warning)."""
+    state = view.requests.get(req_id)
+    features = getattr(state, "mm_features", None)
+    if not features:
+        return None
+    from retentivekv_vllm.multimodal import UnsupportedMultimodalInput, layout_from_mm_features
+
+    try:
+        return layout_from_mm_features(features, view.hf_config, num_prompt_tokens)
+    except UnsupportedMultimodalInput as error:
+        logger.warning("retentivekv: request %s is scored as text only: %s", req_id, error)
+        return None
+
+
 class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -127,8 +143,9 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 # A request's first step, or a preempted one recomputing its prompt.
                 REGISTRY.restart(req_id)
             num_prompt = view.num_prompt_tokens[row]
-            memory = REGISTRY.get_or_create(
-                req_id, num_prompt, self.policy.config.budget_tokens(num_prompt)
+            memory = REGISTRY.live.get(req_id) or REGISTRY.get_or_create(
+                req_id, num_prompt, self.policy.config.budget_tokens(num_prompt),
+                request_token_layout(view, req_id, num_prompt),
             )
             plans.append(plan_request(self.policy, memory, row, start, end, seq_len))
         return plans
@@ -142,6 +159,8 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         vllm_config = get_current_vllm_config()
         self.policy = policy_from_vllm_config(vllm_config)
         record_loaded_policy(self.policy, vllm_config)
+        if self.policy is not None:
+            install_worker_hooks()
         if self.policy is not None and self.attn_type == AttentionType.DECODER:
             unsupported = {
                 "sliding window": self.sliding_window != -1,
@@ -209,9 +228,11 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         q_positions = memory.recent_positions.repeat(self.num_queries_per_kv)
         probs = attention_probs(queries, keys, self.scale, q_positions, positions)
         accumulated = memory.accumulated[:, live] + accumulated_attention(probs)
-        obs = Observation(probs, positions, candidates, accumulated)
+        obs = Observation(probs, positions, candidates, accumulated, plan.memory.patch_layout(positions))
         keep_top = plan.budget - plan.sinks - plan.window
         kept = ~candidates | self.policy.select(obs, keep_top)
+        if obs.layout is not None:
+            plan.memory.visual_slots_folded += int((obs.layout.visual & ~kept).sum())
         if self.policy.keeps_state:
             memory.states = self.policy.absorb(
                 memory.states, obs, ~kept, keys, values, self.scale

@@ -41,6 +41,16 @@ class RetentiveAttentionSpec(FullAttentionSpec):
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         return cls(**fields, kv_policy=kv_policy, max_step_tokens=max_step_tokens)
 
+    def peak_blocks(self, num_tokens: int) -> int:
+        """Most blocks a request of num_tokens holds at once: its peak live slots span at most
+        one block more than their count (the first may be part-folded)."""
+        peak = peak_live_tokens(self.kv_policy, num_tokens, self.max_step_tokens)
+        return min(cdiv(num_tokens, self.block_size), cdiv(peak, self.block_size) + 1)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # vLLM's start-up check that one max_model_len request fits the pool.
+        return self.peak_blocks(vllm_config.model_config.max_model_len) * self.page_size_bytes
+
     @classmethod
     def merge(cls, specs: list[RetentiveAttentionSpec]) -> RetentiveAttentionSpec:
         settings = {(spec.kv_policy, spec.max_step_tokens) for spec in specs}
@@ -62,11 +72,9 @@ class RetentiveAttentionManager(FullAttentionManager):
         self, request_id: str, num_tokens: int, *args, apply_admission_cap: bool = False, **kwargs
     ) -> int:
         # Admission (vLLM's full-sequence check, scheduler_reserve_full_isl) asks whether the
-        # whole request fits; a compressing request never holds more than its peak live slots,
-        # which span at most one block more than their count (the first may be part-folded).
+        # whole request fits; a compressing request never holds more than its peak.
         if apply_admission_cap and request_id not in self.req_to_blocks:
-            peak = peak_live_tokens(self.kv_policy, num_tokens, self.kv_cache_spec.max_step_tokens)
-            num_tokens = min(num_tokens, (cdiv(peak, self.block_size) + 1) * self.block_size)
+            num_tokens = min(num_tokens, self.kv_cache_spec.peak_blocks(num_tokens) * self.block_size)
         return super().get_num_blocks_to_allocate(
             request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
         )

@@ -13,10 +13,11 @@ import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from retentivekv_vllm.core import RecurrentState
+from retentivekv_vllm.core import PatchLayout, RecurrentState
 
 # A child of vLLM's logger, so lines appear in vLLM's log format and stream.
 logger = logging.getLogger("vllm.retentivekv_vllm")
@@ -83,6 +84,20 @@ class RequestMemory:
     num_cached: int = 0  # tokens written to the cache so far (folded ones included)
     num_compressions: int = 0
     kept_after_compression: int = 0  # the largest live count right after a compression
+    # Where the prompt's image tokens sit (multimodal.TokenLayout); None for text only.
+    token_layout: Any = None
+    visual_slots_folded: int = 0  # image tokens folded, summed over layers and KV heads
+
+    def patch_layout(self, positions: torch.Tensor) -> PatchLayout | None:
+        """The layout of the cached tokens at positions [Hkv, n]; generated tokens are text."""
+        layout = self.token_layout
+        if layout is None:
+            return None
+        n = layout.image.shape[0]
+        inside = positions < n
+        at = positions.clamp(max=n - 1)
+        pick = lambda x: torch.where(inside, x[at], -1)  # noqa: E731
+        return PatchLayout(pick(layout.image), pick(layout.row), pick(layout.col), tuple(layout.grids))
 
     def layer(self, name: str, num_kv_heads: int, n: int) -> LayerMemory:
         memory = self.layers.get(name)
@@ -103,6 +118,8 @@ class RequestMemory:
             "kept_after_compression": self.kept_after_compression,
             "compressions": self.num_compressions,
             "state_elements": state_elements,
+            "images": 0 if self.token_layout is None else len(self.token_layout.grids),
+            "visual_slots_folded": self.visual_slots_folded,
         }
 
 
@@ -121,10 +138,10 @@ class MemoryRegistry:
             self.finished.clear()
             self._runner = weakref.ref(runner)
 
-    def get_or_create(self, req_id: str, num_prompt_tokens: int, budget: int) -> RequestMemory:
+    def get_or_create(self, req_id: str, num_prompt_tokens: int, budget: int, token_layout=None) -> RequestMemory:
         memory = self.live.get(req_id)
         if memory is None:
-            memory = self.live[req_id] = RequestMemory(req_id, num_prompt_tokens, budget)
+            memory = self.live[req_id] = RequestMemory(req_id, num_prompt_tokens, budget, token_layout=token_layout)
         return memory
 
     def restart(self, req_id: str) -> None:
@@ -155,14 +172,60 @@ class MemoryRegistry:
 REGISTRY = MemoryRegistry()
 
 
-def state_bytes_per_request(policy, num_layers: int, num_kv_heads: int, head_size: int) -> int:
-    """Most bytes the float32 recurrent states of one request take (an image request's; 0 for
-    eviction policies)."""
+def state_bytes_per_request(policy, vllm_config) -> int:
+    """Most bytes the float32 recurrent states of one request take in this worker (its share of
+    the KV heads); an image request's for a multimodal model, 0 for eviction policies."""
     if not policy.keeps_state:
         return 0
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    head_size = model.get_head_size()
     rank = policy.feature_map(head_size, 1.0).rank
-    num_states = policy.num_states(has_images=True)
-    return num_layers * num_states * num_kv_heads * rank * (head_size + 1) * 4
+    num_states = policy.num_states(has_images=model.is_multimodal_model)
+    num_kv_heads = model.get_num_kv_heads(parallel)
+    return model.get_num_layers(parallel) * num_states * num_kv_heads * rank * (head_size + 1) * 4
+
+
+def states_reserved_bytes(vllm_config) -> int:
+    """Bytes set aside for the states of max_num_seqs requests (0 without a stateful policy)."""
+    from retentivekv_vllm.engine.settings import policy_from_vllm_config
+
+    policy = policy_from_vllm_config(vllm_config)
+    if policy is None:
+        return 0
+    return vllm_config.scheduler_config.max_num_seqs * state_bytes_per_request(policy, vllm_config)
+
+
+def check_state_reservation(kv_memory_bytes: int, vllm_config) -> int:
+    """The reservation, refusing a KV memory it would use up (an error naming the options)."""
+    reserved = states_reserved_bytes(vllm_config)
+    if reserved and reserved >= kv_memory_bytes:
+        from retentivekv_vllm.config import ConfigError
+        from retentivekv_vllm.engine.settings import kv_config_from_vllm_config
+
+        raise ConfigError(
+            f"--kv-policy {kv_config_from_vllm_config(vllm_config).policy}: the recurrent states of --max-num-seqs "
+            f"{vllm_config.scheduler_config.max_num_seqs} requests need {reserved / 2**20:.1f} MiB, "
+            f"not less than the {kv_memory_bytes / 2**20:.1f} MiB of KV-cache memory; lower "
+            "--max-num-seqs or raise --kv-cache-memory-bytes"
+        )
+    return reserved
+
+
+def reserve_state_memory(kv_memory_bytes: int, vllm_config) -> int:
+    """KV-cache bytes left once the states of max_num_seqs requests are set aside.
+
+    vLLM never runs more than max_num_seqs requests at once, so states allocated as requests
+    need them never take more than this reservation: the KV memory the user set bounds
+    cache and states together.
+    """
+    reserved = check_state_reservation(kv_memory_bytes, vllm_config)
+    if reserved:
+        logger.info(
+            "retentivekv: %.1f MiB of the %.1f MiB KV-cache memory reserved for the states of "
+            "%d requests (--max-num-seqs)",
+            reserved / 2**20, kv_memory_bytes / 2**20, vllm_config.scheduler_config.max_num_seqs,
+        )
+    return kv_memory_bytes - reserved
 
 
 def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None:
@@ -170,16 +233,16 @@ def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None
     c = policy.config
     max_len = vllm_config.model_config.max_model_len
     kv_per_token = kv_cache_spec.page_size_bytes // kv_cache_spec.block_size * num_layers
-    state = state_bytes_per_request(
-        policy, num_layers, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size
-    )
+    state = state_bytes_per_request(policy, vllm_config)
     kept = min(max_len, c.budget_tokens(max_len) + c.decode_interval) if policy.compresses else max_len
     ours, stock = kept * kv_per_token + state, max_len * kv_per_token
-    pool = vllm_config.cache_config.kv_cache_memory_bytes
+    memory = vllm_config.cache_config.kv_cache_memory_bytes
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     capacity = (
-        f"; a {pool / 2**20:.0f} MiB pool holds {pool / ours:.1f} such requests against "
-        f"{pool / stock:.1f} for stock vLLM"
-        if pool
+        f"; {memory / 2**20:.0f} MiB of KV memory hold "
+        f"{min(max_num_seqs, (memory - max_num_seqs * state) / (kept * kv_per_token)):.1f} such "
+        f"requests (states reserved for {max_num_seqs}) against {memory / stock:.1f} for stock vLLM"
+        if memory
         else ""
     )
     logger.info(

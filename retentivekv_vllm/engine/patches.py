@@ -18,10 +18,14 @@ symbol                                                                      why
 ``vllm.engine.arg_utils.EngineArgs.from_cli_args``                          moves them into ``additional_config``
 ``vllm.engine.arg_utils.EngineArgs.create_engine_config``                   prefix caching off by default under a
                                                                             policy; start-up validation
-``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids and prompt lengths
-                                                                            of the step (``engine/batch.py``)
+``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids, prompt lengths and
+                                                                            multimodal features of the step
+                                                                            (``engine/batch.py``)
 ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``            releases the memory of finished, aborted
                                                                             and preempted requests
+``vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory``          reserves the recurrent states of
+                                                                            ``max_num_seqs`` requests out of the KV
+                                                                            memory
 ==========================================================================  =========================================
 
 Extended through vLLM's own registries and subclassing (no patch): the CPU backend
@@ -127,6 +131,24 @@ def _patch_engine_args() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
+def install_worker_hooks() -> None:
+    """Called by the policy's attention impls, in the worker, while the model loads (before
+    vLLM sizes the KV cache)."""
+    if not _once("worker"):
+        return
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from retentivekv_vllm.engine.memory import reserve_state_memory
+
+    original = CPUWorker.determine_available_memory
+
+    @functools.wraps(original)
+    def determine_available_memory(self):
+        return reserve_state_memory(original(self), self.vllm_config)
+
+    CPUWorker.determine_available_memory = determine_available_memory
+
+
 def install_runner_hooks() -> None:
     """Called by the policy's metadata builder, in the worker, when a policy is active."""
     if not _once("runner"):
@@ -143,7 +165,8 @@ def install_runner_hooks() -> None:
         REGISTRY.bind(self)
         input_batch = self.input_batch
         batch.record(
-            input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs]
+            input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs],
+            self.requests, self.model_config.hf_config,
         )
         return original_build(self, num_tokens, num_reqs, *args, **kwargs)
 

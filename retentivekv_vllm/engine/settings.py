@@ -69,6 +69,11 @@ def validate_engine(vllm_config) -> None:
     model = vllm_config.model_config
     if model is None:
         return
+    kv_memory = vllm_config.cache_config.kv_cache_memory_bytes
+    if kv_memory:
+        from retentivekv_vllm.engine.memory import check_state_reservation
+
+        check_state_reservation(kv_memory, vllm_config)
     if model.use_mla:
         raise ConfigError(f"{flag}: MLA models are not supported")
     if model.get_sliding_window() is not None:

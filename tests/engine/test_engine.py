@@ -144,6 +144,7 @@ def test_decode_compression_keeps_the_budget(model_dir, prompts):
         ({"kv_policy": "retentive", "kv_bogus": 1}, {}, "kv_bogus"),
         ({"kv_budget": 0.5}, {}, "--kv-policy"),
         ({"kv_policy": "retentive"}, {"enable_prefix_caching": True}, "--no-enable-prefix-caching"),
+        ({"kv_policy": "retentive"}, {"kv_cache_memory_bytes": 8 * 2**20}, "--max-num-seqs"),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(model_dir, additional_config, engine, message):

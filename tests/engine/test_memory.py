@@ -9,7 +9,7 @@ import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-from retentivekv_vllm.engine.memory import REGISTRY
+from retentivekv_vllm.engine.memory import REGISTRY, worker_stats
 from retentivekv_vllm.fixtures import build_tiny_model
 
 from .test_engine import ENGINE
@@ -149,6 +149,7 @@ def test_aborts_and_preemption_return_every_block_and_state(model_dir, make_engi
         # preempted (and recomputed) as well as aborted and finished.
         model_dir, {"kv_policy": "retentive", "kv_budget": 0.5, "kv_decode_interval": 256},
         kv_cache_memory_bytes=8 * 2**20, max_model_len=1536, max_num_batched_tokens=512, enable_chunked_prefill=True,
+        max_num_seqs=6,
     )
     preemptions = run_with_aborts(engine, num_requests, seed=num_requests)
     assert preemptions > 0, "the pool was meant to be too small to avoid preemption"
@@ -183,7 +184,7 @@ def test_budget_0_2_runs_at_least_four_times_the_requests_of_stock(tmp_path_fact
     pool_bytes = (4 * stock_blocks_per_request + 1) * block_size * 2 * 4 * 2 * 64 * 4
     engine = dict(
         kv_cache_memory_bytes=pool_bytes, block_size=block_size, max_model_len=prompt_len + max_tokens,
-        enable_chunked_prefill=True, max_num_batched_tokens=1024,
+        enable_chunked_prefill=True, max_num_batched_tokens=1024, max_num_seqs=4 * 4 + 1,
     )
     stock = make_engine(model_dir, {}, **engine)
     stock_running = max_running(stock, [random_prompt(prompt_len, i) for i in range(5)], max_tokens)
@@ -196,3 +197,21 @@ def test_budget_0_2_runs_at_least_four_times_the_requests_of_stock(tmp_path_fact
         retentive, [random_prompt(prompt_len, i) for i in range(num_requests)], max_tokens
     )
     assert retentive_running >= 4 * stock_running
+
+
+def test_states_of_max_num_seqs_requests_are_reserved_out_of_the_kv_memory(model_dir, make_engine):
+    memory, max_num_seqs = 64 * 2**20, 32
+    stock = make_engine(model_dir, {}, kv_cache_memory_bytes=memory, max_num_seqs=max_num_seqs)
+    block_bytes = memory // (stock.free_at_start + 1)  # vLLM keeps one null block
+    stock.close()
+    retentive = make_engine(
+        model_dir, {"kv_policy": "retentive"}, kv_cache_memory_bytes=memory, max_num_seqs=max_num_seqs
+    )
+    # 4 layers x 1 text state x 2 KV heads x rank 64 x (64 + 1) float32 numbers per request.
+    state_bytes = 4 * 2 * 64 * 65 * 4
+    assert retentive.free_at_start + 1 == (memory - max_num_seqs * state_bytes) // block_bytes
+    retentive.engine.add_request("r", random_prompt(600, 0), SamplingParams(max_tokens=2, ignore_eos=True))
+    retentive.drain()
+    (stats,) = retentive.llm.collective_rpc(worker_stats)
+    (finished,) = stats["finished"].values()
+    assert finished["state_elements"] * 4 == state_bytes
