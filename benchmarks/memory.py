@@ -66,7 +66,7 @@ CONFIGS: list[tuple[str, dict | None]] = [("stock", None)] + [
 STOCK_REQUESTS_IN_POOL = 4
 POOL_SLACK_BLOCKS = 1
 SETTINGS = {
-    "full": dict(prompt_tokens=2048, num_requests=24, max_tokens=128),
+    "full": dict(prompt_tokens=2048, num_requests=32, max_tokens=160),
     "quick": dict(prompt_tokens=1024, num_requests=12, max_tokens=48),
 }
 MAX_NUM_BATCHED_TOKENS = 512
@@ -122,6 +122,9 @@ def run_config(
         enable_chunked_prefill=True,
         enable_prefix_caching=False,
         scheduler_reserve_full_isl=reserve_full_isl,
+        # The plugin reserves the states of max_num_seqs requests out of the pool: size it
+        # to the requests this run submits (vLLM's default, 256, would reserve far more).
+        max_num_seqs=settings["num_requests"],
         **kwargs,
     )
     try:
@@ -309,12 +312,18 @@ def plot(results: list[dict], meta: dict, path: Path) -> None:
     ax.legend()
 
     ax = axes[2]
-    for r, label, color in zip(results, names, colors):
-        ax.plot(range(1, r["steps"] + 1), r["series"]["free_blocks"], label=label, color=color, linewidth=1.2)
-    ax.set_title(f"free blocks of the pool ({results[0]['pool_blocks']} usable)")
+    # Stock last, dashed: budget 1.0 lies on top of it.
+    for r, label, color in reversed(list(zip(results, names, colors))):
+        style = dict(color="black", linestyle="--", linewidth=1.0) if r is results[0] else dict(color=color)
+        ax.plot(range(1, r["steps"] + 1), r["series"]["free_blocks"], label=label, **{"linewidth": 1.2, **style})
+    reserved = results[0]["pool_blocks"] - results[-1]["pool_blocks"]
+    ax.set_title(
+        f"free blocks ({results[0]['pool_blocks']} usable; retentive reserves {reserved} for states)"
+    )
     ax.set_xlabel("engine step")
     ax.set_ylabel("free blocks")
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8)
 
     for ax in axes[:2]:
         ax.tick_params(axis="x", labelrotation=30)
@@ -396,6 +405,7 @@ def main(argv=None) -> int:
             "sampling": "greedy, ignore_eos",
             "prompts": f"uniform random token ids in [5, 2000), torch seed {SEED}",
             "pool_blocks": pool_blocks - 1,
+            "prompt_blocks": -(-settings["prompt_tokens"] // block_size),
             "pool_bytes": pool_blocks * block_bytes,
             "pool_sized_for_stock_requests": STOCK_REQUESTS_IN_POOL,
         },

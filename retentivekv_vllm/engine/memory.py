@@ -155,9 +155,11 @@ class MemoryRegistry:
                 stats = self.finished[req_id] = memory.stats()
                 logger.info(
                     "retentivekv: request %s kept %d of %d cached tokens (budget %d), folded %d "
-                    "(prompt %d) in %d compressions",
+                    "(prompt %d, %d images, %d image-token slots folded over layers and heads) "
+                    "in %d compressions",
                     req_id, stats["tokens_kept"], stats["tokens_cached"], stats["budget_tokens"],
-                    stats["tokens_folded"], stats["num_prompt_tokens"], stats["compressions"],
+                    stats["tokens_folded"], stats["num_prompt_tokens"], stats["images"],
+                    stats["visual_slots_folded"], stats["compressions"],
                 )
                 while len(self.finished) > FINISHED_STATS_KEPT:
                     self.finished.popitem(last=False)

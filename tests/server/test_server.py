@@ -28,7 +28,8 @@ CLI_TIMEOUT = 300
 LOG_LINE = re.compile(
     r"retentivekv: request (?P<id>\S+) kept (?P<kept>\d+) of (?P<cached>\d+) cached tokens "
     r"\(budget (?P<budget>\d+)\), folded (?P<folded>\d+) "
-    r"\(prompt (?P<prompt>\d+)\) in (?P<compressions>\d+) compressions"
+    r"\(prompt (?P<prompt>\d+), (?P<images>\d+) images, (?P<visual_folded>\d+) image-token slots "
+    r"folded over layers and heads\) in (?P<compressions>\d+) compressions"
 )
 
 
