@@ -30,19 +30,6 @@ MAX_TOKENS = 24  # below the decode interval: only the prefill compression runs
 PROMPT_LENGTHS = (300, 150, 40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def in_process_engine():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama"))
-
-
 @pytest.fixture(scope="module")
 def prompts():
     generator = torch.Generator().manual_seed(0)

@@ -15,19 +15,6 @@ from retentivekv_vllm.fixtures import build_tiny_model
 from .test_engine import ENGINE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def in_process_engine():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama"))
-
-
 def random_prompt(n: int, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
     return {"prompt_token_ids": torch.randint(5, 2000, (n,), generator=generator).tolist()}
