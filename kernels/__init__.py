@@ -1,0 +1,31 @@
+"""Triton kernels of RetentiveKV over vLLM's paged KV cache (`retentivekv_vllm.kernels`).
+
+Each kernel has a plain-torch twin in `retentivekv_vllm.core`, which the tests compare it with:
+
+* `observation_scores`: α and entropy potential of the observation window over the paged keys
+  (twins: `attention_probs`, `accumulated_attention`, `entropy_potential`);
+* `fold_chunked`, `fold_fused_recurrent`: folding tokens into the state (`fold`, `fold_sequential`);
+* `decode_attention`: one query token over the kept cache, merged with the state readout
+  (`local_attention`, `readout`, `merge_with_states`);
+* `gather_slots`, `compact_slots`: reading and packing each head's kept tokens.
+
+Importing needs Triton but no GPU; launching needs a GPU, or TRITON_INTERPRET=1 set before this
+package is imported (the kernels are then run by Triton's interpreter, on CPU tensors).
+"""
+
+from .compaction import compact_slots, gather_slots
+from .decode import PagedStates, decode_attention
+from .fold import fold_chunked, fold_fused_recurrent
+from .observation import observation_scores
+from .paged import split_kv_cache
+
+__all__ = [
+    "PagedStates",
+    "compact_slots",
+    "decode_attention",
+    "fold_chunked",
+    "fold_fused_recurrent",
+    "gather_slots",
+    "observation_scores",
+    "split_kv_cache",
+]
