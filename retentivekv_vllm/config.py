@@ -156,8 +156,8 @@ class KVPolicyConfig:
         if not 0 <= self.absorption_min <= self.absorption_max:
             fail(
                 "absorption_min",
-                f"need 0 <= absorption_min <= absorption_max, got "
-                f"{self.absorption_min} and {self.absorption_max}",
+                f"need 0 <= absorption_min <= absorption_max ({_option('absorption_max')}), "
+                f"got {self.absorption_min} and {self.absorption_max}",
             )
 
 

@@ -49,6 +49,26 @@ def loaded_policy() -> LoadedPolicy | None:
     return _loaded
 
 
+# vLLM option -> why the policy cannot serve it ("" when the option is not in use).
+_UNSUPPORTED_ENGINE_OPTIONS = {
+    "--kv-cache-dtype": lambda c: c.cache_config.cache_dtype != "auto" and (
+        f"the cache is {c.cache_config.cache_dtype}; compression reads and packs the cache in the "
+        "model's dtype (use --kv-cache-dtype auto)"
+    ),
+    "--speculative-config": lambda c: c.speculative_config is not None and (
+        "speculative decoding adds and rolls back tokens within a step, which the folding rule "
+        "shared by the scheduler and the workers does not model"
+    ),
+    "--pipeline-parallel-size": lambda c: c.parallel_config.pipeline_parallel_size > 1 and (
+        f"got {c.parallel_config.pipeline_parallel_size}; pipeline parallelism is not supported "
+        "(tensor parallelism is)"
+    ),
+    "--kv-transfer-config": lambda c: c.kv_transfer_config is not None and (
+        "a KV connector would move blocks whose tokens the policy has folded or packed"
+    ),
+}
+
+
 def validate_engine(vllm_config) -> None:
     """Refuse, at start-up, combinations the policy cannot serve correctly."""
     config = kv_config_from_vllm_config(vllm_config)
@@ -60,6 +80,10 @@ def validate_engine(vllm_config) -> None:
             f"{flag} needs prefix caching off (--enable-prefix-caching is on): a compressed "
             "cache cannot be shared between requests; pass --no-enable-prefix-caching"
         )
+    for option, unsupported in _UNSUPPORTED_ENGINE_OPTIONS.items():
+        why = unsupported(vllm_config)
+        if why:
+            raise ConfigError(f"{flag} cannot run with {option}: {why}")
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
