@@ -196,22 +196,24 @@ def _decode_merge_kernel(
         q_row_ptrs = q_ptr + req.to(tl.int64) * stride_qr + q_heads * stride_qh
         for r0 in range(0, RANK, BLOCK_R):
             rank_offs = r0 + tl.arange(0, BLOCK_R)
-            rank_valid = rank_offs < RANK
             phi_q = feature_tile(
                 q_row_ptrs, row_valid, stride_qd, weight_ptr, rank_offs, sqrt_scale,
                 FEATURE, HEAD_DIM, D_PAD, RANK,
             )
             for k in tl.static_range(NUM_STATES):
                 slot = tl.load(state_index_ptr + req * NUM_STATES + k)
-                present = slot >= 0
                 gain = tl.load(gains_ptr + k)
                 state = (tl.maximum(slot, 0).to(tl.int64) * NUM_KV_HEADS + kv_head) * RANK
+                # An absent state (slot -1) reads no rank: its S and z load as 0. (The bound is
+                # folded into the index compare because Triton's interpreter rejects a scalar
+                # mask combined with a tensor one.)
+                rank_present = rank_offs < tl.where(slot >= 0, RANK, 0)
                 S = tl.load(
                     state_S_ptr + (state + rank_offs)[:, None] * HEAD_DIM_V + dims_v[None, :],
-                    mask=present & rank_valid[:, None] & (dims_v[None, :] < HEAD_DIM_V),
+                    mask=rank_present[:, None] & (dims_v[None, :] < HEAD_DIM_V),
                     other=0.0,
                 )
-                z = tl.load(state_z_ptr + state + rank_offs, mask=present & rank_valid, other=0.0)
+                z = tl.load(state_z_ptr + state + rank_offs, mask=rank_present, other=0.0)
                 numerator += gain * tl.dot(phi_q, S, input_precision="ieee")
                 denominator += gain * tl.sum(phi_q * z[None, :], 1)
         # As merge_with_states: the states as a second normalised partial output, lse = log den.
@@ -246,6 +248,7 @@ def decode_attention(
     states: PagedStates | None = None,
     feature_map: FeatureMap | None = None,
     out: Tensor | None = None,
+    max_splits: int = MAX_SPLITS,
 ) -> tuple[Tensor, Tensor]:
     """One query token per request over its live slots, merged with its states' readout.
 
@@ -258,6 +261,7 @@ def decode_attention(
     Returns out [R, Hq, dv] (query dtype, or written into `out`) and the local LSE [R, Hq] float32
     (-inf for a request with no live slot, whose local output is 0). Without states (or where a
     request's state denominators are 0) out is the local attention, bit for bit as the merge.
+    max_splits: how many programs at most share one request's keys (fewer for long batches).
     """
     num_requests, num_q_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -267,7 +271,7 @@ def decode_attention(
     live_start, seq_lens, block_table = as_index(live_start), as_index(seq_lens), as_index(block_table)
     max_keys = max(int((seq_lens - live_start).max()), 1)
     tiles = triton.cdiv(max_keys, BLOCK_N)
-    tiles_per_split = triton.cdiv(tiles, MAX_SPLITS)
+    tiles_per_split = triton.cdiv(tiles, max_splits)
     splits = triton.cdiv(tiles, tiles_per_split)
     split_out = torch.empty(num_requests, num_q_heads, splits, head_dim_v, dtype=torch.float32, device=device)
     split_lse = torch.empty(num_requests, num_q_heads, splits, dtype=torch.float32, device=device)

@@ -69,3 +69,22 @@ def grouped_rows(q: Tensor, num_kv_heads: int) -> Tensor:
     """[T, Hq, d] -> [Hkv, g·T, d]: a KV head's query heads stacked as rows (the engine's order)."""
     t, hq, d = q.shape
     return q.permute(1, 0, 2).reshape(num_kv_heads, (hq // num_kv_heads) * t, d)
+
+
+def tolerance(result_dtype: torch.dtype, reduction_length: int) -> float:
+    """Relative error a kernel may show against its float32 twin on the same rounded inputs.
+
+    Two sources, both fixed by the dtypes and the sizes: rounding the result to `result_dtype`
+    (and fp16/bf16 operands entering a TF32 tl.dot on a GPU, which rounds the other float32
+    operand to fp16's 11 significant bits), a few ulps of the result dtype; and summing
+    `reduction_length` float32 terms in another order, one float32 ulp per term at worst.
+    """
+    return 4 * torch.finfo(result_dtype).eps + reduction_length * torch.finfo(torch.float32).eps
+
+
+def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float) -> None:
+    """|actual - expected| <= tol·(|expected| + max|expected|): relative error tol, measured
+    against the tensor's scale where an entry is a cancelled sum near 0."""
+    expected = expected.float()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual.float().cpu(), expected.cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
