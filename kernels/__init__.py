@@ -7,14 +7,18 @@ Each kernel has a plain-torch twin in `retentivekv_vllm.core`, which the tests c
 * `fold_chunked`, `fold_fused_recurrent`: folding tokens into the state (`fold`, `fold_sequential`);
 * `decode_attention`: one query token over the kept cache, merged with the state readout
   (`local_attention`, `readout`, `merge_with_states`);
-* `gather_slots`, `compact_slots`: reading and packing each head's kept tokens.
+* `gather_slots`, `write_slots`, `compact_slots`: reading, writing and packing each head's kept
+  tokens;
+* `merge_with_state`: the merge alone, from the CUDA C++ extension in `csrc/` where it can be
+  built (`cuda_extension` says whether it was), else its twin `merge_with_states`.
 
 Importing needs Triton but no GPU; launching needs a GPU, or TRITON_INTERPRET=1 set before this
 package is imported (the kernels are then run by Triton's interpreter, on CPU tensors).
 """
 
-from .compaction import compact_slots, gather_slots
+from .compaction import compact_slots, gather_slots, write_slots
 from .decode import PagedStates, decode_attention
+from .extension import cuda_extension, merge_with_state
 from .fold import fold_chunked, fold_fused_recurrent
 from .observation import observation_scores
 from .paged import split_kv_cache
@@ -22,10 +26,13 @@ from .paged import split_kv_cache
 __all__ = [
     "PagedStates",
     "compact_slots",
+    "cuda_extension",
     "decode_attention",
     "fold_chunked",
     "fold_fused_recurrent",
     "gather_slots",
+    "merge_with_state",
     "observation_scores",
     "split_kv_cache",
+    "write_slots",
 ]

@@ -8,7 +8,8 @@ Overlap: the kept slots and their destinations usually overlap (kept tokens are 
 newest one), so `compact_slots` first gathers every source into a temporary buffer and only then,
 in a second launch, writes the destinations; the launch boundary orders every read before every
 write, whatever the order of the source slots. `gather_slots` alone is the read half, also what
-a fold needs to read the keys and values it folds.
+a fold needs to read the keys and values it folds; `write_slots` is the write half, also what
+writes tokens packed elsewhere back into a contiguous range of slots.
 """
 
 import torch
@@ -121,8 +122,9 @@ def _scatter_range_kernel(
     )
 
 
-def _args(key_cache: Tensor, value_cache: Tensor, block_table: Tensor, slots: Tensor):
-    num_requests, num_kv_heads, max_count = slots.shape
+def _args(key_cache: Tensor, value_cache: Tensor, block_table: Tensor, rows: Tensor):
+    """Launch grid, strides and shapes for rows [R, Hkv, max_count, ...] of slots or tokens."""
+    num_requests, num_kv_heads, max_count = rows.shape[:3]
     grid = (num_requests, num_kv_heads, triton.cdiv(max(max_count, 1), BLOCK_T))
     strides = (*key_cache.stride(), *value_cache.stride(), block_table.stride(0))
     shapes = dict(
@@ -161,6 +163,27 @@ def gather_slots(
     return keys, values
 
 
+def write_slots(
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_table: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    first_slot: Tensor,
+    counts: Tensor,
+) -> None:
+    """Write keys [R, Hkv, max_count, d] and values [.., dv] into each request's slots
+    first_slot[r] : first_slot[r] + counts[r], in place (rows past counts[r] are not read);
+    caches and block_table as in `gather_slots`."""
+    block_table, counts = as_index(block_table), as_index(counts)
+    keys, values = keys.to(key_cache.dtype).contiguous(), values.to(value_cache.dtype).contiguous()
+    grid, strides, shapes = _args(key_cache, value_cache, block_table, keys)
+    _scatter_range_kernel[grid](
+        key_cache, value_cache, block_table, as_index(first_slot), counts, keys, values, keys.shape[2],
+        *strides, **shapes,
+    )
+
+
 def compact_slots(
     key_cache: Tensor,
     value_cache: Tensor,
@@ -177,9 +200,4 @@ def compact_slots(
     ranges are left as they were.
     """
     keys, values = gather_slots(key_cache, value_cache, block_table, slots, counts)
-    block_table, counts = as_index(block_table), as_index(counts)
-    grid, strides, shapes = _args(key_cache, value_cache, block_table, slots)
-    _scatter_range_kernel[grid](
-        key_cache, value_cache, block_table, as_index(fold_to), counts, keys, values, slots.shape[2],
-        *strides, **shapes,
-    )
+    write_slots(key_cache, value_cache, block_table, keys, values, fold_to, counts)

@@ -16,6 +16,9 @@ from typing import Any
 
 KEY_PREFIX = "kv_"
 STATE_MODES = ("dual", "single", "none")
+# Knobs a request may set for itself in the OpenAI request's extra fields (vllm_xargs, which
+# vLLM hands on as SamplingParams.extra_args); every other knob is the server's.
+REQUEST_KNOBS = ("policy", "budget")
 
 
 class ConfigError(ValueError):
@@ -24,6 +27,22 @@ class ConfigError(ValueError):
 
 def _option(name: str) -> str:
     return f"--kv-{name.replace('_', '-')} (additional_config.{KEY_PREFIX}{name})"
+
+
+class KnobError(ConfigError):
+    """A bad value of one knob, named by its command-line spelling."""
+
+    def __init__(self, knob: str, why: str) -> None:
+        super().__init__(f"{_option(knob)}: {why}")
+        self.knob, self.why = knob, why
+
+
+class RequestConfigError(ConfigError):
+    """A bad per-request setting; `field` is the request field it came from (vllm_xargs.kv_*)."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field}: {why}")
+        self.field = field
 
 
 def _knob(default: Any, help: str, kind: type) -> Any:
@@ -125,7 +144,7 @@ class KVPolicyConfig:
         from retentivekv_vllm.core import FEATURE_MAPS
 
         def fail(name: str, why: str) -> None:
-            raise ConfigError(f"{_option(name)}: {why}")
+            raise KnobError(name, why)
 
         if self.policy not in POLICIES:
             fail("policy", f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
@@ -161,21 +180,62 @@ class KVPolicyConfig:
             )
 
 
+def request_config(
+    server: KVPolicyConfig | None, extra_args: Mapping[str, Any] | None
+) -> KVPolicyConfig | None:
+    """The settings one request runs under: the server's, with the policy and budget the request
+    chose in its extra fields (``vllm_xargs.kv_policy``, ``vllm_xargs.kv_budget``).
+
+    The API server validates with it (HTTP 400 naming the field); the scheduler's KV manager and
+    the workers call it on the same extra_args, so both sides fold each request by the same rule.
+    """
+    ours = {k: v for k, v in (extra_args or {}).items() if k.startswith(KEY_PREFIX)}
+    if not ours:
+        return server
+    allowed = {KEY_PREFIX + name: name for name in REQUEST_KNOBS}
+    for key in sorted(ours):
+        if key not in allowed:
+            raise RequestConfigError(
+                f"vllm_xargs.{key}", f"not a per-request option; a request may set {sorted(allowed)}"
+            )
+    if server is None:
+        raise RequestConfigError(
+            f"vllm_xargs.{sorted(ours)[0]}",
+            "this server runs no KV policy (start it with --kv-policy to choose one per request)",
+        )
+    knobs = {f.name: f for f in server.knobs()}
+    try:
+        values = {allowed[k]: _coerce(knobs[allowed[k]], v) for k, v in ours.items()}
+        config = dataclasses.replace(server, **values)
+        config.validate()
+    except KnobError as error:
+        raise RequestConfigError(f"vllm_xargs.{KEY_PREFIX}{error.knob}", error.why) from None
+    from retentivekv_vllm.policies import make_policy
+
+    if make_policy(config).keeps_state and not make_policy(server).keeps_state:
+        raise RequestConfigError(
+            "vllm_xargs.kv_policy",
+            f"{config.policy!r} folds tokens into recurrent states, and this server's policy "
+            f"{server.policy!r} reserved no memory for them; choose a policy without states",
+        )
+    return config
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = f.metadata["kind"]
     name = f.name.rstrip("_")
     if kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{_option(name)}: expected a string, got {value!r}")
+            raise KnobError(name, f"expected a string, got {value!r}")
         return value.strip().lower()
     if isinstance(value, bool):
-        raise ConfigError(f"{_option(name)}: expected a number, got {value!r}")
+        raise KnobError(name, f"expected a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{_option(name)}: expected a number, got {value!r}") from None
+        raise KnobError(name, f"expected a number, got {value!r}") from None
     if kind is int:
         if number != int(number):
-            raise ConfigError(f"{_option(name)}: expected an integer, got {value!r}")
+            raise KnobError(name, f"expected an integer, got {value!r}")
         return int(number)
     return number

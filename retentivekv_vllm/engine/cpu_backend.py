@@ -39,6 +39,7 @@ from retentivekv_vllm.engine.settings import (
     loaded_policy,
     policy_from_vllm_config,
     record_loaded_policy,
+    request_policy,
 )
 from retentivekv_vllm.policies import KVPolicy, Observation
 
@@ -48,6 +49,7 @@ class RequestPlan:
     """What every layer does for one request in this step."""
 
     memory: RequestMemory
+    policy: KVPolicy  # the request's own (vllm_xargs.kv_policy / kv_budget) or the server's
     row: int
     query_start: int
     query_end: int
@@ -78,6 +80,7 @@ def plan_request(
     sinks = min(c.sinks, memory.budget)
     plan = RequestPlan(
         memory=memory,
+        policy=policy,
         row=row,
         query_start=start,
         query_end=end,
@@ -143,11 +146,12 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 # A request's first step, or a preempted one recomputing its prompt.
                 REGISTRY.restart(req_id)
             num_prompt = view.num_prompt_tokens[row]
+            policy = request_policy(self.policy, view.requests.get(req_id))
             memory = REGISTRY.live.get(req_id) or REGISTRY.get_or_create(
-                req_id, num_prompt, self.policy.config.budget_tokens(num_prompt),
+                req_id, num_prompt, policy.config.budget_tokens(num_prompt),
                 request_token_layout(view, req_id, num_prompt),
             )
-            plans.append(plan_request(self.policy, memory, row, start, end, seq_len))
+            plans.append(plan_request(policy, memory, row, start, end, seq_len))
         return plans
 
 
@@ -197,9 +201,9 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             keys, values = slots.read()
             key_positions = memory.positions[:, plan.live_start : n]
         if plan.live_start > 0:
-            out = self._attend(q, q_positions, keys, values, key_positions, memory)
+            out = self._attend(q, q_positions, keys, values, key_positions, memory, plan.policy)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
-        memory.remember_queries(q, q_positions, self.policy.config.observation_window)
+        memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
         if plan.compress:
             self._compress(plan, memory, slots, keys, values, key_positions)
 
@@ -208,11 +212,9 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         t, hq, d = q.shape
         return q.permute(1, 0, 2).reshape(self.num_kv_heads, (hq // self.num_kv_heads) * t, d)
 
-    def _attend(self, q, q_positions, keys, values, key_positions, memory: LayerMemory):
+    def _attend(self, q, q_positions, keys, values, key_positions, memory: LayerMemory, policy):
         grouped = self._group(q)
-        feature_map = (
-            self.policy.feature_map(self.head_size, self.scale) if memory.states else None
-        )
+        feature_map = policy.feature_map(self.head_size, self.scale) if memory.states else None
         out = compressed_attention(
             grouped, keys, values, self.scale, q_positions.repeat(self.num_queries_per_kv),
             key_positions, None, memory.states, feature_map,
@@ -230,11 +232,11 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         accumulated = memory.accumulated[:, live] + accumulated_attention(probs)
         obs = Observation(probs, positions, candidates, accumulated, plan.memory.patch_layout(positions))
         keep_top = plan.budget - plan.sinks - plan.window
-        kept = ~candidates | self.policy.select(obs, keep_top)
+        kept = ~candidates | plan.policy.select(obs, keep_top)
         if obs.layout is not None:
             plan.memory.visual_slots_folded += int((obs.layout.visual & ~kept).sum())
-        if self.policy.keeps_state:
-            memory.states = self.policy.absorb(
+        if plan.policy.keeps_state:
+            memory.states = plan.policy.absorb(
                 memory.states, obs, ~kept, keys, values, self.scale
             )
         # Each head keeps the same number of tokens; nonzero() lists them in slot

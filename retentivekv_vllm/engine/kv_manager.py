@@ -23,7 +23,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from retentivekv_vllm.budget import folded_after_step, peak_live_tokens
-from retentivekv_vllm.config import KVPolicyConfig
+from retentivekv_vllm.config import KVPolicyConfig, request_config
+from retentivekv_vllm.engine.patches import install_scheduler_hooks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,10 +42,11 @@ class RetentiveAttentionSpec(FullAttentionSpec):
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         return cls(**fields, kv_policy=kv_policy, max_step_tokens=max_step_tokens)
 
-    def peak_blocks(self, num_tokens: int) -> int:
-        """Most blocks a request of num_tokens holds at once: its peak live slots span at most
-        one block more than their count (the first may be part-folded)."""
-        peak = peak_live_tokens(self.kv_policy, num_tokens, self.max_step_tokens)
+    def peak_blocks(self, num_tokens: int, kv_policy: KVPolicyConfig | None = None) -> int:
+        """Most blocks a request of num_tokens holds at once under kv_policy (the server's by
+        default): its peak live slots span at most one block more than their count (the first
+        may be part-folded)."""
+        peak = peak_live_tokens(kv_policy or self.kv_policy, num_tokens, self.max_step_tokens)
         return min(cdiv(num_tokens, self.block_size), cdiv(peak, self.block_size) + 1)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
@@ -64,6 +66,18 @@ class RetentiveAttentionManager(FullAttentionManager):
         self.kv_policy = kv_cache_spec.kv_policy
         # request id -> (computed tokens at its last step boundary, tokens folded)
         self.progress: dict[str, tuple[int, int]] = {}
+        # request id -> the settings it runs under (its own policy and budget, if it chose them)
+        self.request_policies: dict[str, KVPolicyConfig] = {}
+        install_scheduler_hooks()
+
+    def note_request(self, request) -> None:
+        """Called before each allocation for the request (scheduler hook in patches.py)."""
+        if request.request_id not in self.request_policies:
+            extra_args = request.sampling_params.extra_args if request.sampling_params else None
+            self.request_policies[request.request_id] = request_config(self.kv_policy, extra_args)
+
+    def policy_of(self, request_id: str) -> KVPolicyConfig:
+        return self.request_policies.get(request_id, self.kv_policy)
 
     def num_folded(self, request_id: str) -> int:
         return self.progress.get(request_id, (0, 0))[1]
@@ -74,7 +88,8 @@ class RetentiveAttentionManager(FullAttentionManager):
         # Admission (vLLM's full-sequence check, scheduler_reserve_full_isl) asks whether the
         # whole request fits; a compressing request never holds more than its peak.
         if apply_admission_cap and request_id not in self.req_to_blocks:
-            num_tokens = min(num_tokens, self.kv_cache_spec.peak_blocks(num_tokens) * self.block_size)
+            peak_blocks = self.kv_cache_spec.peak_blocks(num_tokens, self.policy_of(request_id))
+            num_tokens = min(num_tokens, peak_blocks * self.block_size)
         return super().get_num_blocks_to_allocate(
             request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
         )
@@ -87,7 +102,8 @@ class RetentiveAttentionManager(FullAttentionManager):
         computed, folded = self.progress.get(request_id, (0, 0))
         if processed_computed_tokens != computed and num_prompt_tokens is not None:
             folded = folded_after_step(
-                self.kv_policy, num_prompt_tokens, folded, computed, processed_computed_tokens
+                self.policy_of(request_id), num_prompt_tokens, folded, computed,
+                processed_computed_tokens,
             )
             self.progress[request_id] = (processed_computed_tokens, folded)
         blocks = self.req_to_blocks.get(request_id)
@@ -95,7 +111,9 @@ class RetentiveAttentionManager(FullAttentionManager):
             self._remove_blocks_in_range(request_id, 0, min(folded // self.block_size, len(blocks)))
 
     def free(self, request_id: str) -> None:
+        # Also on preemption: a resumed request is noted again at its next allocation.
         self.progress.pop(request_id, None)
+        self.request_policies.pop(request_id, None)
         super().free(request_id)
 
 

@@ -18,6 +18,11 @@ symbol                                                                      why
 ``vllm.engine.arg_utils.EngineArgs.from_cli_args``                          moves them into ``additional_config``
 ``vllm.engine.arg_utils.EngineArgs.create_engine_config``                   prefix caching off by default under a
                                                                             policy; start-up validation
+``vllm.v1.engine.input_processor.InputProcessor._validate_params``          validates a request's own policy and budget
+                                                                            (``vllm_xargs.kv_*``): HTTP 400 naming the
+                                                                            field
+``vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots``             hands each request's own settings to the
+                                                                            KV manager (installed with a policy only)
 ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids, prompt lengths and
                                                                             multimodal features of the step
                                                                             (``engine/batch.py``)
@@ -72,6 +77,7 @@ def apply_process_patches() -> None:
         )
     _register_cpu_backend()
     _patch_engine_args()
+    _patch_request_validation()
 
 
 def _register_cpu_backend() -> None:
@@ -129,6 +135,47 @@ def _patch_engine_args() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _patch_request_validation() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from retentivekv_vllm.config import RequestConfigError, request_config
+    from retentivekv_vllm.engine.settings import kv_config_from_vllm_config
+
+    original = InputProcessor._validate_params
+
+    @functools.wraps(original)
+    def validate_params(self, params, *args, **kwargs):
+        if isinstance(params, SamplingParams) and params.extra_args:
+            try:
+                request_config(kv_config_from_vllm_config(self.vllm_config), params.extra_args)
+            except RequestConfigError as error:
+                raise VLLMValidationError(str(error), parameter=error.field) from None
+        return original(self, params, *args, **kwargs)
+
+    InputProcessor._validate_params = validate_params
+
+
+def install_scheduler_hooks() -> None:
+    """Called by the KV manager of a compressing policy, in the engine core."""
+    if not _once("scheduler"):
+        return
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    original = KVCacheManager.allocate_slots
+
+    @functools.wraps(original)
+    def allocate_slots(self, request, *args, **kwargs):
+        for manager in self.coordinator.single_type_managers:
+            note_request = getattr(manager, "note_request", None)
+            if note_request is not None:
+                note_request(request)
+        return original(self, request, *args, **kwargs)
+
+    KVCacheManager.allocate_slots = allocate_slots
 
 
 def install_worker_hooks() -> None:

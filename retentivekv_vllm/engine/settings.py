@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from retentivekv_vllm.config import ConfigError, KVPolicyConfig
+from retentivekv_vllm.config import KEY_PREFIX, ConfigError, KVPolicyConfig, request_config
 from retentivekv_vllm.policies import KVPolicy, make_policy
 
 
@@ -14,7 +14,8 @@ def kv_config_from_vllm_config(vllm_config) -> KVPolicyConfig | None:
     return KVPolicyConfig.from_additional_config(extra if isinstance(extra, dict) else None)
 
 
-@functools.cache
+# Bounded: requests may choose their own budgets (the server's config has the largest share).
+@functools.lru_cache(maxsize=64)
 def _policy(config: KVPolicyConfig) -> KVPolicy:
     # One instance per process and config, so the builder and every layer share
     # its caches (e.g. the random-feature projection).
@@ -24,6 +25,21 @@ def _policy(config: KVPolicyConfig) -> KVPolicy:
 def policy_from_vllm_config(vllm_config) -> KVPolicy | None:
     config = kv_config_from_vllm_config(vllm_config)
     return None if config is None else _policy(config)
+
+
+def request_policy(server: KVPolicy, request_state) -> KVPolicy:
+    """The policy a request runs under in the worker: the server's, or the policy and budget it
+    chose in its extra fields (request_state: the runner's CachedRequestState)."""
+    params = getattr(request_state, "sampling_params", None)
+    extra_args = (params.extra_args if params is not None else None) or {}
+    ours = tuple(sorted((k, v) for k, v in extra_args.items() if k.startswith(KEY_PREFIX)))
+    return _request_policy(server.config, ours) if ours else server
+
+
+@functools.lru_cache(maxsize=64)
+def _request_policy(server: KVPolicyConfig, ours: tuple) -> KVPolicy:
+    # Validated by the API server already; cached because the builder asks every step.
+    return _policy(request_config(server, dict(ours)))
 
 
 @dataclasses.dataclass(frozen=True)

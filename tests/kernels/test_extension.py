@@ -1,0 +1,43 @@
+"""The CUDA extension's merge against its twin `merge_with_states`: compiled where CUDA and a
+toolkit are present, otherwise the torch fallback, which must be the one chosen on a CPU-only
+machine and must give the twin's result."""
+
+import pytest
+import torch
+
+from retentivekv_vllm.core import merge_with_states
+from retentivekv_vllm.kernels import cuda_extension, merge_with_state
+
+from .paged_batch import DEVICE, DTYPES, assert_close_scaled, tolerance
+
+ROWS, HEADS, HEAD_DIM_V = 5, 3, 48
+
+
+def merge_inputs(dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(9)
+    out_local = torch.randn(ROWS, HEADS, HEAD_DIM_V, generator=gen).to(dtype)
+    lse_local = 3 * torch.randn(ROWS, HEADS, generator=gen)
+    lse_local[0, 0] = float("-inf")  # no live key: the state alone answers
+    numerator = torch.randn(ROWS, HEADS, HEAD_DIM_V, generator=gen)
+    denominator = torch.rand(ROWS, HEADS, generator=gen) * 50
+    denominator[1] = 0.0  # no state mass: the local output, bit for bit
+    return out_local, lse_local, numerator, denominator
+
+
+def test_fallback_is_chosen_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    extension = cuda_extension()
+    assert extension.module is None and extension.reason == "no CUDA device"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_equals_twin(dtype):
+    out_local, lse_local, numerator, denominator = merge_inputs(dtype)
+    expected = merge_with_states(out_local, lse_local, [numerator], [denominator])
+
+    merged = merge_with_state(*(x.to(DEVICE) for x in (out_local, lse_local, numerator, denominator)))
+
+    assert merged.dtype == dtype and merged.shape == out_local.shape
+    assert_close_scaled(merged, expected, tolerance(dtype, 2))
+    assert torch.equal(merged[1].cpu(), out_local[1])
