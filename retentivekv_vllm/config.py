@@ -16,6 +16,7 @@ from typing import Any
 
 KEY_PREFIX = "kv_"
 STATE_MODES = ("dual", "single", "none")
+STATE_QUERIES = ("query", "fixed")
 # Knobs a request may set for itself in the OpenAI request's extra fields (vllm_xargs, which
 # vLLM hands on as SamplingParams.extra_args); every other knob is the server's.
 REQUEST_KNOBS = ("policy", "budget")
@@ -51,7 +52,7 @@ def _knob(default: Any, help: str, kind: type) -> Any:
 
 @dataclass(frozen=True)
 class KVPolicyConfig:
-    policy: str = _knob(None, "KV-cache policy: full, streaming, h2o, snapkv, retentive.", str)
+    policy: str = _knob(None, "KV-cache policy: full, streaming, h2o, snapkv, lookm, retentive.", str)
     budget: float = _knob(
         0.2,
         "Cache tokens kept per request: a ratio of the prompt (0 < b <= 1) or a "
@@ -78,6 +79,14 @@ class KVPolicyConfig:
         64, "Tokens over budget that decoding may add before compressing again.", int
     )
     seed: int = _knob(0, "Seed of the random-feature projection.", int)
+    state_query: str = _knob(
+        "query",
+        "How retentive reads its states: query (each query reads them through its own "
+        "features) or fixed (every query reads them through the zero query's features, so "
+        "each folded token weighs the same whatever the query: the no-query-conditioned-"
+        "retrieval ablation).",
+        str,
+    )
     states: str = _knob(
         "dual",
         "Recurrent states of retentive: dual (visual and text), single (one for both) or "
@@ -167,6 +176,11 @@ class KVPolicyConfig:
             fail(
                 "feature_map",
                 f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}",
+            )
+        if self.state_query not in STATE_QUERIES:
+            fail(
+                "state_query",
+                f"unknown mode {self.state_query!r}; choose one of {list(STATE_QUERIES)}",
             )
         if self.states not in STATE_MODES:
             fail("states", f"unknown mode {self.states!r}; choose one of {list(STATE_MODES)}")

@@ -1,11 +1,12 @@
 """KVPolicyConfig and the --kv-* flags, without an engine."""
 
 import argparse
+import dataclasses
 import math
 
 import pytest
 
-from retentivekv_vllm.config import ConfigError, KVPolicyConfig
+from retentivekv_vllm.config import ConfigError, KVPolicyConfig, RequestConfigError, request_config
 from retentivekv_vllm.engine.cli import add_kv_arguments, merge_kv_arguments
 
 
@@ -104,3 +105,35 @@ def test_readme_documents_every_flag():
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     for knob in KVPolicyConfig.knobs():
         assert "--" + KVPolicyConfig.key(knob).replace("_", "-") in readme
+
+
+def test_a_request_may_choose_its_policy_and_budget():
+    server = parse(policy="retentive", budget=0.2)
+    assert request_config(server, None) is server
+    assert request_config(server, {"session_id": "abc"}) is server
+    own = request_config(server, {"kv_policy": "H2O", "kv_budget": "0.5"})
+    assert own == dataclasses.replace(server, policy="h2o", budget=0.5)
+    assert request_config(server, {"kv_budget": 300}).budget_tokens(5000) == 300
+
+
+@pytest.mark.parametrize(
+    "server, extra_args, field",
+    [
+        ({"policy": "retentive"}, {"kv_budget": 1.5}, "vllm_xargs.kv_budget"),
+        ({"policy": "retentive"}, {"kv_budget": [0.5]}, "vllm_xargs.kv_budget"),
+        ({"policy": "retentive"}, {"kv_policy": "nope"}, "vllm_xargs.kv_policy"),
+        ({"policy": "retentive"}, {"kv_window": 8}, "vllm_xargs.kv_window"),
+        # States are reserved at start-up only for a server whose policy keeps them.
+        ({"policy": "streaming"}, {"kv_policy": "retentive"}, "vllm_xargs.kv_policy"),
+        ({"policy": "retentive", "states": "none"}, {"kv_policy": "retentive"}, None),
+        (None, {"kv_budget": 0.5}, "vllm_xargs.kv_budget"),
+    ],
+)
+def test_bad_request_settings_name_the_field(server, extra_args, field):
+    server_config = None if server is None else parse(**server)
+    if field is None:
+        assert request_config(server_config, extra_args) == server_config
+        return
+    with pytest.raises(RequestConfigError) as refused:
+        request_config(server_config, extra_args)
+    assert refused.value.field == field and str(refused.value).startswith(field)

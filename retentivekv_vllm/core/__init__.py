@@ -1,6 +1,13 @@
 """RetentiveKV's method in plain torch: scores, feature maps, the recurrent state, readout and merge."""
 
-from .feature_maps import FEATURE_MAPS, EluPlusOne, FeatureMap, PositiveRandomFeatures, make_feature_map
+from .feature_maps import (
+    FEATURE_MAPS,
+    EluPlusOne,
+    FeatureMap,
+    FixedQuery,
+    PositiveRandomFeatures,
+    make_feature_map,
+)
 from .merge import local_attention, merge_with_states
 from .reference import compressed_attention
 from .scores import (
@@ -31,6 +38,7 @@ __all__ = [
     "FEATURE_MAPS",
     "EluPlusOne",
     "FeatureMap",
+    "FixedQuery",
     "PatchLayout",
     "PositiveRandomFeatures",
     "RecurrentState",

@@ -22,6 +22,27 @@ class FeatureMap(abc.ABC):
         """x [..., d] -> φ(x) [..., r], float32, all entries > 0 (barring underflow)."""
         return self.log_features(x).exp()
 
+    def query_features(self, q: Tensor) -> Tensor:
+        """The features a query reads a state with: φ(q)."""
+        return self.features(q)
+
+
+class FixedQuery(FeatureMap):
+    """`inner` for keys, but every query reads the state through φ(0): each folded token then
+    weighs what a zero query gives it (exp(0) = 1 for ``prf`` in expectation, 1 for ``elu``), so
+    the state's readout is the absorption-weighted mean of its values with a fixed share, whatever
+    the query. The no-query-conditioned-retrieval ablation."""
+
+    def __init__(self, inner: FeatureMap):
+        self.inner = inner
+        self.rank = inner.rank
+
+    def log_features(self, x: Tensor) -> Tensor:
+        return self.inner.log_features(x)
+
+    def query_features(self, q: Tensor) -> Tensor:
+        return self.inner.features(torch.zeros_like(q))
+
 
 class EluPlusOne(FeatureMap):
     """φ(x) = elu(x) + 1 (Infini-attention); r = d. Cheap, but a biased stand-in for exp(q·k)."""

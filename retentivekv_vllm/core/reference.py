@@ -31,7 +31,7 @@ def compressed_attention(
     out_local, lse_local = local_attention(q, k, v, scale, q_positions, k_positions, key_mask=keep_mask)
     if not states:
         return out_local
-    phi_q = feature_map.features(q)
+    phi_q = feature_map.query_features(q)
     readouts = [readout(state, phi_q) for state in states]
     return merge_with_states(
         out_local, lse_local, [num for num, _ in readouts], [den for _, den in readouts], gains

@@ -239,6 +239,8 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             memory.states = plan.policy.absorb(
                 memory.states, obs, ~kept, keys, values, self.scale
             )
+        # Merging policies (lookm) return the kept tokens' new keys and values; the rest as read.
+        keys, values = self.policy.merge(obs, kept, keys, values)
         # Each head keeps the same number of tokens; nonzero() lists them in slot
         # order, which is position order.
         index = kept.nonzero()[:, 1].view(self.num_kv_heads, plan.budget)

@@ -7,6 +7,6 @@ from retentivekv_vllm.policies.base import (
     make_policy,
     register_policy,
 )
-from retentivekv_vllm.policies import full, h2o, retentive, snapkv, streaming  # noqa: F401  (registration)
+from retentivekv_vllm.policies import full, h2o, lookm, retentive, snapkv, streaming  # noqa: F401  (registration)
 
 __all__ = ["POLICIES", "KVPolicy", "Observation", "make_policy", "register_policy"]

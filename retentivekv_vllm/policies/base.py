@@ -5,7 +5,7 @@ token (higher = keep).  The engine keeps sinks and the recent window itself, kee
 the `k` best-scoring candidates per KV head (the same `k` for every head and layer,
 so that each head can keep different tokens in the same physical slots), and hands
 the rest to ``absorb``: eviction policies drop them, retentive folds them into its
-recurrent state.
+recurrent state; merging policies (``lookm``) average them into kept tokens (``merge``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class KVPolicy(ABC):
     ) -> list[RecurrentState]:
         """Fold the tokens marked in `folded` [Hkv, n] into the states; eviction drops them."""
         return states
+
+    def merge(
+        self, obs: Observation, kept: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [Hkv, n, d] to write back for the kept tokens (`kept` [Hkv, n]);
+        merging policies fold evicted tokens into kept ones here, the rest keep them as they are."""
+        return keys, values
 
 
 POLICIES: dict[str, type[KVPolicy]] = {}

@@ -5,7 +5,9 @@ tokens in position order, oldest first, like a causal scan; the visual state abs
 image's folded patches from the farthest Manhattan ring around the image's root patch (its
 highest-scoring patch) to the nearest, decaying by γ per ring crossed, so the root's
 neighbourhood is remembered best.  ``single`` folds every token into one state in position
-order; ``none`` drops folded tokens (eviction by the retention score).  Scoring is the same in
+order; ``none`` drops folded tokens (eviction by the retention score).  ``--kv-state-query
+fixed`` reads the states with the zero query instead of each query's own (the ablation of
+query-conditioned retrieval).  Scoring is the same in
 every mode: entropy within each modality, 1-D pooling over text, 2-D pooling over each image.
 """
 
@@ -17,6 +19,7 @@ import torch
 
 from retentivekv_vllm.core import (
     FeatureMap,
+    FixedQuery,
     RecurrentState,
     absorption_from_attention,
     accumulated_attention,
@@ -50,8 +53,9 @@ class RetentivePolicy(KVPolicy):
         key = (head_dim, scale)
         if key not in self._feature_maps:
             c = self.config
-            self._feature_maps[key] = make_feature_map(
-                c.feature_map, head_dim, c.state_rank, scale, c.seed
+            feature_map = make_feature_map(c.feature_map, head_dim, c.state_rank, scale, c.seed)
+            self._feature_maps[key] = (
+                FixedQuery(feature_map) if c.state_query == "fixed" else feature_map
             )
         return self._feature_maps[key]
 

@@ -46,3 +46,33 @@ def test_kept_keys_plus_folded_state_approximates_full_attention():
     eviction_error = (evicted - full).norm() / full.norm()
     assert eviction_error > 0.3  # the folded half matters, so the test can tell a working state from none
     assert merged_error < 0.2 * eviction_error
+
+
+def test_fixed_query_readout_weighs_every_folded_token_alike():
+    """The no-query-conditioned-retrieval ablation: every query reads the state through φ(0)
+    (for elu the all-ones vector), so with γ = a = 1 the merged output is
+    (e^lse·o_L + Σ_i (1ᵀφ(k_i))·v_i) / (e^lse + Σ_i 1ᵀφ(k_i)) for every query, computed here
+    directly in float64."""
+    from retentivekv_vllm.core import EluPlusOne, FixedQuery, RecurrentState, compressed_attention, fold
+
+    generator = torch.Generator().manual_seed(3)
+    heads, m, n, folded, d = 2, 5, 12, 9, 8
+    scale = d**-0.5
+    q = torch.randn(heads, m, d, generator=generator)
+    k = torch.randn(heads, n, d, generator=generator)
+    v = torch.randn(heads, n, d, generator=generator)
+    k_folded = torch.randn(heads, folded, d, generator=generator)
+    v_folded = torch.randn(heads, folded, d, generator=generator)
+    feature_map = FixedQuery(EluPlusOne(d))
+    ones = torch.ones(heads, folded)
+    state = fold(RecurrentState.zeros(heads, d, d), feature_map.features(k_folded), v_folded, ones, ones)
+    positions = torch.arange(n)
+    q_positions = torch.full((m,), n)
+    got = compressed_attention(
+        q, k, v, scale, q_positions, positions, torch.ones(heads, n, dtype=torch.bool), [state], feature_map
+    )
+    logits = scale * q.double() @ k.double().transpose(1, 2)  # [H, m, n]
+    weight_folded = (torch.nn.functional.elu(k_folded.double()) + 1).sum(-1)  # [H, folded]
+    num = logits.exp() @ v.double() + (weight_folded[:, None, :] @ v_folded.double())
+    den = logits.exp().sum(-1, keepdim=True) + weight_folded.sum(-1)[:, None, None]
+    torch.testing.assert_close(got.double(), num / den, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from retentivekv_vllm.fixtures import build_tiny_model
 from retentivekv_vllm.fixtures.server import CPU_DEFAULTS, Server, free_port, vllm_command
@@ -191,6 +191,41 @@ def test_folding_happened_in_server(server, client, served_model, tokenizer):
     assert kept == int(line["cached"]) - folded, line.group(0)
     assert int(line["cached"]) == prompt_tokens + response.usage.completion_tokens - 1
     assert int(line["compressions"]) >= 1, line.group(0)
+
+
+def test_request_chooses_its_budget(server, client, served_model, tokenizer):
+    """vllm_xargs.kv_budget reaches the worker: the request folds to its own budget."""
+    prompt = long_prompt(17, "an owl called twice from the barn")
+    prompt_tokens = len(tokenizer(prompt).input_ids)
+    client.completions.create(
+        model=served_model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"vllm_xargs": {"kv_budget": 0.5}},
+    )
+    complete(client, served_model, "Flush.", max_tokens=2)
+    line = wait_for_log_line(server, prompt_tokens)
+    assert int(line["budget"]) == math.ceil(0.5 * prompt_tokens), line.group(0)
+    assert int(line["folded"]) == prompt_tokens - int(line["budget"]), line.group(0)
+
+
+@pytest.mark.parametrize(
+    "xargs, field",
+    [
+        ({"kv_budget": 1.5}, "vllm_xargs.kv_budget"),
+        ({"kv_policy": "nope"}, "vllm_xargs.kv_policy"),
+        ({"kv_window": 8}, "vllm_xargs.kv_window"),
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_bad_request_settings_get_http_400_naming_the_field(client, served_model, xargs, field, endpoint):
+    with pytest.raises(BadRequestError) as refused:
+        if endpoint == "chat":
+            chat(client, served_model, [{"role": "user", "content": "Hi"}], extra_body={"vllm_xargs": xargs})
+        else:
+            client.completions.create(
+                model=served_model, prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": xargs}
+            )
+    assert refused.value.status_code == 400
+    assert field in refused.value.message, refused.value.message
 
 
 def test_server_log_has_no_errors(server, client, served_model):
