@@ -2,21 +2,20 @@
 request state of a real in-process vLLM engine, checked against the Hugging Face processor."""
 
 import gc
-import io
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from retentivekv_vllm.fixtures import IMAGE_MARKUP, IMAGE_TOKENS, VLM_ARCHS, build_tiny_vlm
+from retentivekv_vllm.fixtures import IMAGE_MARKUP, VLM_ARCHS, build_tiny_vlm
 from retentivekv_vllm.multimodal import (
     ImagePlaceholder,
     UnsupportedMultimodalInput,
     layout_from_mm_features,
     token_layout,
 )
+
+from .images import decode, png_bytes, processor_layout
 
 # ---------------------------------------------------------------- the pure function
 
@@ -107,16 +106,8 @@ def test_malformed_placeholders_are_refused(placeholders, match):
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, kv_cache_memory_bytes=64 * 2**20, seed=0)
 
 
-def png_image(rows: int, cols: int, cell: int, seed: int) -> Image.Image:
-    """A PNG-decoded grid of rows x cols random-coloured squares of cell pixels."""
-    colours = np.random.default_rng(seed).integers(0, 256, (rows, cols, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(np.kron(colours, np.ones((cell, cell, 1), dtype=np.uint8))).save(buffer, format="PNG")
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
 # Different sizes, one not a multiple of Qwen's 28-pixel merged patch: different Qwen grids.
-IMAGES = [png_image(4, 6, 28, seed=0), png_image(5, 7, 30, seed=1)]
+IMAGES = [decode(png_bytes(4, 6, 28, seed=0)), decode(png_bytes(5, 7, 30, seed=1))]
 
 # Prompt parts: text, or the index of an image in IMAGES.
 CASES = {
@@ -165,28 +156,6 @@ def runner_request_state(llm, req_id: str, prompt: str, images: list):
     return state
 
 
-def processor_truth(processor, arch: str, prompt: str, images: list):
-    """Token ids, per-token image/row/col and grids from the Hugging Face processor alone."""
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
-    ids = inputs["input_ids"][0]
-    if arch == "llava":
-        side = processor.image_processor.crop_size["height"] // processor.patch_size
-        grids = [(side, side)] * len(images)
-    else:
-        merge = processor.image_processor.merge_size
-        grids = [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
-    positions = (ids == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[arch])).nonzero().squeeze(1)
-    image, row, col = (torch.full(ids.shape, -1, dtype=torch.long) for _ in range(3))
-    start = 0
-    for index, (rows, cols) in enumerate(grids):  # images fill their tokens in prompt order
-        mine = positions[start : start + rows * cols]
-        start += rows * cols
-        cells = torch.arange(rows * cols)
-        image[mine], row[mine], col[mine] = index, cells // cols, cells % cols
-    assert start == len(positions)
-    return ids.tolist(), image, row, col, tuple(grids)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_layout_from_vllm_request_state_matches_the_processor(vlm, case):
     parts = CASES[case]
@@ -196,11 +165,12 @@ def test_layout_from_vllm_request_state_matches_the_processor(vlm, case):
     layout = layout_from_mm_features(
         state.mm_features, vlm.llm.llm_engine.model_config.hf_config, state.num_prompt_tokens
     )
-    ids, image, row, col, grids = processor_truth(vlm.processor, vlm.arch, prompt, images)
-    assert list(state.prompt_token_ids) == ids
-    assert layout.grids == grids
+    inputs = vlm.processor(text=prompt, images=images, return_tensors="pt")
+    truth = processor_layout(vlm.processor, vlm.arch, inputs)
+    assert list(state.prompt_token_ids) == inputs["input_ids"][0].tolist()
+    assert layout.grids == truth.grids
     if vlm.arch == "qwen2_vl":
-        assert len(set(grids)) == len(grids)  # the two images really have different grids
-    assert torch.equal(layout.image, image)
-    assert torch.equal(layout.row, row) and torch.equal(layout.col, col)
-    assert torch.equal(layout.visual, image >= 0)
+        assert len(set(truth.grids)) == len(truth.grids)  # the two images really have different grids
+    assert torch.equal(layout.image, truth.image)
+    assert torch.equal(layout.row, truth.row) and torch.equal(layout.col, truth.col)
+    assert torch.equal(layout.visual, truth.image >= 0)

@@ -7,26 +7,38 @@ each head keeps sinks + the recent window + its top-k, the rest is folded (or
 dropped); every later row attends to the kept prompt tokens and all generated
 tokens, plus the states.  Greedy decoding recomputes the whole sequence each step,
 which is exact because nothing before the prompt's end depends on later tokens.
+For an image request the processor's outputs go to the vision-language model at every
+step, and the prompt's image layout goes to the policy (the vision tower keeps
+transformers' own attention).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import (
+    PatchLayout,
     accumulated_attention,
     attention_probs,
     compressed_attention,
     local_attention,
 )
+from retentivekv_vllm.multimodal import TokenLayout
 from retentivekv_vllm.policies import Observation, make_policy
 
 NAME = "retentivekv_reference"
 
 
-def _compress_prompt(policy, k, v, grouped_prompt_q, scale, g):
+def _patch_layout(layout: TokenLayout | None, heads: int) -> PatchLayout | None:
+    if layout is None:
+        return None
+    per_head = lambda x: x.expand(heads, -1)  # noqa: E731
+    return PatchLayout(per_head(layout.image), per_head(layout.row), per_head(layout.col), layout.grids)
+
+
+def _compress_prompt(policy, k, v, grouped_prompt_q, scale, g, layout):
     """Keep mask [Hkv, P] and states after compressing a prompt of P tokens."""
     c = policy.config
     heads, num_prompt, _ = k.shape
@@ -42,15 +54,36 @@ def _compress_prompt(policy, k, v, grouped_prompt_q, scale, g):
         obs_q, k, scale, torch.arange(first_obs, num_prompt).repeat(g), positions
     )
     candidates = ((positions >= sinks) & (positions < num_prompt - window)).expand(heads, -1)
-    obs = Observation(probs, positions, candidates, accumulated_attention(probs))
+    obs = Observation(
+        probs, positions.expand(heads, -1), candidates, accumulated_attention(probs),
+        _patch_layout(layout, heads),
+    )
     folded = candidates & ~policy.select(obs, budget - sinks - window)
     states = policy.absorb([], obs, folded, k, v, scale) if policy.keeps_state else []
     return ~folded, states
 
 
+def _per_token_padded(mm_inputs: dict | None, length: int) -> dict:
+    """The processor's outputs for a sequence of ``length`` tokens: per-prompt-token ones (such as
+    Qwen-VL's ``mm_token_type_ids``, [1, P]) extended with zeros (text) over the generated tokens."""
+    padded = {}
+    for key, value in (mm_inputs or {}).items():
+        if key.endswith("token_type_ids"):
+            value = torch.nn.functional.pad(value, (0, length - value.shape[1]))
+        padded[key] = value
+    return padded
+
+
 def reference_greedy(
-    model_dir, prompt_ids: list[int], config: KVPolicyConfig, max_new_tokens: int
+    model_dir,
+    prompt_ids: list[int],
+    config: KVPolicyConfig,
+    max_new_tokens: int,
+    mm_inputs: dict | None = None,
+    layout: TokenLayout | None = None,
 ) -> list[int]:
+    """Greedy tokens under the policy; ``mm_inputs`` (the processor's pixel values and
+    grids) and ``layout`` (where the prompt's image tokens sit) for an image request."""
     policy = make_policy(config)
     num_prompt = len(prompt_ids)
 
@@ -70,7 +103,7 @@ def reference_greedy(
         out[:, :, prompt] = prompt_out.view(heads, g, num_prompt, -1)
         if length > num_prompt:
             keep, states = _compress_prompt(
-                policy, k[:, prompt], v[:, prompt], grouped[:, :, prompt], scaling, g
+                policy, k[:, prompt], v[:, prompt], grouped[:, :, prompt], scaling, g, layout
             )
             keep = torch.cat([keep, torch.ones(heads, length - num_prompt, dtype=torch.bool)], 1)
             feature_map = policy.feature_map(dim, scaling) if states else None
@@ -83,12 +116,17 @@ def reference_greedy(
         return attn.to(query.dtype), None
 
     AttentionInterface.register(NAME, attention)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation=NAME, dtype=torch.float32
-    ).eval()
+    if mm_inputs is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=NAME, dtype=torch.float32)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir, attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": NAME},
+            dtype=torch.float32,
+        )
+    model.eval()
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids]), **_per_token_padded(mm_inputs, len(ids))).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[num_prompt:]

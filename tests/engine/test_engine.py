@@ -36,8 +36,8 @@ def prompts():
     return [torch.randint(5, 2000, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
-def generate_in_subprocess(model_dir, prompts, engine, env, work) -> list[list[int]]:
-    spec = {"model": model_dir, "prompts": prompts, "max_tokens": MAX_TOKENS, "engine": engine}
+def generate_in_subprocess(model_dir, prompts, engine, env, work, max_tokens=MAX_TOKENS) -> list[list[int]]:
+    spec = {"model": model_dir, "prompts": prompts, "max_tokens": max_tokens, "engine": engine}
     (work / "spec.json").write_text(json.dumps(spec))
     subprocess.run(
         [sys.executable, "-m", "tests.engine.generate_in_subprocess", work / "spec.json", work / "out.json"],
