@@ -60,6 +60,7 @@ BAD_FLAG_VALUES = [
     ("decode-interval-zero", "llama", (*POLICY, "--kv-decode-interval", "0"), "--kv-decode-interval"),
     ("seed-text", "llama", (*POLICY, "--kv-seed", "abc"), "--kv-seed"),
     ("states-unknown", "llama", (*POLICY, "--kv-states", "many"), "--kv-states"),
+    ("state-query-unknown", "llama", (*POLICY, "--kv-state-query", "key"), "--kv-state-query"),
     ("option-unknown", "llama", (*POLICY, "--additional-config.kv_bogus", "1"), "kv_bogus"),
     ("option-without-policy", "llama", ("--kv-budget", "0.5"), "--kv-policy"),
     ("flag-conflicts-with-additional-config", "llama",

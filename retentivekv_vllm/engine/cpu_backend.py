@@ -17,6 +17,7 @@ is a pass-through whenever no policy is configured.  With a policy:
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
@@ -205,7 +206,9 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
         if plan.compress:
+            started = time.perf_counter()
             self._compress(plan, memory, slots, keys, values, key_positions)
+            REGISTRY.compress_seconds += time.perf_counter() - started
 
     def _group(self, q: torch.Tensor) -> torch.Tensor:
         """[T, Hq, d] -> [Hkv, g*T, d]: query head h reads KV head h // g."""

@@ -106,6 +106,12 @@ class RequestMemory:
         memory.ensure_capacity(n)
         return memory
 
+    @property
+    def state_bytes(self) -> int:
+        return sum(
+            s.S.nbytes + s.z.nbytes for layer in self.layers.values() for s in layer.states
+        )
+
     def stats(self) -> dict:
         state_elements = sum(m.state_elements for m in self.layers.values())
         return {
@@ -123,12 +129,26 @@ class RequestMemory:
         }
 
 
+@dataclass
+class ReleasedTotals:
+    """What the requests a worker has released (finished, aborted or preempted) added up to."""
+
+    requests: int = 0
+    tokens_cached: int = 0
+    tokens_folded: int = 0
+    blocks_freed: int = 0
+    compressions: int = 0
+
+
 class MemoryRegistry:
     """The live RequestMemory objects of one worker, plus stats of finished ones."""
 
     def __init__(self) -> None:
         self.live: dict[str, RequestMemory] = {}
         self.finished: OrderedDict[str, dict] = OrderedDict()
+        self.released = ReleasedTotals()
+        self.compress_seconds = 0.0  # wall time of every compression, all layers
+        self.block_size = 0
         self._runner = lambda: None
 
     def bind(self, runner) -> None:
@@ -136,7 +156,15 @@ class MemoryRegistry:
         if self._runner() is not runner:
             self.live.clear()
             self.finished.clear()
+            self.released = ReleasedTotals()
+            self.compress_seconds = 0.0
+            self.block_size = runner.cache_config.block_size
             self._runner = weakref.ref(runner)
+
+    def blocks_freed(self, memory: RequestMemory) -> int:
+        """Blocks the scheduler's KV manager has returned for the request: its folded tokens are
+        its oldest slots, so every whole block of them (kv_manager.py applies the same rule)."""
+        return memory.num_folded // self.block_size if self.block_size else 0
 
     def get_or_create(self, req_id: str, num_prompt_tokens: int, budget: int, token_layout=None) -> RequestMemory:
         memory = self.live.get(req_id)
@@ -152,6 +180,12 @@ class MemoryRegistry:
         for req_id in req_ids:
             memory = self.live.pop(req_id, None)
             if memory is not None:
+                totals = self.released
+                totals.requests += 1
+                totals.tokens_cached += memory.num_cached
+                totals.tokens_folded += memory.num_folded
+                totals.blocks_freed += self.blocks_freed(memory)
+                totals.compressions += memory.num_compressions
                 stats = self.finished[req_id] = memory.stats()
                 logger.info(
                     "retentivekv: request %s kept %d of %d cached tokens (budget %d), folded %d "
@@ -164,10 +198,26 @@ class MemoryRegistry:
                 while len(self.finished) > FINISHED_STATS_KEPT:
                     self.finished.popitem(last=False)
 
+    def metrics(self) -> dict:
+        """Totals since the engine started (released and live requests) and live gauges."""
+        live, totals = list(self.live.values()), self.released
+        return {
+            "requests_live": len(live),
+            "requests_released_total": totals.requests,
+            "compressions_total": totals.compressions + sum(m.num_compressions for m in live),
+            "tokens_cached_total": totals.tokens_cached + sum(m.num_cached for m in live),
+            "tokens_folded_total": totals.tokens_folded + sum(m.num_folded for m in live),
+            "blocks_freed_total": totals.blocks_freed + sum(self.blocks_freed(m) for m in live),
+            "compress_seconds_total": self.compress_seconds,
+            "tokens_kept": sum(m.num_cached - m.num_folded for m in live),
+            "state_bytes": sum(m.state_bytes for m in live),
+        }
+
     def snapshot(self) -> dict:
         return {
             "live": {rid: m.stats() for rid, m in self.live.items()},
             "finished": dict(self.finished),
+            "metrics": self.metrics(),
         }
 
 
@@ -258,3 +308,9 @@ def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None
 def worker_stats(worker=None) -> dict:
     """Stats of this worker's requests; usable as ``llm.collective_rpc(worker_stats)``."""
     return REGISTRY.snapshot()
+
+
+def worker_metrics(worker=None) -> dict:
+    """This worker's totals and gauges; a worker method (``collective_rpc("retentivekv_metrics")``,
+    engine/serving.py)."""
+    return REGISTRY.metrics()

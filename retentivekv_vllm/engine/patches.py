@@ -21,6 +21,9 @@ symbol                                                                      why
 ``vllm.v1.engine.input_processor.InputProcessor._validate_params``          validates a request's own policy and budget
                                                                             (``vllm_xargs.kv_*``): HTTP 400 naming the
                                                                             field
+``vllm.v1.worker.worker_base.WorkerBase`` (added methods)                  ``retentivekv_metrics`` and ``retentivekv_stats``,
+                                                                            read by ``collective_rpc`` from the API
+                                                                            server (``engine/serving.py``)
 ``vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots``             hands each request's own settings to the
                                                                             KV manager (installed with a policy only)
 ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids, prompt lengths and
@@ -78,6 +81,7 @@ def apply_process_patches() -> None:
     _register_cpu_backend()
     _patch_engine_args()
     _patch_request_validation()
+    _add_worker_methods()
 
 
 def _register_cpu_backend() -> None:
@@ -157,6 +161,17 @@ def _patch_request_validation() -> None:
         return original(self, params, *args, **kwargs)
 
     InputProcessor._validate_params = validate_params
+
+
+def _add_worker_methods() -> None:
+    # String method names are what collective_rpc can send from the API server (functions need
+    # vLLM's insecure serialization); the worker wrapper resolves them on the worker.
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from retentivekv_vllm.engine.memory import worker_metrics, worker_stats
+
+    WorkerBase.retentivekv_metrics = worker_metrics
+    WorkerBase.retentivekv_stats = worker_stats
 
 
 def install_scheduler_hooks() -> None:
