@@ -135,3 +135,40 @@ def test_folded_image_blocks_return_to_the_pool(vlm):
         assert engine.held_blocks() == 0 and not REGISTRY.live
     finally:
         engine.close()
+
+
+def test_video_is_scored_as_text_with_a_warning(tmp_path, capfd):
+    """No layout is known for video: the request is compressed as text only (the documented
+    fallback), exactly as the transformers run of the policy without a layout, and says so."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    arch = "qwen2_vl"  # the LLaVA fixture takes no video
+    model_dir = str(build_tiny_vlm(tmp_path / "model", arch))
+    video = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    prompt = "Watch <|vision_start|><|video_pad|><|vision_end|> and say what happens."
+    llm = LLM(
+        model=model_dir, additional_config=COMPRESSED, enable_prefix_caching=False,
+        **{**mm_engine(arch), "limit_mm_per_prompt": {"image": 0, "video": 1}},
+    )
+    try:
+        (output,) = llm.generate(
+            [{"prompt": prompt, "multi_modal_data": {"video": video}}],
+            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False,
+        )
+        (stats,) = llm.collective_rpc(worker_stats)
+    finally:
+        del llm
+        gc.collect()
+    logged = capfd.readouterr()  # vLLM's logger writes to stdout
+    assert "is scored as text only: modality 'video'" in logged.out + logged.err
+    (s,) = [s for rid, s in {**stats["finished"], **stats["live"]}.items() if rid.split("-")[0] == output.request_id]
+    ids = list(output.prompt_token_ids)
+    assert s["images"] == 0 and s["tokens_folded"] == len(ids) - math.ceil(0.2 * len(ids))
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor(text=prompt, videos=[video], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids
+    mm_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    kv = KVPolicyConfig.from_additional_config(COMPRESSED)
+    assert list(output.outputs[0].token_ids) == reference_greedy(model_dir, ids, kv, MAX_TOKENS, mm_inputs)
