@@ -1,0 +1,327 @@
+"""Fidelity of every KV policy and retentive ablation, through vLLM with the plugin.
+
+    python -m benchmarks.fidelity --task recall            # the full grid, >= 500 items a cell
+    python -m benchmarks.fidelity --task recall --quick    # a few cells, fails on a regression
+
+Each cell (a policy or ablation at one budget) builds its own in-process ``vllm.LLM`` with the
+cell's ``additional_config``, generates greedily for the same seeded items, and scores them with
+the task's answer check. Accuracy comes with a Wilson 95 % interval. Writes JSON
+(``benchmarks/results/fidelity_<task>.json``), a plot (accuracy vs budget per policy and per
+ablation) and the markdown table between the task's markers in ``docs/results.md``.
+
+``--quick`` runs full, and snapkv and retentive at budgets 1.0 and 0.2 on fewer items, and exits
+non-zero if full-cache accuracy is below the task's documented level or if any policy at budget
+1.0 generates anything other than what full generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
+# Items are drawn with this seed, independent of every training seed.
+ITEM_SEED = 20_260_601
+
+# label -> additional_config of the policy (budget and task defaults are added per cell)
+POLICY_CELLS: dict[str, dict[str, Any]] = {
+    "full": {"kv_policy": "full"},
+    "streaming": {"kv_policy": "streaming"},
+    "h2o": {"kv_policy": "h2o"},
+    "snapkv": {"kv_policy": "snapkv"},
+    "lookm": {"kv_policy": "lookm"},
+    "retentive": {"kv_policy": "retentive"},
+}
+ABLATION_CELLS: dict[str, dict[str, Any]] = {
+    "retentive: no state": {"kv_policy": "retentive", "kv_states": "none"},
+    "retentive: single state": {"kv_policy": "retentive", "kv_states": "single"},
+    "retentive: no entropy": {"kv_policy": "retentive", "kv_lambda": 1.0},
+    "retentive: fixed-query readout": {"kv_policy": "retentive", "kv_state_query": "fixed"},
+    "retentive: elu": {"kv_policy": "retentive", "kv_feature_map": "elu"},
+}
+# Single and dual states differ only on requests with images.
+IMAGE_ONLY_ABLATIONS = ("retentive: single state",)
+QUICK_CELLS = ("full", "snapkv", "retentive")
+QUICK_BUDGETS = (1.0, 0.2)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % for z = 1.96)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Cell:
+    label: str
+    budget: float
+    config: dict[str, Any]
+
+
+def grid(task, labels: list[str], budgets: list[float]) -> list[Cell]:
+    cells = []
+    for label in labels:
+        base = {**POLICY_CELLS, **ABLATION_CELLS}[label]
+        # full never compresses: one cell, shown as a flat line.
+        for budget in budgets if label != "full" else [1.0]:
+            cells.append(Cell(label, budget, {**task.policy_defaults, **base, "kv_budget": budget}))
+    return cells
+
+
+def run_cell(task, cell: Cell, items, calibration: Path | None) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from retentivekv_vllm.engine.memory import worker_stats
+
+    config = dict(cell.config)
+    if calibration is not None and config["kv_policy"] == "retentive":
+        # Calibrated knobs replace the defaults; an ablation's own knob stays.
+        fitted = json.loads(calibration.read_text())["additional_config"]
+        config = {**fitted, **config} if cell.label != "retentive" else {**config, **fitted}
+    started = time.monotonic()
+    llm = LLM(
+        model=str(task.model_dir()),
+        dtype="float32",
+        enforce_eager=True,
+        kv_cache_memory_bytes=128 * 2**20,
+        enable_prefix_caching=False,
+        max_num_seqs=64,
+        seed=0,
+        additional_config=config,
+        **task.engine,
+    )
+    try:
+        outputs = llm.generate(
+            [item.prompt for item in items],
+            SamplingParams(temperature=0, max_tokens=task.max_tokens),
+            use_tqdm=lambda *a, **k: _tqdm(*a, **{**k, "desc": f"{cell.label} @ {cell.budget}", "leave": False}),
+        )
+        (stats,) = llm.collective_rpc(worker_stats)
+    finally:
+        del llm
+        gc.collect()
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    correct = sum(task.is_correct(item, t) for item, t in zip(items, tokens))
+    low, high = wilson_interval(correct, len(items))
+    finished = list(stats["finished"].values())
+    return {
+        "label": cell.label,
+        "budget": cell.budget,
+        "config": config,
+        "items": len(items),
+        "correct": correct,
+        "accuracy": correct / len(items),
+        "ci95": [low, high],
+        "mean_tokens_folded": (
+            sum(s["tokens_folded"] for s in finished) / len(finished) if finished else 0.0
+        ),
+        "seconds": round(time.monotonic() - started, 1),
+        "outputs": tokens,
+    }
+
+
+def _tqdm(*args, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, **kwargs)
+
+
+def quick_failures(task, results: list[dict[str, Any]]) -> list[str]:
+    """What the quick check refuses: full below the documented accuracy, budget 1.0 != full."""
+    full = next(r for r in results if r["label"] == "full")
+    failures = []
+    if full["accuracy"] < task.min_full_accuracy:
+        failures.append(
+            f"full-cache accuracy {full['accuracy']:.3f} is below the documented "
+            f"{task.min_full_accuracy:.3f}"
+        )
+    for r in results:
+        if r["budget"] == 1.0 and r["label"] != "full" and r["outputs"] != full["outputs"]:
+            differing = sum(a != b for a, b in zip(r["outputs"], full["outputs"]))
+            failures.append(f"{r['label']} at budget 1.0 differs from full on {differing} items")
+    return failures
+
+
+def markdown_table(task, results: list[dict[str, Any]], budgets: list[float]) -> str:
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    by = {(r["label"], r["budget"]): r for r in results}
+    head = "| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |"
+    lines = [head, "|" + "---|" * (len(budgets) + 1)]
+    for label in labels:
+        row = []
+        for b in budgets:
+            r = by.get((label, b)) or (by.get((label, 1.0)) if label == "full" else None)
+            row.append(
+                f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
+                if r else "—"
+            )
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    n = sorted({r["items"] for r in results})
+    lines.append("")
+    lines.append(
+        f"Accuracy in % with Wilson 95 % intervals; {', '.join(map(str, n))} items per cell; "
+        "columns are budgets (share of the prompt kept in the cache, sinks and window included)."
+    )
+    return "\n".join(lines)
+
+
+def write_docs(task, table: str, docs: Path) -> None:
+    begin, end = f"<!-- fidelity:{task.name}:begin -->", f"<!-- fidelity:{task.name}:end -->"
+    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Results\n"
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    docs.write_text(text, encoding="utf-8")
+
+
+def plot(task, results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("policies", POLICY_CELLS), ("retentive ablations", {"retentive": 0, **ABLATION_CELLS})]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    full = next((r for r in results if r["label"] == "full"), None)
+    for ax, (title, labels) in zip(axes, panels):
+        for label in labels:
+            rows = sorted((r for r in results if r["label"] == label), key=lambda r: r["budget"])
+            if not rows or label == "full":
+                continue
+            x = [r["budget"] for r in rows]
+            y = [100 * r["accuracy"] for r in rows]
+            # max(0, .): at 100 % the interval's top is 1 - 1e-16 after rounding.
+            err = [[100 * max(0.0, r["accuracy"] - r["ci95"][0]) for r in rows],
+                   [100 * max(0.0, r["ci95"][1] - r["accuracy"]) for r in rows]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+        if full is not None:
+            ax.axhline(100 * full["accuracy"], color="black", linestyle="--", label="full")
+        ax.set_xscale("log")
+        ax.set_xlabel("budget (share of the prompt kept)")
+        ax.set_title(f"{task.name}: {title}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge_results(task, args) -> int:
+    reports = [json.loads(path.read_text()) for path in args.table_from]
+    # Every run includes full; keep the first file's and check the others agree with it.
+    cells, seen = [], {}
+    for report in reports:
+        for c in report["cells"]:
+            key = (c["label"], c["budget"])
+            if key in seen:
+                if c["label"] != "full" or c["correct"] != seen[key]["correct"]:
+                    raise SystemExit(f"--table-from: {key} appears twice with different results")
+                continue
+            seen[key] = c
+            cells.append(c)
+    labels = list(dict.fromkeys(c["label"] for c in cells))
+    budgets = sorted({c["budget"] for c in cells}, reverse=True)
+    out = args.out or REPO / "benchmarks" / "results" / f"fidelity_{task.name}.json"
+    merged = {**reports[0], "cells": sorted(cells, key=lambda c: (labels.index(c["label"]), -c["budget"])),
+              "merged_from": [p.name for p in args.table_from]}
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    plot(task, merged["cells"], out.with_suffix(".png"))
+    table = markdown_table(task, merged["cells"], budgets)
+    print(table)
+    if not args.no_docs:
+        write_docs(task, table, args.docs)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.tasks import make_task
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="recall")
+    parser.add_argument("--quick", action="store_true", help="a few cells on fewer items; fail on regressions")
+    parser.add_argument("--items", type=int, default=None, help="items per cell (default 500; 100 with --quick)")
+    parser.add_argument("--cells", nargs="+", default=None,
+                        help=f"labels to run (default: all); known: {list(POLICY_CELLS) + list(ABLATION_CELLS)}")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None)
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="a file written by benchmarks/calibrate.py; its knobs apply to every retentive cell")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/fidelity_<task>.json)")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--no-docs", action="store_true", help="do not write the table into --docs")
+    parser.add_argument("--table-from", type=Path, nargs="+", default=None,
+                        help="run nothing: merge these result files (e.g. policies and ablations run "
+                        "in two processes) into one JSON (--out), plot and docs table")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    task = make_task(args.task)
+    known = list(POLICY_CELLS) + list(ABLATION_CELLS)
+    labels = args.cells or (list(QUICK_CELLS) if args.quick else known)
+    unknown = [l for l in labels if l not in known]
+    if unknown:
+        parser.error(f"--cells: unknown {unknown}; known: {known}")
+    if not task.has_images:
+        labels = [l for l in labels if l not in IMAGE_ONLY_ABLATIONS]
+    if "full" not in labels:
+        labels = ["full", *labels]
+    budgets = args.budgets or list(QUICK_BUDGETS if args.quick else BUDGETS)
+    if any(not 0 < b <= 1 for b in budgets):
+        parser.error(f"--budgets: ratios in (0, 1] expected, got {budgets}")
+    if args.table_from:
+        return merge_results(task, args)
+    count = args.items or (100 if args.quick else 500)
+    items = task.items(count, ITEM_SEED)
+
+    from tqdm.auto import tqdm
+
+    results = []
+    cells = grid(task, labels, budgets)
+    for cell in tqdm(cells, desc=f"fidelity {task.name}", unit="cell"):
+        results.append(run_cell(task, cell, items, args.calibration))
+        r = results[-1]
+        tqdm.write(f"{r['label']:>32} @ {r['budget']:<5g} {100 * r['accuracy']:5.1f} % "
+                   f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]  ({r['seconds']} s)")
+
+    suffix = "_quick" if args.quick else ("_calibrated" if args.calibration else "")
+    out = args.out or REPO / "benchmarks" / "results" / f"fidelity_{task.name}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failures = quick_failures(task, results)
+    out.write_text(json.dumps({
+        "task": task.name,
+        "item_seed": ITEM_SEED,
+        "items_per_cell": count,
+        "calibration": str(args.calibration) if args.calibration else None,
+        "failures": failures,
+        "cells": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+    }, indent=2) + "\n")
+    plot(task, results, out.with_suffix(".png"))
+    table = markdown_table(task, results, budgets)
+    print(table)
+    if not args.quick and not args.no_docs:
+        write_docs(task, table, args.docs)
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
