@@ -19,6 +19,7 @@ package is imported (the kernels are then run by Triton's interpreter, on CPU te
 from .compaction import compact_slots, gather_slots, write_slots
 from .decode import PagedStates, decode_attention
 from .extension import cuda_extension, merge_with_state
+from .features import supports_feature_map
 from .fold import fold_chunked, fold_fused_recurrent
 from .observation import observation_scores
 from .paged import split_kv_cache
@@ -34,5 +35,6 @@ __all__ = [
     "merge_with_state",
     "observation_scores",
     "split_kv_cache",
+    "supports_feature_map",
     "write_slots",
 ]

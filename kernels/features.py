@@ -30,6 +30,15 @@ class FeatureArgs:
     sqrt_scale: float
 
 
+KERNEL_FEATURE_MAPS = (EluPlusOne, PositiveRandomFeatures)
+
+
+def supports_feature_map(feature_map: FeatureMap) -> bool:
+    """Whether the kernels evaluate `feature_map` themselves; callers use the torch twins for
+    any other map (e.g. a wrapper that reads states with fixed query features)."""
+    return isinstance(feature_map, KERNEL_FEATURE_MAPS)
+
+
 def feature_args(feature_map: FeatureMap | None, input_dim: int, device: torch.device) -> FeatureArgs:
     """Kernel arguments for `feature_map` applied to inputs of size input_dim; None: the inputs
     already are features (rank = input_dim)."""

@@ -41,10 +41,10 @@ class LayerMemory:
     recent_positions: torch.Tensor | None = None  # [m]
 
     @classmethod
-    def empty(cls, num_kv_heads: int, capacity: int) -> LayerMemory:
+    def empty(cls, num_kv_heads: int, capacity: int, device=None) -> LayerMemory:
         return cls(
-            positions=torch.arange(capacity).expand(num_kv_heads, -1).clone(),
-            accumulated=torch.zeros(num_kv_heads, capacity),
+            positions=torch.arange(capacity, device=device).expand(num_kv_heads, -1).clone(),
+            accumulated=torch.zeros(num_kv_heads, capacity, device=device),
         )
 
     def ensure_capacity(self, n: int) -> None:
@@ -53,10 +53,10 @@ class LayerMemory:
         if n <= capacity:
             return
         grown = max(n, 2 * capacity)
-        heads = self.positions.shape[0]
-        positions = torch.arange(grown).expand(heads, -1).clone()
+        heads, device = self.positions.shape[0], self.positions.device
+        positions = torch.arange(grown, device=device).expand(heads, -1).clone()
         positions[:, :capacity] = self.positions
-        accumulated = torch.zeros(heads, grown)
+        accumulated = torch.zeros(heads, grown, device=device)
         accumulated[:, :capacity] = self.accumulated
         self.positions, self.accumulated = positions, accumulated
 
@@ -96,13 +96,14 @@ class RequestMemory:
         n = layout.image.shape[0]
         inside = positions < n
         at = positions.clamp(max=n - 1)
-        pick = lambda x: torch.where(inside, x[at], -1)  # noqa: E731
+        pick = lambda x: torch.where(inside, x.to(positions.device)[at], -1)  # noqa: E731
         return PatchLayout(pick(layout.image), pick(layout.row), pick(layout.col), tuple(layout.grids))
 
-    def layer(self, name: str, num_kv_heads: int, n: int) -> LayerMemory:
+    def layer(self, name: str, num_kv_heads: int, n: int, device=None) -> LayerMemory:
+        """The request's memory in layer `name`, created on `device` (the cache's) on first use."""
         memory = self.layers.get(name)
         if memory is None:
-            memory = self.layers[name] = LayerMemory.empty(num_kv_heads, max(n, 64))
+            memory = self.layers[name] = LayerMemory.empty(num_kv_heads, max(n, 64), device)
         memory.ensure_capacity(n)
         return memory
 

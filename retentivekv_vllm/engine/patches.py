@@ -14,10 +14,16 @@ symbol                                                                      why
 ``AttentionBackendEnum.CPU_ATTN`` (via ``register_backend``)                CPU attention with KV policies (pass-through
                                                                             without one); the CPU platform ignores
                                                                             ``--attention-backend``
+``AttentionBackendEnum.CUSTOM`` (via ``register_backend``)                  GPU attention with KV policies
+                                                                            (``engine/gpu_backend.py``, a subclass of
+                                                                            the Triton backend); selected by
+                                                                            ``--kv-policy`` on CUDA
 ``vllm.engine.arg_utils.EngineArgs.add_cli_args``                           adds the ``--kv-*`` flags
 ``vllm.engine.arg_utils.EngineArgs.from_cli_args``                          moves them into ``additional_config``
 ``vllm.engine.arg_utils.EngineArgs.create_engine_config``                   prefix caching off by default under a
-                                                                            policy; start-up validation
+                                                                            policy; ``--attention-backend CUSTOM`` by
+                                                                            default under a policy on GPU; start-up
+                                                                            validation
 ``vllm.v1.engine.input_processor.InputProcessor._validate_params``          validates a request's own policy and budget
                                                                             (``vllm_xargs.kv_*``): HTTP 400 naming the
                                                                             field
@@ -32,7 +38,7 @@ symbol                                                                      why
 ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``            releases the memory of finished, aborted
                                                                             and preempted requests
 ``vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory``          reserves the recurrent states of
-                                                                            ``max_num_seqs`` requests out of the KV
+(``vllm.v1.worker.gpu_worker.Worker.determine_available_memory`` on GPU)    ``max_num_seqs`` requests out of the KV
                                                                             memory
 ==========================================================================  =========================================
 
@@ -54,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 CPU_BACKEND_PATH = "retentivekv_vllm.engine.cpu_backend.RetentiveCPUAttentionBackend"
+GPU_BACKEND_PATH = "retentivekv_vllm.engine.gpu_backend.RetentiveTritonAttentionBackend"
 
 _applied: set[str] = set()
 
@@ -79,6 +86,7 @@ def apply_process_patches() -> None:
             vllm.__version__,
         )
     _register_cpu_backend()
+    _register_gpu_backend()
     _patch_engine_args()
     _patch_request_validation()
     _add_worker_methods()
@@ -92,6 +100,27 @@ def _register_cpu_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
+
+
+def _register_gpu_backend() -> None:
+    # On every platform: CUSTOM is otherwise unregistered, the path is resolved only when a
+    # GPU run asks for it, and the CPU platform never does (it ignores --attention-backend).
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND_PATH)
+
+
+def _select_gpu_backend(engine_args) -> None:
+    """A policy on a GPU runs on the CUSTOM backend unless the user named a backend (then
+    validate_engine refuses any other)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return
+    if engine_args.attention_backend is None and engine_args.attention_config.backend is None:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        engine_args.attention_backend = AttentionBackendEnum.CUSTOM
 
 
 def _patch_engine_args() -> None:
@@ -132,6 +161,7 @@ def _patch_engine_args() -> None:
                 # A compressed cache cannot be shared; off unless the user insists
                 # (then validate_engine refuses with a clear message).
                 self.enable_prefix_caching = False
+            _select_gpu_backend(self)
         vllm_config = original_create(self, *args, **kwargs)
         validate_engine(vllm_config)
         return vllm_config
@@ -198,17 +228,22 @@ def install_worker_hooks() -> None:
     vLLM sizes the KV cache)."""
     if not _once("worker"):
         return
-    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.platforms import current_platform
 
     from retentivekv_vllm.engine.memory import reserve_state_memory
 
-    original = CPUWorker.determine_available_memory
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker as worker_class
+    else:
+        from vllm.v1.worker.gpu_worker import Worker as worker_class
+
+    original = worker_class.determine_available_memory
 
     @functools.wraps(original)
     def determine_available_memory(self):
         return reserve_state_memory(original(self), self.vllm_config)
 
-    CPUWorker.determine_available_memory = determine_available_memory
+    worker_class.determine_available_memory = determine_available_memory
 
 
 def install_runner_hooks() -> None:

@@ -85,6 +85,25 @@ _UNSUPPORTED_ENGINE_OPTIONS = {
 }
 
 
+def refuse_unsupported_layer(
+    policy: KVPolicy | None, attn_type, sliding_window: bool, alibi: bool, soft_cap: bool, sinks: bool
+) -> None:
+    """Refuse, while the model loads, a decoder layer with features the policy cannot serve."""
+    from vllm.v1.attention.backend import AttentionType
+
+    if policy is None or attn_type != AttentionType.DECODER:
+        return
+    unsupported = {
+        "sliding window": sliding_window,
+        "ALiBi": alibi,
+        "logits soft-capping": soft_cap,
+        "attention sinks": sinks,
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise ValueError(f"--kv-policy {policy.name}: models with {', '.join(found)} are not supported")
+
+
 def validate_engine(vllm_config) -> None:
     """Refuse, at start-up, combinations the policy cannot serve correctly."""
     config = kv_config_from_vllm_config(vllm_config)
@@ -102,10 +121,18 @@ def validate_engine(vllm_config) -> None:
             raise ConfigError(f"{flag} cannot run with {option}: {why}")
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        raise ConfigError(
-            f"{flag}: only the CPU backend is available in this version of retentivekv-vllm"
-        )
+    on_cpu = current_platform.is_cpu()
+    if not on_cpu:
+        if not current_platform.is_cuda():
+            raise ConfigError(f"{flag}: only CPU and CUDA platforms are supported")
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        backend = vllm_config.attention_config.backend
+        if backend is not AttentionBackendEnum.CUSTOM:
+            raise ConfigError(
+                f"{flag} runs on its own GPU attention backend: pass --attention-backend CUSTOM "
+                f"or no --attention-backend (got {backend.name})"
+            )
     model = vllm_config.model_config
     if model is None:
         return
@@ -118,9 +145,15 @@ def validate_engine(vllm_config) -> None:
         raise ConfigError(f"{flag}: MLA models are not supported")
     if model.get_sliding_window() is not None:
         raise ConfigError(f"{flag}: sliding-window models are not supported")
+    head_size = model.get_head_size()
+    if not on_cpu:
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+        if not TritonAttentionBackend.supports_head_size(head_size):
+            raise ConfigError(f"{flag}: the model's head size {head_size} is not supported on GPU")
+        return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    head_size = model.get_head_size()
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_size not in supported:
         raise ConfigError(

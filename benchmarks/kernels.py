@@ -1,0 +1,346 @@
+"""The Triton kernels at torch level: achieved bandwidth, the fold against torch, a decode step.
+
+    python -m benchmarks.kernels            # on a CUDA GPU: the measurements below
+    python -m benchmarks.kernels --smoke    # anywhere: toy shapes (on CPU through Triton's
+                                            # interpreter), only to show the script runs
+
+Measured in one process, on one device:
+
+* peak bandwidth: a device-to-device copy (``Tensor.copy_``) of a large buffer, bytes read
+  plus bytes written over the time;
+* each kernel's achieved bandwidth: the bytes it must move at least (inputs read once,
+  outputs written once, as counted per kernel below) over its time, also as a share of the
+  copy peak;
+* the fold: ``fold_chunked`` against its torch twin ``core.state.fold`` (features computed by
+  torch for the twin, inside the kernel for ``fold_chunked``), same inputs;
+* a decode step at LLaVA-1.5-7B shapes (32 layers, 32 KV heads, head dim 128, fp16, a
+  4.5k-token context, one request): the attention of every layer over the kept cache merged
+  with the states' readout (``decode_attention``), at budgets 1.0/0.5/0.2/0.05, with the KV
+  memory (cache kept plus states) measured from the allocator. Only attention is timed, not
+  the rest of the model, so the ms/token are not the paper's; their ratios to budget 1.0 are
+  set beside the paper's ratios.
+
+Times are medians over repeats, after warm-up, with CUDA events on a GPU. Writes
+``benchmarks/results/kernels.json`` and ``kernels.png``, naming the device (``--out DIR`` to
+write elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BUDGETS = (1.0, 0.5, 0.2, 0.05)
+# The paper's decode table (latency per token, KV memory) for its full cache and budgets.
+PAPER = {
+    1.0: {"ms_per_token": 32.15, "kv_gib": 2.24},
+    0.5: {"ms_per_token": 27.84, "kv_gib": 1.18},
+    0.2: {"ms_per_token": 21.42, "kv_gib": 0.46},
+    0.05: {"ms_per_token": 18.42, "kv_gib": 0.23},
+}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    copy_bytes: int
+    layers: int
+    kv_heads: int
+    group: int  # query heads per KV head
+    head_dim: int
+    context: int  # tokens of the decode step's request
+    block_size: int
+    state_rank: int
+    observation_rows: int
+    fold_tokens: int  # tokens folded at once by the chunked fold
+    recurrent_tokens: int  # tokens folded by the fused recurrent fold
+    repeats: int
+
+
+FULL = Shapes(
+    copy_bytes=1 << 30, layers=32, kv_heads=32, group=1, head_dim=128, context=4500, block_size=16,
+    state_rank=64, observation_rows=32, fold_tokens=4096, recurrent_tokens=8, repeats=20,
+)
+SMOKE = Shapes(
+    copy_bytes=1 << 20, layers=2, kv_heads=2, group=2, head_dim=32, context=96, block_size=16,
+    state_rank=16, observation_rows=4, fold_tokens=40, recurrent_tokens=3, repeats=1,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="toy shapes; runs on CPU through Triton's interpreter")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for kernels.json and kernels.png")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        if not args.smoke:
+            raise SystemExit("error: the measurements need a CUDA GPU; pass --smoke to run toy shapes on CPU")
+        # Read by Triton when the kernels are defined, so before they are imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+    results = run(SMOKE if args.smoke else FULL, smoke=args.smoke)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "kernels.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "kernels.png")
+    print(f"wrote {json_path} and {args.out / 'kernels.png'}")
+    return 0
+
+
+class Timer:
+    """Median time of a callable in ms: CUDA events on a GPU, the wall clock on CPU."""
+
+    def __init__(self, device, repeats: int):
+        self.device, self.repeats = device, repeats
+
+    def __call__(self, fn) -> float:
+        fn()  # warm-up (and compilation)
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                began = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - began) * 1e3)
+        return statistics.median(times)
+
+
+def bandwidth(name: str, nbytes: int, ms: float, peak_gbps: float) -> dict:
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"kernel": name, "bytes": nbytes, "ms": ms, "gb_per_s": gbps, "share_of_copy_peak": gbps / peak_gbps}
+
+
+def paged_cache(shapes: Shapes, tokens: int, dtype, device, gen):
+    """One request's `tokens` slots in a vLLM-layout cache [blocks, Hkv, bs, 2d], random."""
+    from retentivekv_vllm.kernels import split_kv_cache
+
+    blocks = math.ceil(tokens / shapes.block_size)
+    kv_cache = torch.randn(
+        blocks, shapes.kv_heads, shapes.block_size, 2 * shapes.head_dim, generator=gen, device=device
+    ).to(dtype)
+    key_cache, value_cache = split_kv_cache(kv_cache, shapes.head_dim)
+    block_table = torch.randperm(blocks, device=device, generator=gen).to(torch.int32)[None]
+    return kv_cache, key_cache, value_cache, block_table
+
+
+def run(shapes: Shapes, smoke: bool) -> dict:
+    import triton
+
+    from retentivekv_vllm.core import PositiveRandomFeatures, RecurrentState, fold
+    from retentivekv_vllm.kernels import (
+        PagedStates,
+        compact_slots,
+        cuda_extension,
+        decode_attention,
+        fold_chunked,
+        fold_fused_recurrent,
+        merge_with_state,
+        observation_scores,
+    )
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.float16
+    elt = torch.finfo(dtype).bits // 8
+    timer = Timer(device, shapes.repeats)
+    H, d, r = shapes.kv_heads, shapes.head_dim, shapes.state_rank
+    num_q_heads = H * shapes.group
+    scale = d**-0.5
+    feature_map = PositiveRandomFeatures(d, r, scale)
+
+    # Peak: a copy reads and writes every byte once.
+    src = torch.empty(shapes.copy_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = timer(lambda: dst.copy_(src))
+    peak = 2 * shapes.copy_bytes / (copy_ms * 1e-3) / 1e9
+    del src, dst
+
+    n = shapes.context
+    _, key_cache, value_cache, block_table = paged_cache(shapes, n, dtype, device, gen)
+    seq_lens = torch.tensor([n], device=device)
+    live_start = torch.zeros(1, dtype=torch.int32, device=device)
+    kernels = []
+
+    # Observation scores: keys read by both launches, α and H written.
+    m = shapes.observation_rows
+    queries = torch.randn(m, num_q_heads, d, generator=gen, device=device).to(dtype)
+    starts = torch.tensor([0, m], device=device)
+    q_positions = torch.arange(n - m, n, device=device)
+    ms = timer(lambda: observation_scores(queries, starts, q_positions, key_cache, block_table, live_start, seq_lens, scale))
+    kernels.append(bandwidth("observation_scores", 2 * H * n * d * elt + 2 * H * n * 4, ms, peak))
+
+    # Folds: keys and values read once, the state read and written once.
+    def fold_inputs(tokens):
+        x = torch.randn(H, tokens, d, generator=gen, device=device).to(dtype)
+        v = torch.randn(H, tokens, d, generator=gen, device=device).to(dtype)
+        gamma = torch.rand(H, tokens, generator=gen, device=device) * 0.1 + 0.9
+        absorption = torch.rand(H, tokens, generator=gen, device=device) + 0.5
+        return x, v, gamma, absorption
+
+    state_bytes = 2 * H * r * (d + 1) * 4
+    fold_comparison = {}
+    for name, launch, tokens in (
+        ("fold_chunked", fold_chunked, shapes.fold_tokens),
+        ("fold_fused_recurrent", fold_fused_recurrent, shapes.recurrent_tokens),
+    ):
+        x, v, gamma, absorption = fold_inputs(tokens)
+        state = RecurrentState.zeros(H, r, d, device=device)
+        ms = timer(lambda: launch(state, x, v, gamma, absorption, feature_map))
+        kernels.append(bandwidth(name, H * tokens * 2 * d * elt + H * tokens * 2 * 4 + state_bytes, ms, peak))
+        if launch is fold_chunked:
+            torch_ms = timer(lambda: fold(state, feature_map.features(x), v, gamma, absorption))
+            fold_comparison = {
+                "tokens": tokens, "kernel_ms": ms, "torch_ms": torch_ms, "speedup": torch_ms / ms,
+                "torch_baseline": "core.state.fold with core feature_maps (float32, features in torch)",
+            }
+
+    # Decode over the whole cache with one state: K and V read once, the state read once.
+    states = PagedStates(
+        S=torch.rand(1, H, r, d, generator=gen, device=device), z=torch.rand(1, H, r, generator=gen, device=device) + 1,
+        index=torch.zeros(1, 1, dtype=torch.int32, device=device), gains=[1.0],
+    )
+    query = torch.randn(1, num_q_heads, d, generator=gen, device=device).to(dtype)
+    ms = timer(lambda: decode_attention(query, key_cache, value_cache, block_table, live_start, seq_lens, scale, states, feature_map))
+    kernels.append(bandwidth("decode_attention", H * n * 2 * d * elt + H * r * (d + 1) * 4, ms, peak))
+
+    # Compaction of half the slots onto the newest half: read into a buffer and back, twice each.
+    kept = n // 2
+    slots = (torch.arange(kept, device=device) * 2).expand(H, -1)[None].contiguous()
+    counts = torch.tensor([kept], device=device)
+    fold_to = seq_lens - kept
+    ms = timer(lambda: compact_slots(key_cache, value_cache, block_table, slots, counts, fold_to))
+    kernels.append(bandwidth("compact_slots", 4 * H * kept * 2 * d * elt, ms, peak))
+
+    # The merge (the CUDA extension where it builds, its torch twin otherwise).
+    rows = num_q_heads * shapes.observation_rows
+    out_local = torch.randn(rows, d, generator=gen, device=device).to(dtype)
+    lse = torch.randn(rows, generator=gen, device=device)
+    numerator = torch.randn(rows, d, generator=gen, device=device)
+    denominator = torch.rand(rows, generator=gen, device=device) + 1
+    ms = timer(lambda: merge_with_state(out_local, lse, numerator, denominator))
+    merge = bandwidth("merge_with_state", rows * (2 * d * elt + d * 4 + 8), ms, peak)
+    merge["implementation"] = "cuda extension" if cuda_extension().module is not None else "torch fallback"
+    merge["why"] = cuda_extension().reason
+    kernels.append(merge)
+    del key_cache, value_cache
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+        "mode": "smoke" if smoke else "full",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__},
+        "shapes": asdict(shapes),
+        "copy_peak_gb_per_s": peak,
+        "kernels": kernels,
+        "fold_vs_torch": fold_comparison,
+        "decode_step": decode_step(shapes, dtype, device, gen, timer, feature_map),
+    }
+
+
+def decode_step(shapes: Shapes, dtype, device, gen, timer, feature_map) -> list[dict]:
+    """One decode token through every layer's attention at each budget: the kept cache (a
+    budget's share of the context, in whole blocks) plus one state per layer below budget 1."""
+    from retentivekv_vllm.kernels import PagedStates, decode_attention
+
+    H, d, r = shapes.kv_heads, shapes.head_dim, shapes.state_rank
+    scale = d**-0.5
+    query = torch.randn(1, H * shapes.group, d, generator=gen, device=device).to(dtype)
+    rows = []
+    for budget in BUDGETS:
+        kept = max(1, math.ceil(budget * shapes.context))
+        allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        layers = []
+        for _ in range(shapes.layers):
+            kv_cache, key_cache, value_cache, block_table = paged_cache(shapes, kept, dtype, device, gen)
+            states = None
+            if budget < 1.0:
+                states = PagedStates(
+                    S=torch.rand(1, H, r, d, generator=gen, device=device),
+                    z=torch.rand(1, H, r, generator=gen, device=device) + 1,
+                    index=torch.zeros(1, 1, dtype=torch.int32, device=device), gains=[1.0],
+                )
+            layers.append((kv_cache, key_cache, value_cache, block_table, states))
+        # Measured from the allocator on a GPU; on CPU the same bytes, counted from the tensors.
+        if device.type == "cuda":
+            kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
+        else:
+            kv_bytes = sum(
+                c.numel() * c.element_size() + (0 if s is None else s.S.numel() * 4 + s.z.numel() * 4)
+                for c, _, _, _, s in layers
+            )
+        seq_lens = torch.tensor([kept], device=device)
+        live_start = torch.zeros(1, dtype=torch.int32, device=device)
+
+        def step():
+            for _, key_cache, value_cache, block_table, states in layers:
+                decode_attention(
+                    query, key_cache, value_cache, block_table, live_start, seq_lens, scale,
+                    states, None if states is None else feature_map,
+                )
+
+        ms = timer(step)
+        rows.append({"budget": budget, "kept_tokens": kept, "ms_per_token": ms, "kv_gib": kv_bytes / 2**30})
+        del layers
+    full = rows[0]
+    for row in rows:
+        paper = PAPER[row["budget"]]
+        row["ms_ratio_to_full"] = row["ms_per_token"] / full["ms_per_token"]
+        row["kv_ratio_to_full"] = row["kv_gib"] / full["kv_gib"]
+        row["paper_ms_ratio_to_full"] = paper["ms_per_token"] / PAPER[1.0]["ms_per_token"]
+        row["paper_kv_ratio_to_full"] = paper["kv_gib"] / PAPER[1.0]["kv_gib"]
+        row["paper"] = paper
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bw, step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [k["kernel"] for k in results["kernels"]]
+    bw.barh(names, [k["gb_per_s"] for k in results["kernels"]])
+    bw.axvline(results["copy_peak_gb_per_s"], color="k", linestyle="--", label="copy peak")
+    bw.set_xlabel("GB/s")
+    bw.set_title("achieved bandwidth")
+    bw.legend()
+    rows = results["decode_step"]
+    budgets = [str(r["budget"]) for r in rows]
+    x = range(len(rows))
+    step.bar([i - 0.2 for i in x], [r["ms_ratio_to_full"] for r in rows], width=0.4, label="attention, this run")
+    step.bar([i + 0.2 for i in x], [r["paper_ms_ratio_to_full"] for r in rows], width=0.4, label="paper (whole model)")
+    step.plot(list(x), [r["kv_ratio_to_full"] for r in rows], "ko-", label="KV memory, this run")
+    step.set_xticks(list(x), budgets)
+    step.set_xlabel("budget")
+    step.set_ylabel("ratio to budget 1.0")
+    step.set_title("decode step")
+    step.legend()
+    fig.suptitle(f"{results['device']} ({results['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

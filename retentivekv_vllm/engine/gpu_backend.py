@@ -1,0 +1,237 @@
+"""The GPU attention backend with a KV policy: vLLM's Triton attention trio, extended.
+
+Registered for ``--attention-backend CUSTOM`` (``patches.py``), which ``--kv-policy`` selects on
+a CUDA platform when no backend is named. It follows the CPU backend (``cpu_backend.py``) and
+shares its per-request logic: the builder plans each step with the CPU builder's planner
+(``RequestPlan``, the same folding rule the KV manager applies), layers keep their memory in
+the same ``RequestMemory`` registry (on the GPU), and compression runs the CPU impl's
+``_compress`` (scores, selection and fold in torch, on the device). What differs is the access
+to the cache and the attention of requests with folded tokens:
+
+* vLLM's unified Triton attention runs over the whole batch first (exact for requests with
+  nothing folded);
+* decode rows of requests with folded tokens are recomputed in one ``decode_attention`` launch
+  over their live slots, with their states read out and merged in the kernel;
+* other rows of such requests (a prompt chunk after a fold, or states whose feature map has no
+  kernel) read their live slots with ``gather_slots`` and take the CPU impl's torch path;
+* packed tokens are written back with ``write_slots``.
+
+Not yet run on a GPU: its kernels are tested under Triton's interpreter only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+
+from retentivekv_vllm.engine.cpu_backend import (
+    RequestPlan,
+    RetentiveCPUAttentionBackend,
+    RetentiveCPUAttentionImpl,
+    RetentiveCPUMetadataBuilder,
+)
+from retentivekv_vllm.engine.memory import log_memory_plan
+from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
+from retentivekv_vllm.engine.settings import (
+    policy_from_vllm_config,
+    record_loaded_policy,
+    refuse_unsupported_layer,
+)
+
+
+@dataclass
+class RetentiveTritonMetadata(TritonAttentionMetadata):
+    plans: list[RequestPlan] = dataclasses.field(default_factory=list)
+
+
+class RetentiveTritonMetadataBuilder(TritonAttentionMetadataBuilder):
+    # Plans are made on the host every step and the impl loops over requests, which a full
+    # CUDA graph cannot capture; piecewise graphs run attention eagerly and still work.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.policy = policy_from_vllm_config(vllm_config)
+        if self.policy is not None:
+            install_runner_hooks()
+            log_memory_plan(self.policy, kv_cache_spec, len(layer_names), vllm_config)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self.policy is None:
+            return metadata
+        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+        return RetentiveTritonMetadata(**fields, plans=self._plan(common_attn_metadata))
+
+    # The CPU builder's planner: it reads only the policy, the step's batch view and the
+    # memory registry, none of them backend-specific.
+    _plan = RetentiveCPUMetadataBuilder._plan
+
+
+class PagedRequestSlots:
+    """One request's slots [start, end) in this layer's paged GPU cache, read and written by the
+    kernels; the interface of ``cpu_layout.RequestSlots``, which the shared ``_compress`` uses."""
+
+    def __init__(self, key_cache, value_cache, block_row, start: int, end: int):
+        self.key_cache, self.value_cache = key_cache, value_cache
+        self.block_table = block_row[None]
+        self.start, self.end = start, end
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the slots, [Hkv, end - start, d] float32."""
+        from retentivekv_vllm.kernels import gather_slots
+
+        heads, device = self.key_cache.shape[2], self.key_cache.device
+        slots = torch.arange(self.start, self.end, device=device).expand(heads, -1)[None]
+        count = torch.tensor([self.end - self.start], device=device)
+        keys, values = gather_slots(self.key_cache, self.value_cache, self.block_table, slots, count)
+        return keys[0].float(), values[0].float()
+
+    def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite slots [start, start + m) with [Hkv, m, d] keys and values."""
+        from retentivekv_vllm.kernels import write_slots
+
+        device = self.key_cache.device
+        write_slots(
+            self.key_cache, self.value_cache, self.block_table, keys[None], values[None],
+            torch.tensor([start], device=device), torch.tensor([keys.shape[1]], device=device),
+        )
+
+
+class RetentiveTritonAttentionImpl(TritonAttentionImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        self.policy = policy_from_vllm_config(vllm_config)
+        record_loaded_policy(self.policy, vllm_config)
+        if self.policy is not None:
+            install_worker_hooks()
+        refuse_unsupported_layer(
+            self.policy,
+            self.attn_type,
+            sliding_window=self.sliding_window != (-1, -1),
+            alibi=self.alibi_slopes is not None,
+            soft_cap=bool(self.logits_soft_cap),
+            sinks=self.sinks is not None,
+        )
+
+    # One definition of the policy steps for both backends.
+    _group = RetentiveCPUAttentionImpl._group
+    _attend = RetentiveCPUAttentionImpl._attend
+    _compress = RetentiveCPUAttentionImpl._compress
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+        )
+        plans = getattr(attn_metadata, "plans", None)
+        if not plans or self.attn_type != AttentionType.DECODER:
+            return output
+        from retentivekv_vllm.kernels import split_kv_cache
+
+        caches = split_kv_cache(kv_cache, self.head_size)
+        rows = output.view(output.shape[0], self.num_heads, self.head_size)
+        block_table = attn_metadata.block_table
+        decoded = self._decode(layer, plans, query, caches, block_table, rows)
+        for plan in plans:
+            self._run_plan(layer, plan, query, caches, block_table, rows, attended=plan.row in decoded)
+        return output
+
+    def _decode(self, layer, plans, query, caches, block_table, rows) -> set[int]:
+        """Recompute the decode rows of requests with folded tokens with `decode_attention`, one
+        launch per feature map their states are read with (one, unless requests chose their own
+        policies); returns the batch rows served. Requests whose feature map has no kernel are
+        left to `_run_plan`."""
+        from retentivekv_vllm.kernels import supports_feature_map
+
+        groups: dict[int, tuple] = {}
+        for plan in plans:
+            if plan.live_start == 0 or plan.query_end - plan.query_start != 1:
+                continue
+            memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len, query.device)
+            feature_map = plan.policy.feature_map(self.head_size, self.scale) if memory.states else None
+            if feature_map is None or supports_feature_map(feature_map):
+                groups.setdefault(id(feature_map), (feature_map, []))[1].append((plan, memory))
+        for feature_map, members in groups.values():
+            self._decode_group(feature_map, members, query, caches, block_table, rows)
+        return {plan.row for _, members in groups.values() for plan, _ in members}
+
+    def _decode_group(self, feature_map, members, query, caches, block_table, rows) -> None:
+        from retentivekv_vllm.kernels import PagedStates, decode_attention
+
+        device = query.device
+        plans = [plan for plan, _ in members]
+        states = None
+        if feature_map is not None:
+            # The requests' states as one pool: request i reads pool slots index[i, :].
+            pool = []
+            index = torch.full((len(members), max(len(m.states) for _, m in members)), -1, dtype=torch.int32)
+            for i, (_, memory) in enumerate(members):
+                for k, state in enumerate(memory.states):
+                    index[i, k] = len(pool)
+                    pool.append(state)
+            states = PagedStates(
+                S=torch.stack([s.S for s in pool]), z=torch.stack([s.z for s in pool]),
+                index=index.to(device), gains=[1.0] * index.shape[1],
+            )
+        tokens = torch.tensor([p.query_start for p in plans], device=device)
+        out, _ = decode_attention(
+            query[tokens], *caches, block_table[torch.tensor([p.row for p in plans], device=device)],
+            torch.tensor([p.live_start for p in plans], device=device),
+            torch.tensor([p.seq_len for p in plans], device=device),
+            self.scale, states, feature_map,
+        )
+        rows[tokens] = out.to(rows.dtype)
+
+    def _run_plan(self, layer, plan: RequestPlan, query, caches, block_table, rows, attended: bool) -> None:
+        """The CPU impl's step for one request, on the paged GPU cache; `attended`: its rows
+        were already recomputed by `_decode`."""
+        n = plan.seq_len
+        q = query[plan.query_start : plan.query_end].float()
+        q_positions = torch.arange(n - q.shape[0], n, device=q.device)
+        memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n, q.device)
+        attend = plan.live_start > 0 and not attended
+        if attend or plan.compress:
+            slots = PagedRequestSlots(*caches, block_table[plan.row], plan.live_start, n)
+            keys, values = slots.read()
+            key_positions = memory.positions[:, plan.live_start : n]
+        if attend:
+            out = self._attend(q, q_positions, keys, values, key_positions, memory, plan.policy)
+            rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
+        memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
+        if plan.compress:
+            self._compress(plan, memory, slots, keys, values, key_positions)
+
+
+class RetentiveTritonAttentionBackend(TritonAttentionBackend):
+    """TRITON_ATTN with KV policies, registered as CUSTOM."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @classmethod
+    def customize_spec(cls, spec):
+        # Triton's own adjustment, then the CPU backend's, which only swaps in the spec whose
+        # KV manager frees folded blocks (its base adjustment is the identity).
+        return RetentiveCPUAttentionBackend.customize_spec(super().customize_spec(spec))
+
+    @staticmethod
+    def get_impl_cls():
+        return RetentiveTritonAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return RetentiveTritonMetadataBuilder

@@ -1,0 +1,131 @@
+"""The GPU backend, as far as it runs without a GPU: its registration for CUSTOM, its place in
+vLLM's Triton backend hierarchy, the planner it shares with the CPU backend, and its cache access
+and decode path on CPU tensors through Triton's interpreter, against the CPU backend's torch path.
+(vLLM's own unified Triton attention, which its forward calls first, needs a GPU.)"""
+
+import pytest
+import torch
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+import retentivekv_vllm
+from retentivekv_vllm.config import KVPolicyConfig
+from retentivekv_vllm.core import RecurrentState, fold, retention_from_entropy
+from retentivekv_vllm.engine.cpu_backend import RequestPlan, RetentiveCPUMetadataBuilder
+from retentivekv_vllm.engine.gpu_backend import (
+    PagedRequestSlots,
+    RetentiveTritonAttentionBackend,
+    RetentiveTritonAttentionImpl,
+    RetentiveTritonMetadata,
+    RetentiveTritonMetadataBuilder,
+)
+from retentivekv_vllm.engine.memory import RequestMemory
+from retentivekv_vllm.policies import make_policy
+
+from .paged_batch import DEVICE, assert_close_scaled, make_paged_batch, tolerance
+
+NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 2, 2, 32, 16
+
+
+def test_registered_for_custom():
+    retentivekv_vllm.register()
+    backend = AttentionBackendEnum.CUSTOM.get_class()
+    assert backend is RetentiveTritonAttentionBackend
+    # vLLM's layers look their backend up by name in the enum.
+    assert AttentionBackendEnum[backend.get_name()] is AttentionBackendEnum.CUSTOM
+
+
+def test_extends_the_triton_backend():
+    backend = RetentiveTritonAttentionBackend
+    assert issubclass(backend, TritonAttentionBackend)
+    assert issubclass(backend.get_impl_cls(), TritonAttentionImpl)
+    assert backend.get_builder_cls() is RetentiveTritonMetadataBuilder
+    assert issubclass(RetentiveTritonMetadataBuilder, TritonAttentionMetadataBuilder)
+    assert issubclass(RetentiveTritonMetadata, TritonAttentionMetadata)
+    # One planner for both backends.
+    assert RetentiveTritonMetadataBuilder._plan is RetentiveCPUMetadataBuilder._plan
+
+
+def test_spec_is_tritons_without_a_loaded_policy():
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16)
+    assert RetentiveTritonAttentionBackend.customize_spec(spec) == TritonAttentionBackend.customize_spec(spec)
+
+
+def test_request_slots_read_and_write_the_paged_cache():
+    batch = make_paged_batch([40], NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float16, seed=3)
+    slots = PagedRequestSlots(batch.key_cache, batch.value_cache, batch.block_table[0], 7, 40)
+    keys, values = slots.read()
+    assert torch.equal(keys.cpu(), batch.keys[0][:, 7:40]) and torch.equal(values.cpu(), batch.values[0][:, 7:40])
+
+    packed_keys, packed_values = keys[:, ::3], values[:, ::3]  # 11 tokens, written from slot 29
+    slots.write(29, packed_keys, packed_values)
+    after_keys, after_values = slots.read()
+    assert torch.equal(after_keys[:, 22:], packed_keys) and torch.equal(after_values[:, 22:], packed_values)
+    assert torch.equal(after_keys[:, :22], keys[:, :22])  # below the written range: untouched
+
+
+def make_impl(feature_map: str):
+    with set_current_vllm_config(VllmConfig()):
+        impl = RetentiveTritonAttentionImpl(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, None, "auto")
+    policy = make_policy(KVPolicyConfig(policy="retentive", budget=0.5, feature_map=feature_map, state_rank=16))
+    return impl, policy
+
+
+class Layer:
+    layer_name = "model.layers.0.self_attn.attn"
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "prf"])
+def test_decode_rows_equal_the_cpu_path(feature_map):
+    """Requests 0, 2 and 3 have folded tokens (1 has not, and is left alone); 0 and 2 hold a state
+    each (one launch reads both), 3 none (a launch without states). The kernel path must give
+    what the CPU backend's torch path gives on the same live slots."""
+    impl, policy = make_impl(feature_map)
+    seq_lens, live_start, with_state = [37, 20, 70, 50], [9, 0, 30, 12], (0, 2)
+    batch = make_paged_batch(seq_lens, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float32, seed=6)
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(len(seq_lens), NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen).to(DEVICE)
+    phi = policy.feature_map(HEAD_DIM, impl.scale)
+    plans = []
+    for row, (n, s) in enumerate(zip(seq_lens, live_start)):
+        memory = RequestMemory(f"request-{row}", n - 1, budget=n - s)
+        plans.append(RequestPlan(memory, policy, row, row, row + 1, n, s, s, sinks=0, window=0))
+        if row in with_state:
+            folded = torch.randn(NUM_KV_HEADS, s, HEAD_DIM, generator=gen)
+            gamma = retention_from_entropy(torch.rand(NUM_KV_HEADS, s, generator=gen), 0.9)
+            empty = RecurrentState.zeros(NUM_KV_HEADS, phi.rank, HEAD_DIM)
+            values = torch.randn(NUM_KV_HEADS, s, HEAD_DIM, generator=gen)
+            state = fold(empty, phi.features(folded), values, gamma, torch.ones(NUM_KV_HEADS, s))
+            memory.layer(Layer.layer_name, NUM_KV_HEADS, n, DEVICE).states = [
+                RecurrentState(state.S.to(DEVICE), state.z.to(DEVICE))
+            ]
+    rows = torch.full((len(seq_lens), NUM_KV_HEADS * GROUP, HEAD_DIM), float("nan"), device=DEVICE)
+
+    served = impl._decode(Layer(), plans, query, (batch.key_cache, batch.value_cache), batch.block_table, rows)
+
+    assert served == {0, 2, 3}
+    assert rows[1].isnan().all()
+    for row in served:
+        n, s = seq_lens[row], live_start[row]
+        memory = plans[row].memory.layer(Layer.layer_name, NUM_KV_HEADS, n, DEVICE)
+        assert len(memory.states) == (row in with_state)
+        expected = impl._attend(
+            query[row : row + 1].float().cpu(), torch.tensor([n - 1]), batch.keys[row][:, s:n],
+            batch.values[row][:, s:n], torch.arange(s, n).expand(NUM_KV_HEADS, -1), on_cpu(memory), policy,
+        )[0]
+        reduction = n - s + HEAD_DIM + phi.rank
+        assert_close_scaled(rows[row], expected, tolerance(torch.float32, reduction))
+
+
+def on_cpu(memory):
+    """The layer memory with its states on the CPU, for the torch path."""
+    copy = RequestMemory("cpu", 0, 0).layer("cpu", memory.positions.shape[0], memory.positions.shape[1])
+    copy.states = [RecurrentState(s.S.cpu(), s.z.cpu()) for s in memory.states]
+    return copy
