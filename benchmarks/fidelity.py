@@ -73,12 +73,13 @@ class Cell:
 
 
 def grid(task, labels: list[str], budgets: list[float]) -> list[Cell]:
-    cells = []
-    for label in labels:
-        base = {**POLICY_CELLS, **ABLATION_CELLS}[label]
-        # full never compresses: one cell, shown as a flat line.
-        for budget in budgets if label != "full" else [1.0]:
-            cells.append(Cell(label, budget, {**task.policy_defaults, **base, "kv_budget": budget}))
+    cells = [Cell("full", 1.0, {**task.policy_defaults, **POLICY_CELLS["full"], "kv_budget": 1.0})]
+    # Budget by budget, in the order given: a long run cut short has every label at the first ones.
+    for budget in budgets:
+        for label in labels:
+            if label != "full":  # full never compresses: one cell, shown as a flat line
+                base = {**POLICY_CELLS, **ABLATION_CELLS}[label]
+                cells.append(Cell(label, budget, {**task.policy_defaults, **base, "kv_budget": budget}))
     return cells
 
 
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="recall")
     parser.add_argument("--quick", action="store_true", help="a few cells on fewer items; fail on regressions")
-    parser.add_argument("--items", type=int, default=None, help="items per cell (default 500; 100 with --quick)")
+    parser.add_argument("--items", type=int, default=None, help="items per cell (default 500; 50 with --quick)")
     parser.add_argument("--cells", nargs="+", default=None,
                         help=f"labels to run (default: all); known: {list(POLICY_CELLS) + list(ABLATION_CELLS)}")
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
@@ -281,17 +282,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cells: unknown {unknown}; known: {known}")
     if not task.has_images:
         labels = [l for l in labels if l not in IMAGE_ONLY_ABLATIONS]
-    if "full" not in labels:
-        labels = ["full", *labels]
     budgets = args.budgets or list(QUICK_BUDGETS if args.quick else BUDGETS)
     if any(not 0 < b <= 1 for b in budgets):
         parser.error(f"--budgets: ratios in (0, 1] expected, got {budgets}")
     if args.table_from:
         return merge_results(task, args)
-    count = args.items or (100 if args.quick else 500)
+    count = args.items or (50 if args.quick else 500)
     items = task.items(count, ITEM_SEED)
 
     from tqdm.auto import tqdm
+
+    suffix = "_quick" if args.quick else ("_calibrated" if args.calibration else "")
+    out = args.out or REPO / "benchmarks" / "results" / f"fidelity_{task.name}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_json(complete: bool) -> list[str]:
+        failures = quick_failures(task, results)
+        out.write_text(json.dumps({
+            "task": task.name,
+            "item_seed": ITEM_SEED,
+            "items_per_cell": count,
+            "calibration": str(args.calibration) if args.calibration else None,
+            "complete": complete,
+            "failures": failures,
+            "cells": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+        }, indent=2) + "\n")
+        return failures
 
     results = []
     cells = grid(task, labels, budgets)
@@ -300,19 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[-1]
         tqdm.write(f"{r['label']:>32} @ {r['budget']:<5g} {100 * r['accuracy']:5.1f} % "
                    f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]  ({r['seconds']} s)")
-
-    suffix = "_quick" if args.quick else ("_calibrated" if args.calibration else "")
-    out = args.out or REPO / "benchmarks" / "results" / f"fidelity_{task.name}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    failures = quick_failures(task, results)
-    out.write_text(json.dumps({
-        "task": task.name,
-        "item_seed": ITEM_SEED,
-        "items_per_cell": count,
-        "calibration": str(args.calibration) if args.calibration else None,
-        "failures": failures,
-        "cells": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
-    }, indent=2) + "\n")
+        write_json(complete=False)  # a long run interrupted keeps what it measured
+    failures = write_json(complete=True)
     plot(task, results, out.with_suffix(".png"))
     table = markdown_table(task, results, budgets)
     print(table)

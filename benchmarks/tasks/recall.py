@@ -2,8 +2,10 @@
 
 The prompt is ``<bos> k1 v1 ... kN vN ? q``; the answer is q's value. vLLM prefills it in chunks
 of ``CHUNK`` tokens (``long_prefill_token_threshold``), and a policy compresses after every chunk
-that ends over budget, so the context is compressed before the chunk holding the question
-arrives: no policy can know which pair will be asked for.
+that ends over budget. N is chosen so that ``<bos>``, the pairs and ``?`` fill exactly
+``CONTEXT_CHUNKS`` chunks: the query key then arrives alone in a last step, after the whole
+context was compressed, so no policy can know which pair will be asked for, and the answer is
+read from exactly the budget's cache (plus the states).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from benchmarks.tasks import Item, register_task
 from retentivekv_vllm.fixtures import recall
 
 CHUNK = 128
+CONTEXT_CHUNKS = 2
 
 
 @register_task
 @dataclass
 class RecallTask:
     name: ClassVar[str] = "recall"
-    num_pairs: int = 120
+    num_pairs: int = CONTEXT_CHUNKS * CHUNK // 2 - 1  # 1 + 2N + 1 = CONTEXT_CHUNKS * CHUNK
     max_tokens: int = 1
     has_images: bool = False
     # Measured through vLLM on the shipped model (docs/results.md); the quick check enforces it.
