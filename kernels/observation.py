@@ -281,6 +281,7 @@ def observation_scores(
     scale: float,
     key_positions: Tensor | None = None,
     subset: Tensor | None = None,
+    max_splits: int = MAX_SPLITS,
 ) -> tuple[Tensor, Tensor]:
     """Accumulated attention α and entropy potential H of every request's live keys.
 
@@ -292,6 +293,7 @@ def observation_scores(
     after live_start, per head (a compacted cache keeps different tokens per head).
     subset [R, Hkv, max_n] bool (optional, default all keys): the keys H is restricted to.
     Query head i reads KV head i // (Hq // Hkv); a KV head's rows are all of its query heads.
+    max_splits: how many programs at most share one request's keys.
 
     Returns α, H [R, Hkv, max_n] float32, max_n the longest live range; zero past a request's
     keys. Per request and head these equal `accumulated_attention(probs)` and
@@ -321,7 +323,7 @@ def observation_scores(
     m_pad = triton.next_power_of_2(max(max_rows, 1))
     rows = pow2(triton.next_power_of_2(group) * m_pad)
     tiles = triton.cdiv(max_keys, BLOCK_N)
-    tiles_per_split = triton.cdiv(tiles, MAX_SPLITS)
+    tiles_per_split = triton.cdiv(tiles, max_splits)
     splits = triton.cdiv(tiles, tiles_per_split)
     lse_all = torch.empty(num_requests, num_kv_heads, splits, rows, dtype=torch.float32, device=device)
     lse_subset = torch.empty_like(lse_all)

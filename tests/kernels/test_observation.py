@@ -7,7 +7,7 @@ from retentivekv_vllm.kernels import observation_scores
 from .paged_batch import DEVICE, DTYPES, grouped_rows, make_paged_batch
 
 NUM_KV_HEADS = 2
-SEQ_LENS = [37, 9, 90]
+SEQ_LENS = [37, 9, 150]  # 150: three key tiles of 64 (two after live_start 33)
 OBS_ROWS = [6, 3, 8]
 
 
@@ -25,11 +25,13 @@ def compacted_positions(gen, live_start, seq_len, num_heads):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "head_dim, group, block_size, compacted",
-    [(32, 1, 16, False), (64, 2, 32, True)],
-    ids=["d32-g1-bs16-plain", "d64-g2-bs32-compacted"],
+    "head_dim, group, block_size, compacted, max_splits",
+    [(32, 1, 16, False, 16), (64, 2, 32, True, 1)],
+    # One split: a program streams all tiles of a request (the online log-sum-exp across tiles);
+    # many splits: one tile each, combined afterwards.
+    ids=["d32-g1-bs16-plain-splits", "d64-g2-bs32-compacted-onesplit"],
 )
-def test_scores_equal_naive_twin(dtype, head_dim, group, block_size, compacted):
+def test_scores_equal_naive_twin(dtype, head_dim, group, block_size, compacted, max_splits):
     gen = torch.Generator().manual_seed(0)
     batch = make_paged_batch(SEQ_LENS, NUM_KV_HEADS, head_dim, block_size, dtype, seed=1, slot_major=compacted)
     num_q_heads = NUM_KV_HEADS * group
@@ -50,6 +52,7 @@ def test_scores_equal_naive_twin(dtype, head_dim, group, block_size, compacted):
         queries.to(DEVICE), starts.to(DEVICE), q_positions.to(DEVICE), batch.key_cache, batch.block_table,
         torch.tensor(live_start, device=DEVICE), batch.seq_lens, scale,
         None if key_positions is None else key_positions.to(DEVICE), None if subset is None else subset.to(DEVICE),
+        max_splits=max_splits,
     )
 
     assert alpha.shape == entropy.shape == (len(SEQ_LENS), NUM_KV_HEADS, max_keys)
