@@ -40,6 +40,7 @@ from retentivekv_vllm.engine.settings import (
     loaded_policy,
     policy_from_vllm_config,
     record_loaded_policy,
+    refuse_unsupported_layer,
     request_policy,
 )
 from retentivekv_vllm.policies import KVPolicy, Observation
@@ -166,19 +167,14 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         record_loaded_policy(self.policy, vllm_config)
         if self.policy is not None:
             install_worker_hooks()
-        if self.policy is not None and self.attn_type == AttentionType.DECODER:
-            unsupported = {
-                "sliding window": self.sliding_window != -1,
-                "ALiBi": self.alibi_slopes is not None,
-                "logits soft-capping": bool(self.logits_soft_cap),
-                "attention sinks": self.sinks is not None,
-            }
-            found = [name for name, present in unsupported.items() if present]
-            if found:
-                raise ValueError(
-                    f"--kv-policy {self.policy.name}: models with {', '.join(found)} "
-                    "are not supported"
-                )
+        refuse_unsupported_layer(
+            self.policy,
+            self.attn_type,
+            sliding_window=self.sliding_window != -1,
+            alibi=self.alibi_slopes is not None,
+            soft_cap=bool(self.logits_soft_cap),
+            sinks=self.sinks is not None,
+        )
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(

@@ -27,6 +27,7 @@ from retentivekv_vllm.engine.gpu_backend import (
     RetentiveTritonMetadataBuilder,
 )
 from retentivekv_vllm.engine.memory import RequestMemory
+from retentivekv_vllm.engine.settings import record_loaded_policy
 from retentivekv_vllm.policies import make_policy
 
 from .paged_batch import DEVICE, assert_close_scaled, make_paged_batch, tolerance
@@ -129,3 +130,17 @@ def on_cpu(memory):
     copy = RequestMemory("cpu", 0, 0).layer("cpu", memory.positions.shape[0], memory.positions.shape[1])
     copy.states = [RecurrentState(s.S.cpu(), s.z.cpu()) for s in memory.states]
     return copy
+
+
+def test_layers_the_policy_cannot_serve_are_refused():
+    """A sliding-window layer under a policy is refused while the model loads (the check the CPU
+    backend shares, `settings.refuse_unsupported_layer`), and built without a policy."""
+    impl_class = RetentiveTritonAttentionImpl
+    config = VllmConfig(additional_config={"kv_policy": "retentive", "kv_budget": 0.5})
+    try:
+        with set_current_vllm_config(config), pytest.raises(ValueError, match="--kv-policy retentive: models with sliding window"):
+            impl_class(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto")
+    finally:
+        record_loaded_policy(None, config)
+    with set_current_vllm_config(VllmConfig()):
+        assert impl_class(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto").policy is None
