@@ -26,8 +26,8 @@ for kind in "${kinds[@]}"; do
   [ "$kind" = gpu ] && gpu_flags=(--gpus all)
   # The tiny model is built inside the container from the fixtures shipped with the package.
   docker run -d --name "$name" "${gpu_flags[@]}" -p "127.0.0.1:$PORT:8000" --entrypoint bash "$image" -c \
-    "python3 -m retentivekv_vllm.fixtures build --arch llama --out /tmp/tiny-llama \
-     && exec vllm serve /tmp/tiny-llama --host 0.0.0.0 --kv-policy retentive --kv-budget 0.2 \
+    "python3 -m retentivekv_vllm.fixtures build --arch llama --out /home/vllm/tiny-llama \
+     && exec vllm serve /home/vllm/tiny-llama --host 0.0.0.0 --kv-policy retentive --kv-budget 0.2 \
         --dtype float32 --enforce-eager --max-model-len 2048 --kv-cache-memory-bytes 268435456"
   trap 'docker rm -f "$name" > /dev/null 2>&1 || true' EXIT
   echo "== waiting for $name"
@@ -42,7 +42,7 @@ for kind in "${kinds[@]}"; do
   done
   prompt=$(python3 -c 'print(" ".join(f"Sentence {i}: the river ran past the mill." for i in range(40)))')
   curl -sf "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
-    -d "{\"model\": \"/tmp/tiny-llama\", \"prompt\": \"$prompt\", \"max_tokens\": 8}" | tee /dev/stderr \
+    -d "{\"model\": \"/home/vllm/tiny-llama\", \"prompt\": \"$prompt\", \"max_tokens\": 8}" | tee /dev/stderr \
     | grep -q '"finish_reason"'
   sleep 3  # the plugin's metrics refresh once a second
   curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^retentivekv:tokens_folded_total' \
