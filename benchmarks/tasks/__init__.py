@@ -41,3 +41,4 @@ def make_task(name: str):
 
 
 from benchmarks.tasks import recall  # noqa: E402,F401  (registration)
+from benchmarks.tasks import grid  # noqa: E402,F401  (registration)
