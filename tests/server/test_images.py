@@ -65,9 +65,20 @@ def served(model_dir, tmp_path_factory) -> dict:
                 }
                 # A request's memory is released (and logged) at a later engine step.
                 client.completions.create(model=model_dir, prompt="Flush.", max_tokens=2)
-                time.sleep(1.0)
-        results[run] = (replies, log_path.read_text(errors="replace"))
+            # Read before the server stops: shutting down logs the engine's exit.
+            log = wait_for_release_lines(log_path, len(CHATS) if args else 0)
+        results[run] = (replies, log)
     return results
+
+
+def wait_for_release_lines(log_path, count: int, timeout: float = 60.0) -> str:
+    """The server's log once it holds `count` release lines of image requests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = log_path.read_text(errors="replace")
+        if sum(int(m["images"]) > 0 for m in LOG_LINE.finditer(log)) >= count or time.monotonic() > deadline:
+            return log
+        time.sleep(0.5)
 
 
 def token_ids(reply) -> list[int]:
