@@ -8,7 +8,7 @@ from .feature_maps import (
     PositiveRandomFeatures,
     make_feature_map,
 )
-from .merge import local_attention, merge_with_states
+from .merge import local_attention, merge_with_state_readouts, merge_with_states
 from .reference import compressed_attention
 from .scores import (
     PatchLayout,
@@ -53,6 +53,7 @@ __all__ = [
     "make_feature_map",
     "masked_logits",
     "masked_softmax",
+    "merge_with_state_readouts",
     "merge_with_states",
     "normalize_by_max",
     "pool1d",

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .feature_maps import FeatureMap
 from .scores import masked_logits, masked_softmax
+from .state import RecurrentState, readout
 
 
 def local_attention(
@@ -61,3 +63,22 @@ def merge_with_states(
         weight_local + weight_state
     )[..., None]
     return torch.where(has_state[..., None], merged, out_local)
+
+
+def merge_with_state_readouts(
+    out_local: Tensor,
+    lse_local: Tensor,
+    q: Tensor,
+    states: Sequence[RecurrentState],
+    feature_map: FeatureMap | None,
+    gains: Sequence[float] | None = None,
+) -> Tensor:
+    """Local attention out_local [H, m, dv] (lse_local [H, m]) of queries q [H, m, d] merged with what
+    every state returns to those queries -> [H, m, dv] float32; out_local itself without states."""
+    if not states:
+        return out_local.float()
+    phi_q = feature_map.query_features(q)
+    readouts = [readout(state, phi_q) for state in states]
+    return merge_with_states(
+        out_local, lse_local, [num for num, _ in readouts], [den for _, den in readouts], gains
+    )

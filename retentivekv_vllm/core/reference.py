@@ -5,8 +5,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .feature_maps import FeatureMap
-from .merge import local_attention, merge_with_states
-from .state import RecurrentState, readout
+from .merge import local_attention, merge_with_state_readouts
+from .state import RecurrentState
 
 
 def compressed_attention(
@@ -29,10 +29,4 @@ def compressed_attention(
     `feature_map` may be None.
     """
     out_local, lse_local = local_attention(q, k, v, scale, q_positions, k_positions, key_mask=keep_mask)
-    if not states:
-        return out_local
-    phi_q = feature_map.query_features(q)
-    readouts = [readout(state, phi_q) for state in states]
-    return merge_with_states(
-        out_local, lse_local, [num for num, _ in readouts], [den for _, den in readouts], gains
-    )
+    return merge_with_state_readouts(out_local, lse_local, q, states, feature_map, gains)

@@ -7,8 +7,10 @@ is a pass-through whenever no policy is configured.  With a policy:
   many tokens the request has folded after the step (``budget.folded_after_step``,
   the rule the scheduler's KV manager applies too);
 * the impl runs vLLM's C++ kernel for the whole batch (exact for requests with
-  nothing folded), recomputes the rows of requests with folded tokens in torch
-  (attention over the live slots with its log-sum-exp, state readout, merge), then
+  nothing folded; requests with folded tokens get their sequence length cut to their
+  query length, so the kernel does next to nothing for rows that are overwritten),
+  computes the rows of requests with folded tokens in torch (attention over the live
+  blocks read in place, with its log-sum-exp, state readout, merge), then
   compresses the requests over budget: each head's kept tokens are packed, in
   position order, into the slots right below the newest token, so the folded ones
   are always a request's oldest slots and the KV manager frees their blocks.
@@ -30,7 +32,12 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from retentivekv_vllm.core import accumulated_attention, attention_probs, compressed_attention
+from retentivekv_vllm.core import (
+    accumulated_attention,
+    attention_probs,
+    compressed_attention,
+    merge_with_state_readouts,
+)
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
 from retentivekv_vllm.engine.cpu_layout import RequestSlots
@@ -127,11 +134,28 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             log_memory_plan(self.policy, kv_cache_spec, len(layer_names), vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self.policy is None:
-            return metadata
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plans = self._plan(common_attn_metadata)
+        metadata = super().build(
+            common_prefix_len, self._without_recomputed_context(common_attn_metadata, plans), fast_build
+        )
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
-        return RetentiveCPUMetadata(**fields, plans=self._plan(common_attn_metadata))
+        return RetentiveCPUMetadata(**fields, plans=plans)
+
+    @staticmethod
+    def _without_recomputed_context(cm, plans: list[RequestPlan]):
+        """The common metadata with each recomputed request's sequence cut to its query length:
+        the C++ kernel then reads only the request's first query-length slots (folded: null or
+        stale blocks, harmless, since the torch path overwrites those rows) instead of the
+        whole sequence."""
+        recomputed = [plan for plan in plans if plan.live_start > 0]
+        if not recomputed:
+            return cm
+        seq_lens = cm.seq_lens.clone()
+        for plan in recomputed:
+            seq_lens[plan.row] = plan.query_end - plan.query_start
+        return dataclasses.replace(cm, seq_lens=seq_lens, max_seq_len=int(seq_lens.max()))
 
     def _plan(self, cm) -> list[RequestPlan]:
         view = batch.current()
@@ -195,14 +219,14 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
         if plan.live_start > 0 or plan.compress:
             slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
-            keys, values = slots.read()
-            key_positions = memory.positions[:, plan.live_start : n]
         if plan.live_start > 0:
-            out = self._attend(q, q_positions, keys, values, key_positions, memory, plan.policy)
+            out = self._attend_slots(q, slots, memory, plan.policy)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
         if plan.compress:
             started = time.perf_counter()
+            keys, values = slots.read()
+            key_positions = memory.positions[:, plan.live_start : n]
             self._compress(plan, memory, slots, keys, values, key_positions)
             REGISTRY.compress_seconds += time.perf_counter() - started
 
@@ -211,7 +235,17 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         t, hq, d = q.shape
         return q.permute(1, 0, 2).reshape(self.num_kv_heads, (hq // self.num_kv_heads) * t, d)
 
+    def _attend_slots(self, q, slots: RequestSlots, memory: LayerMemory, policy):
+        """Attention of q [T, Hq, d] over the live blocks, read in place, merged with the states."""
+        grouped = self._group(q)
+        out, lse = slots.attend(grouped, q.shape[0], self.scale)
+        feature_map = policy.feature_map(self.head_size, self.scale) if memory.states else None
+        out = merge_with_state_readouts(out, lse, grouped, memory.states, feature_map)
+        # [Hkv, g*T, dv] -> [T, Hq, dv]
+        return out.view(self.num_heads, q.shape[0], -1).permute(1, 0, 2)
+
     def _attend(self, q, q_positions, keys, values, key_positions, memory: LayerMemory, policy):
+        """Attention over keys and values already read (the GPU backend's prefill rows)."""
         grouped = self._group(q)
         feature_map = policy.feature_map(self.head_size, self.scale) if memory.states else None
         out = compressed_attention(

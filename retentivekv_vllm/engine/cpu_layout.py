@@ -7,6 +7,11 @@ measured once per (ISA, block size, head size, dtype): vLLM's own
 ``cpu_attn_reshape_and_cache`` writes a probe block whose entries encode their
 (token, dim) coordinates, and the result gives, for every element, where it lives.
 Coordinates are written as base-16 digits (< 16) so the probe is exact in any dtype.
+
+Decode attention reads the live blocks in place: where a measured layout is plain
+token-major or dimension-major, each (block, head) region is a [bs, d] or [d, bs]
+matrix view, and the attention is a batched matrix product over blocks, with no
+copy of the cache beyond picking the request's blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from vllm import _custom_ops as ops
 
 DIGIT = 16
+TOKEN_MAJOR, DIM_MAJOR = "token-major", "dim-major"
 
 
 def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,13 +60,32 @@ def block_layout(
     return offsets(stored_k), offsets(stored_v)
 
 
+@functools.cache
+def block_orders(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """For keys and values: TOKEN_MAJOR or DIM_MAJOR when a (block, head) region is that plain
+    matrix, None for any other order (read through the offsets of `block_layout`)."""
+    token_major = torch.arange(block_size * head_size)
+    dim_major = (torch.arange(head_size)[None, :] * block_size + torch.arange(block_size)[:, None]).reshape(-1)
+
+    def order(offsets: torch.Tensor) -> str | None:
+        if torch.equal(offsets, token_major):
+            return TOKEN_MAJOR
+        if torch.equal(offsets, dim_major):
+            return DIM_MAJOR
+        return None
+
+    return tuple(order(o) for o in block_layout(isa, block_size, head_size, dtype))
+
+
 class RequestSlots:
     """The cache blocks of one request covering slots [start, end), in token order."""
 
     def __init__(self, kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int, isa: str):
+        self.kv_cache = kv_cache
         self.caches = split_kv_cache(kv_cache)
         _, self.heads, self.block_size, self.head_size = self.caches[0].shape
         self.offsets = block_layout(isa, self.block_size, self.head_size, kv_cache.dtype)
+        self.orders = block_orders(isa, self.block_size, self.head_size, kv_cache.dtype)
         first = start // self.block_size
         self.blocks = block_row[first : (end + self.block_size - 1) // self.block_size].long()
         self.first_slot = first * self.block_size
@@ -79,6 +104,87 @@ class RequestSlots:
         regions = torch.empty_like(ordered)
         regions[:, :, self.offsets[which]] = ordered
         self.caches[which][self.blocks] = regions.view(n, h, bs, d)
+
+    def _picked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the request's blocks, two [n, Hkv, bs, d] as stored: views of the
+        cache when the blocks are consecutive (the usual case), else one copy of whole blocks
+        (K and V together, so each block is one contiguous run of memory)."""
+        blocks, first = self.blocks, int(self.blocks[0])
+        if torch.equal(blocks, torch.arange(first, first + len(blocks))):
+            picked = self.kv_cache[first : first + len(blocks)]
+        else:
+            picked = self.kv_cache[blocks]
+        return split_kv_cache(picked)
+
+    def blocks_for_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [n, Hkv, d, bs] and values [n, Hkv, bs, d] of the request's blocks, the operands of
+        q @ K and p @ V; views of the stored blocks where their order allows."""
+        n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
+        matrices = []
+        for which, (stored, wanted) in enumerate(zip(self._picked(), (DIM_MAJOR, TOKEN_MAJOR))):
+            order = self.orders[which]
+            if order is None:  # reorder to token-major through the measured offsets
+                stored = stored.reshape(n, h, bs * d)[:, :, self.offsets[which]]
+                order = TOKEN_MAJOR
+            shape = (n, h, bs, d) if order == TOKEN_MAJOR else (n, h, d, bs)
+            matrix = stored.reshape(n, h, bs * d).view(shape)
+            matrices.append(matrix if order == wanted else matrix.transpose(-1, -2))
+        return matrices[0], matrices[1]
+
+    def attend(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal softmax attention of the step's num_new tokens over the live slots
+        -> out [Hkv, m, d] float32 and its log-sum-exp [Hkv, m].
+
+        q [Hkv, m, d] holds each KV head's query rows grouped (m = g·num_new, row r is token
+        r % num_new of the step).  The slots below the step's first new token hold tokens
+        older than every query of the step (compaction packs kept tokens there), and the
+        step's own tokens sit at their positions: the prefix is visible to every row, the
+        new tokens causally.
+        """
+        if num_new == 1:
+            return self._attend_in_place(q, scale)
+        return self._attend_chunk(q, num_new, scale)
+
+    def _attend_in_place(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode: every live slot is visible; one product per (block, head) on the blocks as
+        stored, so the only memory traffic is the live blocks read once (twice if scattered)."""
+        keys, values = self.blocks_for_attention()
+        if keys.dtype != torch.float32:
+            keys, values = keys.float(), values.float()
+        n, bs = keys.shape[0], self.block_size
+        slots = self.first_slot + torch.arange(n * bs).view(n, 1, 1, bs)
+        hidden = (slots < self.first_slot + self.span.start) | (slots >= self.first_slot + self.span.stop)
+        # [n, Hkv, m, bs]: q broadcast over blocks.
+        logits = torch.matmul(q.float(), keys).mul_(scale).masked_fill_(hidden, float("-inf"))
+        lse = torch.logsumexp(logits, dim=(0, 3))
+        probs = logits.sub_(lse[None, :, :, None]).exp_()
+        return torch.matmul(probs, values).sum(0), lse
+
+    def _attend_chunk(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several new tokens (a prefill chunk): torch's fused CPU attention, which returns the
+        log-sum-exp, once over the prefix (no mask) and once causally over the new tokens,
+        merged in log space."""
+        keys, values = self.read()
+        heads, m, d = q.shape
+        group = m // num_new
+        q = q.float()
+        attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        # The new tokens: per query head, causal over the square of the step's tokens.
+        new_k, new_v = (x[:, -num_new:, None].expand(-1, -1, group, -1) for x in (keys, values))
+        per_query_head = lambda x: x.transpose(1, 2).reshape(1, heads * group, num_new, -1)  # noqa: E731
+        out, lse = attention(
+            q.view(1, heads * group, num_new, d), per_query_head(new_k), per_query_head(new_v),
+            is_causal=True, scale=scale,
+        )
+        out, lse = out.reshape(heads, m, -1), lse.reshape(heads, m)
+        if keys.shape[1] == num_new:
+            return out, lse
+        out_prefix, lse_prefix = attention(
+            q[None], keys[None, :, :-num_new], values[None, :, :-num_new], scale=scale
+        )
+        total = torch.logaddexp(lse, lse_prefix[0])
+        merged = out * (lse - total).exp()[..., None] + out_prefix[0] * (lse_prefix[0] - total).exp()[..., None]
+        return merged, total
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the slots, [Hkv, end - start, d] float32."""
