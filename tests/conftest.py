@@ -1,15 +1,22 @@
-"""Test order: the Triton kernel tests run first.
+"""Select Triton's interpreter for the whole test session when there is no GPU.
 
-They pass alone and before the engine tests, but after a full engine run in the same process
-Triton's interpreter failed on `tl.zeros` ("Cannot call @triton.jit'd outside of the scope of
-a kernel"); the cause is not found yet. Until it is, the kernels
-see a fresh process.
+Triton reads TRITON_INTERPRET when a @triton.jit function is defined, and that includes its own
+library functions (`tl.zeros` and friends), defined when `triton` is first imported. vLLM imports
+`triton` while the test modules are collected, so the variable must be set here, before any test
+module is imported; set later (in tests/kernels) the kernels were interpreted but `tl.zeros`
+inside them was not ("Cannot call @triton.jit'd outside of the scope of a kernel"). The other
+tests do not notice: vLLM's CPU build disables Triton whatever the variable says.
 """
 
-from pathlib import Path
+import os
+import sys
 
-KERNEL_TESTS = Path(__file__).parent / "kernels"
+import torch
 
-
-def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: not Path(str(item.path)).is_relative_to(KERNEL_TESTS))
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        raise RuntimeError(
+            "triton was imported before tests/conftest.py could select its interpreter; "
+            "set TRITON_INTERPRET=1 before running the tests"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
