@@ -20,6 +20,8 @@ STATE_QUERIES = ("query", "fixed")
 # Knobs a request may set for itself in the OpenAI request's extra fields (vllm_xargs, which
 # vLLM hands on as SamplingParams.extra_args); every other knob is the server's.
 REQUEST_KNOBS = ("policy", "budget")
+# Whether the server lets requests set REQUEST_KNOBS (--kv-request-overrides).
+REQUEST_OVERRIDES = ("allow", "deny")
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,12 @@ class KVPolicyConfig:
         "dual",
         "Recurrent states of retentive: dual (visual and text), single (one for both) or "
         "none (folded tokens are dropped: eviction by the retention score).",
+        str,
+    )
+    request_overrides: str = _knob(
+        "allow",
+        "Whether a request may choose its own policy and budget (vllm_xargs.kv_policy, "
+        "vllm_xargs.kv_budget): allow, or deny (such a request gets HTTP 400).",
         str,
     )
 
@@ -184,6 +192,11 @@ class KVPolicyConfig:
             )
         if self.states not in STATE_MODES:
             fail("states", f"unknown mode {self.states!r}; choose one of {list(STATE_MODES)}")
+        if self.request_overrides not in REQUEST_OVERRIDES:
+            fail(
+                "request_overrides",
+                f"got {self.request_overrides!r}; choose one of {list(REQUEST_OVERRIDES)}",
+            )
         if not 0 < self.gamma0 <= 1:
             fail("gamma0", f"must lie in (0, 1], got {self.gamma0}")
         if not 0 <= self.absorption_min <= self.absorption_max:
@@ -216,6 +229,12 @@ def request_config(
         raise RequestConfigError(
             f"vllm_xargs.{sorted(ours)[0]}",
             "this server runs no KV policy (start it with --kv-policy to choose one per request)",
+        )
+    if server.request_overrides == "deny":
+        raise RequestConfigError(
+            f"vllm_xargs.{sorted(ours)[0]}",
+            f"this server does not let requests choose their KV settings (started with "
+            f"{_option('request_overrides')} deny); send the request without vllm_xargs.kv_*",
         )
     knobs = {f.name: f for f in server.knobs()}
     try:

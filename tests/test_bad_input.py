@@ -61,6 +61,7 @@ BAD_FLAG_VALUES = [
     ("seed-text", "llama", (*POLICY, "--kv-seed", "abc"), "--kv-seed"),
     ("states-unknown", "llama", (*POLICY, "--kv-states", "many"), "--kv-states"),
     ("state-query-unknown", "llama", (*POLICY, "--kv-state-query", "key"), "--kv-state-query"),
+    ("request-overrides-unknown", "llama", (*POLICY, "--kv-request-overrides", "maybe"), "--kv-request-overrides"),
     ("option-unknown", "llama", (*POLICY, "--additional-config.kv_bogus", "1"), "kv_bogus"),
     ("option-without-policy", "llama", ("--kv-budget", "0.5"), "--kv-policy"),
     ("flag-conflicts-with-additional-config", "llama",

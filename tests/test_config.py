@@ -55,6 +55,8 @@ def test_defaults_and_spelling():
         ({"policy": "retentive", "gamma0": 0}, "--kv-gamma0"),
         ({"policy": "retentive", "absorption_min": 3}, "--kv-absorption-min"),
         ({"policy": "retentive", "decode_interval": 0}, "--kv-decode-interval"),
+        ({"policy": "retentive", "request_overrides": "maybe"}, "--kv-request-overrides"),
+        ({"request_overrides": "deny"}, "--kv-policy"),
         ({"budget": 0.5}, "--kv-policy"),
         ({"policy": "retentive", "bogus": 1}, "kv_bogus"),
     ],
@@ -127,6 +129,10 @@ def test_a_request_may_choose_its_policy_and_budget():
         ({"policy": "streaming"}, {"kv_policy": "retentive"}, "vllm_xargs.kv_policy"),
         ({"policy": "retentive", "states": "none"}, {"kv_policy": "retentive"}, None),
         (None, {"kv_budget": 0.5}, "vllm_xargs.kv_budget"),
+        # A server that denies overrides refuses them, even values it would accept.
+        ({"policy": "retentive", "request_overrides": "deny"}, {"kv_budget": 0.5}, "vllm_xargs.kv_budget"),
+        ({"policy": "retentive", "request_overrides": "deny"}, {"kv_policy": "h2o"}, "vllm_xargs.kv_policy"),
+        ({"policy": "retentive", "request_overrides": "deny"}, {"session_id": "abc"}, None),
     ],
 )
 def test_bad_request_settings_name_the_field(server, extra_args, field):
@@ -137,3 +143,10 @@ def test_bad_request_settings_name_the_field(server, extra_args, field):
     with pytest.raises(RequestConfigError) as refused:
         request_config(server_config, extra_args)
     assert refused.value.field == field and str(refused.value).startswith(field)
+    if (server or {}).get("request_overrides") == "deny":
+        assert "--kv-request-overrides" in str(refused.value)
+
+
+def test_request_overrides_default_to_allow():
+    assert parse(policy="retentive").request_overrides == "allow"
+    assert parse(policy="retentive", request_overrides=" DENY ").request_overrides == "deny"

@@ -1,6 +1,7 @@
 """The plugin seen by an operator: its metrics on vLLM's own /metrics and the stats route behind
 the API key (VLLM_PLUGINS=retentivekv, --api-key), against counts computed from the tokenizer and
-the model's shape."""
+the model's shape; and a server that forbids per-request settings (--kv-request-overrides deny;
+tests/server/test_server.py has the default, allow)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from retentivekv_vllm.engine.serving import REFRESH_SECONDS, STATS_ROUTE
@@ -32,7 +33,10 @@ def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "vllm-serve.log"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_PLUGINS", "retentivekv")
-        args = ("--kv-policy", "retentive", "--kv-budget", str(BUDGET), "--api-key", API_KEY)
+        args = (
+            "--kv-policy", "retentive", "--kv-budget", str(BUDGET), "--api-key", API_KEY,
+            "--kv-request-overrides", "deny",
+        )
         with Server(model=str(model_dir), args=args, log_path=log_path) as srv:
             yield srv
 
@@ -138,9 +142,49 @@ def test_stats_route_is_read_only_and_behind_the_api_key(server):
     stats = get_stats(server)
     assert stats["kv_policy"]["kv_policy"] == "retentive"
     assert stats["kv_policy"]["kv_budget"] == BUDGET
+    assert stats["kv_policy"]["kv_request_overrides"] == "deny"
     request = urllib.request.Request(
         server.base_url + STATS_ROUTE, method="POST", headers={"Authorization": f"Bearer {API_KEY}"}
     )
     with pytest.raises(urllib.error.HTTPError) as post:
         urllib.request.urlopen(request, timeout=30)
     assert post.value.code == 405
+
+
+@pytest.mark.parametrize(
+    "xargs, field",
+    [
+        ({"kv_budget": 0.5}, "vllm_xargs.kv_budget"),  # a value an allowing server accepts
+        ({"kv_policy": "h2o"}, "vllm_xargs.kv_policy"),
+        ({"kv_budget": 1.0, "kv_policy": "snapkv"}, "vllm_xargs.kv_budget"),
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_denied_overrides_get_http_400_naming_the_field_and_the_flag(server, client, xargs, field, endpoint):
+    model = client.models.list().data[0].id
+    before = scrape(server)
+    with pytest.raises(BadRequestError) as refused:
+        if endpoint == "chat":
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                extra_body={"vllm_xargs": xargs},
+            )
+        else:
+            client.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": xargs})
+    assert refused.value.status_code == 400
+    assert field in refused.value.message, refused.value.message
+    assert "--kv-request-overrides" in refused.value.message, refused.value.message
+    # Refused before the engine: nothing was scheduled or compressed.
+    after = scrape(server)
+    for name in ("vllm:prompt_tokens_total", "retentivekv:tokens_cached_total"):
+        assert after.get(name, ({}, 0.0))[1] == before.get(name, ({}, 0.0))[1], name
+
+
+def test_denied_overrides_leave_other_extra_fields_alone(server, client):
+    """Only the kv_* fields are refused: other vllm_xargs still reach the engine."""
+    model = client.models.list().data[0].id
+    completion = client.completions.create(
+        model=model, prompt="Hi", max_tokens=2, temperature=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"session_id": "abc"}},
+    )
+    assert completion.usage.completion_tokens == 2
