@@ -24,6 +24,11 @@ class RecurrentState:
             z=torch.zeros(num_heads, rank, device=device),
         )
 
+    @classmethod
+    def stack(cls, states: "list[RecurrentState]") -> "RecurrentState":
+        """One state with a leading batch dim over `states` (requests decoded together)."""
+        return cls(S=torch.stack([s.S for s in states]), z=torch.stack([s.z for s in states]))
+
     @property
     def num_elements(self) -> int:
         return self.S.numel() + self.z.numel()
@@ -67,9 +72,10 @@ def fold(state: RecurrentState, phi_k: Tensor, v: Tensor, gamma: Tensor, absorpt
 
 
 def readout(state: RecurrentState, phi_q: Tensor) -> tuple[Tensor, Tensor]:
-    """phi_q [H, m, r] (a KV head's query rows) -> numerator φ(q)ᵀS [H, m, dv], denominator φ(q)ᵀz [H, m]."""
+    """phi_q [..., H, m, r] (a KV head's query rows) -> numerator φ(q)ᵀS [..., H, m, dv], denominator
+    φ(q)ᵀz [..., H, m]; leading dims (a batch of requests) are shared by the state's S [..., H, r, dv]."""
     phi_q = phi_q.float()
-    return phi_q @ state.S, (phi_q @ state.z[:, :, None]).squeeze(-1)
+    return phi_q @ state.S, (phi_q @ state.z.unsqueeze(-1)).squeeze(-1)
 
 
 def retention_from_entropy(entropy_hat: Tensor, gamma0: float) -> Tensor:

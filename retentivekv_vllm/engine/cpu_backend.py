@@ -10,7 +10,8 @@ is a pass-through whenever no policy is configured.  With a policy:
   nothing folded; requests with folded tokens get their sequence length cut to their
   query length, so the kernel does next to nothing for rows that are overwritten),
   computes the rows of requests with folded tokens in torch (attention over the live
-  blocks read in place, with its log-sum-exp, state readout, merge), then
+  blocks with its log-sum-exp, state readout, merge: all decoding requests of the step
+  in one batch, read from the blocks as stored; a prefill chunk per request), then
   compresses the requests over budget: each head's kept tokens are packed, in
   position order, into the slots right below the newest token, so the folded ones
   are always a request's oldest slots and the KV manager frees their blocks.
@@ -33,6 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from retentivekv_vllm.core import (
+    RecurrentState,
     accumulated_attention,
     attention_probs,
     compressed_attention,
@@ -40,7 +42,7 @@ from retentivekv_vllm.core import (
 )
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
-from retentivekv_vllm.engine.cpu_layout import RequestSlots
+from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots
 from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan, logger
 from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
 from retentivekv_vllm.engine.settings import (
@@ -73,6 +75,15 @@ class RequestPlan:
         return self.fold_to != self.live_start
 
     @property
+    def recomputed(self) -> bool:
+        """Its rows are computed in torch: it has folded tokens."""
+        return self.live_start > 0
+
+    @property
+    def decodes(self) -> bool:
+        return self.query_end - self.query_start == 1
+
+    @property
     def budget(self) -> int:
         return self.seq_len - self.fold_to
 
@@ -80,6 +91,9 @@ class RequestPlan:
 @dataclass
 class RetentiveCPUMetadata(CPUAttentionMetadata):
     plans: list[RequestPlan] = dataclasses.field(default_factory=list)
+    # The recomputed requests that decode one token (their plans, in order), batched.
+    decode_plans: list[RequestPlan] = dataclasses.field(default_factory=list)
+    decode_batch: DecodeBatch | None = None
 
 
 def plan_request(
@@ -141,7 +155,17 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             common_prefix_len, self._without_recomputed_context(common_attn_metadata, plans), fast_build
         )
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
-        return RetentiveCPUMetadata(**fields, plans=plans)
+        decode_plans = [plan for plan in plans if plan.recomputed and plan.decodes]
+        decode_batch = None
+        if decode_plans:
+            decode_batch = DecodeBatch.plan(
+                [plan.query_start for plan in decode_plans],
+                common_attn_metadata.block_table_tensor[[plan.row for plan in decode_plans]],
+                [plan.live_start for plan in decode_plans],
+                [plan.seq_len for plan in decode_plans],
+                self.kv_cache_spec.block_size,
+            )
+        return RetentiveCPUMetadata(**fields, plans=plans, decode_plans=decode_plans, decode_batch=decode_batch)
 
     @staticmethod
     def _without_recomputed_context(cm, plans: list[RequestPlan]):
@@ -149,7 +173,7 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         the C++ kernel then reads only the request's first query-length slots (folded: null or
         stale blocks, harmless, since the torch path overwrites those rows) instead of the
         whole sequence."""
-        recomputed = [plan for plan in plans if plan.live_start > 0]
+        recomputed = [plan for plan in plans if plan.recomputed]
         if not recomputed:
             return cm
         seq_lens = cm.seq_lens.clone()
@@ -208,19 +232,42 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         if not plans or self.attn_type != AttentionType.DECODER:
             return output
         rows = output.view(output.shape[0], self.num_heads, self.head_size)
+        if attn_metadata.decode_batch is not None:
+            self._decode(layer, attn_metadata.decode_plans, attn_metadata.decode_batch, query, kv_cache, rows)
         for plan in plans:
             self._run_plan(layer, plan, query, kv_cache, attn_metadata.block_table, rows)
         return output
+
+    def _decode(self, layer, plans: list[RequestPlan], batch: DecodeBatch, query, kv_cache, rows) -> None:
+        """The rows of every recomputed request that decodes: attention over the live blocks in one
+        batch, merged with each request's states (one batch per policy and number of states)."""
+        q = query[batch.query_rows].float().view(len(plans), self.num_kv_heads, self.num_queries_per_kv, -1)
+        out, lse = batch.attend(kv_cache, q, self.scale, layer.isa)
+        groups: dict[tuple[int, int], list[int]] = {}
+        memories = [plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len) for plan in plans]
+        for i, (plan, memory) in enumerate(zip(plans, memories)):
+            if memory.states:
+                groups.setdefault((id(plan.policy), len(memory.states)), []).append(i)
+        for members in groups.values():
+            policy, states = plans[members[0]].policy, [memories[i].states for i in members]
+            stacked = [RecurrentState.stack([s[k] for s in states]) for k in range(len(states[0]))]
+            pick = slice(None) if len(members) == len(plans) else torch.tensor(members)
+            out[pick] = merge_with_state_readouts(
+                out[pick], lse[pick], q[pick], stacked, policy.feature_map(self.head_size, self.scale)
+            )
+        # [R, Hkv, g, dv] -> [R, Hq, dv]
+        rows[batch.query_rows] = out.view(len(plans), self.num_heads, -1).to(rows.dtype)
 
     def _run_plan(self, layer, plan: RequestPlan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
         q = query[plan.query_start : plan.query_end].float()
         q_positions = torch.arange(n - q.shape[0], n)
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
-        if plan.live_start > 0 or plan.compress:
+        chunk = plan.recomputed and not plan.decodes
+        if chunk or plan.compress:
             slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
-        if plan.live_start > 0:
-            out = self._attend_slots(q, slots, memory, plan.policy)
+        if chunk:
+            out = self._attend_chunk(q, slots, memory, plan.policy)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
         if plan.compress:
@@ -235,10 +282,10 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         t, hq, d = q.shape
         return q.permute(1, 0, 2).reshape(self.num_kv_heads, (hq // self.num_kv_heads) * t, d)
 
-    def _attend_slots(self, q, slots: RequestSlots, memory: LayerMemory, policy):
-        """Attention of q [T, Hq, d] over the live blocks, read in place, merged with the states."""
+    def _attend_chunk(self, q, slots: RequestSlots, memory: LayerMemory, policy):
+        """Attention of a chunk's queries q [T, Hq, d] over the live slots, merged with the states."""
         grouped = self._group(q)
-        out, lse = slots.attend(grouped, q.shape[0], self.scale)
+        out, lse = slots.attend_chunk(grouped, q.shape[0], self.scale)
         feature_map = policy.feature_map(self.head_size, self.scale) if memory.states else None
         out = merge_with_state_readouts(out, lse, grouped, memory.states, feature_map)
         # [Hkv, g*T, dv] -> [T, Hq, dv]

@@ -17,6 +17,7 @@ copy of the cache beyond picking the request's blocks.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from vllm import _custom_ops as ops
@@ -105,65 +106,18 @@ class RequestSlots:
         regions[:, :, self.offsets[which]] = ordered
         self.caches[which][self.blocks] = regions.view(n, h, bs, d)
 
-    def _picked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the request's blocks, two [n, Hkv, bs, d] as stored: views of the
-        cache when the blocks are consecutive (the usual case), else one copy of whole blocks
-        (K and V together, so each block is one contiguous run of memory)."""
-        blocks, first = self.blocks, int(self.blocks[0])
-        if torch.equal(blocks, torch.arange(first, first + len(blocks))):
-            picked = self.kv_cache[first : first + len(blocks)]
-        else:
-            picked = self.kv_cache[blocks]
-        return split_kv_cache(picked)
-
-    def blocks_for_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys [n, Hkv, d, bs] and values [n, Hkv, bs, d] of the request's blocks, the operands of
-        q @ K and p @ V; views of the stored blocks where their order allows."""
-        n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
-        matrices = []
-        for which, (stored, wanted) in enumerate(zip(self._picked(), (DIM_MAJOR, TOKEN_MAJOR))):
-            order = self.orders[which]
-            if order is None:  # reorder to token-major through the measured offsets
-                stored = stored.reshape(n, h, bs * d)[:, :, self.offsets[which]]
-                order = TOKEN_MAJOR
-            shape = (n, h, bs, d) if order == TOKEN_MAJOR else (n, h, d, bs)
-            matrix = stored.reshape(n, h, bs * d).view(shape)
-            matrices.append(matrix if order == wanted else matrix.transpose(-1, -2))
-        return matrices[0], matrices[1]
-
-    def attend(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal softmax attention of the step's num_new tokens over the live slots
+    def attend_chunk(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal softmax attention of a chunk of num_new new tokens over the live slots
         -> out [Hkv, m, d] float32 and its log-sum-exp [Hkv, m].
 
         q [Hkv, m, d] holds each KV head's query rows grouped (m = g·num_new, row r is token
         r % num_new of the step).  The slots below the step's first new token hold tokens
         older than every query of the step (compaction packs kept tokens there), and the
         step's own tokens sit at their positions: the prefix is visible to every row, the
-        new tokens causally.
+        new tokens causally.  Torch's fused CPU attention, which returns the log-sum-exp,
+        runs once over the prefix (no mask) and once causally over the new tokens; the two
+        are merged in log space.
         """
-        if num_new == 1:
-            return self._attend_in_place(q, scale)
-        return self._attend_chunk(q, num_new, scale)
-
-    def _attend_in_place(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode: every live slot is visible; one product per (block, head) on the blocks as
-        stored, so the only memory traffic is the live blocks read once (twice if scattered)."""
-        keys, values = self.blocks_for_attention()
-        if keys.dtype != torch.float32:
-            keys, values = keys.float(), values.float()
-        n, bs = keys.shape[0], self.block_size
-        slots = self.first_slot + torch.arange(n * bs).view(n, 1, 1, bs)
-        hidden = (slots < self.first_slot + self.span.start) | (slots >= self.first_slot + self.span.stop)
-        # [n, Hkv, m, bs]: q broadcast over blocks.
-        logits = torch.matmul(q.float(), keys).mul_(scale).masked_fill_(hidden, float("-inf"))
-        lse = torch.logsumexp(logits, dim=(0, 3))
-        probs = logits.sub_(lse[None, :, :, None]).exp_()
-        return torch.matmul(probs, values).sum(0), lse
-
-    def _attend_chunk(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Several new tokens (a prefill chunk): torch's fused CPU attention, which returns the
-        log-sum-exp, once over the prefix (no mask) and once causally over the new tokens,
-        merged in log space."""
         keys, values = self.read()
         heads, m, d = q.shape
         group = m // num_new
@@ -197,3 +151,74 @@ class RequestSlots:
             tokens = self._read(which)
             tokens[:, begin : begin + new.shape[1]] = new.to(tokens.dtype)
             self._write(which, tokens)
+
+
+@dataclass
+class DecodeBatch:
+    """The decode requests of one step whose rows are recomputed, with their live blocks picked
+    once per step (every layer shares the block table): request i's live slots are
+    [starts[i], ends[i]) of the slots its picked blocks cover, from ``first_slots[i]``."""
+
+    query_rows: torch.Tensor  # [R] each request's row in the step's query tensor
+    blocks: torch.Tensor | slice  # [R, N] block ids (padded), or the blocks of one request when consecutive
+    hidden: torch.Tensor  # [R, N, 1, 1, bs] True for slots outside a request's live span
+
+    @classmethod
+    def plan(cls, query_rows: list[int], block_rows: torch.Tensor, starts: list[int], ends: list[int], block_size: int):
+        """block_rows [R, max_blocks]: the block-table rows of the requests, in order."""
+        first_blocks = [start // block_size for start in starts]
+        counts = [-(-end // block_size) - first for first, end in zip(first_blocks, ends)]
+        num_blocks = max(counts)
+        if len(starts) == 1:
+            ids = block_rows[0, first_blocks[0] : first_blocks[0] + num_blocks].tolist()
+            blocks = (
+                slice(ids[0], ids[0] + num_blocks)
+                if ids == list(range(ids[0], ids[0] + num_blocks))
+                else torch.tensor([ids])
+            )
+        else:
+            columns = torch.tensor(first_blocks)[:, None] + torch.arange(num_blocks)
+            blocks = block_rows.long().gather(1, columns.clamp(max=block_rows.shape[1] - 1))
+        slots = (torch.tensor(first_blocks)[:, None] * block_size + torch.arange(num_blocks * block_size))
+        hidden = (slots < torch.tensor(starts)[:, None]) | (slots >= torch.tensor(ends)[:, None])
+        return cls(torch.tensor(query_rows), blocks, hidden.view(len(starts), num_blocks, 1, 1, block_size))
+
+    def attend(self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax attention of one query row per request and query head over its live slots, read
+        from the blocks as stored: q [R, Hkv, g, d] -> out [R, Hkv, g, d] float32, lse [R, Hkv, g].
+
+        One batched product per (request, block, head), q broadcast over blocks; the only memory
+        traffic is the live blocks, read once (twice when they are gathered: several requests, or
+        one whose blocks are not consecutive).
+        """
+        picked = kv_cache[self.blocks]
+        if isinstance(self.blocks, slice):
+            picked = picked[None]
+        keys, values = stored_matrices(picked, isa)
+        if keys.dtype != torch.float32:
+            keys, values = keys.float(), values.float()
+        # [R, N, Hkv, g, bs]
+        logits = torch.matmul(q[:, None].float(), keys).mul_(scale).masked_fill_(self.hidden, float("-inf"))
+        lse = torch.logsumexp(logits, dim=(1, 4))
+        probs = logits.sub_(lse[:, None, :, :, None]).exp_()
+        return torch.matmul(probs, values).sum(1), lse
+
+
+def stored_matrices(picked: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks [..., Hkv, bs, 2d] of the cache as stored -> keys [..., Hkv, d, bs] and values
+    [..., Hkv, bs, d], the operands of q·K and p·V: views where the measured order allows,
+    else reordered through the measured offsets."""
+    *lead, heads, block_size, _ = picked.shape
+    head_size = picked.shape[-1] // 2
+    regions = picked.reshape(*lead, heads, 2, block_size * head_size)
+    offsets = block_layout(isa, block_size, head_size, picked.dtype)
+    orders = block_orders(isa, block_size, head_size, picked.dtype)
+    matrices = []
+    for which, wanted in enumerate((DIM_MAJOR, TOKEN_MAJOR)):
+        region, order = regions[..., which, :], orders[which]
+        if order is None:
+            region, order = region[..., offsets[which]], TOKEN_MAJOR
+        shape = (block_size, head_size) if order == TOKEN_MAJOR else (head_size, block_size)
+        matrix = region.reshape(*lead, heads, *shape)
+        matrices.append(matrix if order == wanted else matrix.transpose(-1, -2))
+    return matrices[0], matrices[1]

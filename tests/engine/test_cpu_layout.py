@@ -1,46 +1,94 @@
-"""Attention over a request's live cache slots (decode: in place on the blocks; a chunk of new tokens:
-torch's fused attention, prefix and causal part merged) against the plain-torch definition on the same
-slots: `RequestSlots.read` (token-order copy through the measured layout) and `core.local_attention`."""
+"""Attention over requests' live cache slots against the plain-torch definition on the same slots
+(`RequestSlots.read`, a token-order copy through the measured layout, and `core.local_attention`):
+decode, every request of a step in one batch on the blocks as stored; a chunk of new tokens, torch's
+fused attention with the prefix and the causal part merged."""
 
 import pytest
 import torch
 from vllm import _custom_ops as ops
 
 from retentivekv_vllm.core import local_attention
-from retentivekv_vllm.engine.cpu_layout import RequestSlots, split_kv_cache
+from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots, split_kv_cache
 
-HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 2, 64, 128, 12
+HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 2, 64, 128, 24
+ISA = "vec"
+SCALE = HEAD_SIZE**-0.5
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-3, rtol=1e-3)}
 
 
-def filled_cache(dtype, block_row: torch.Tensor, num_tokens: int, isa: str):
-    """A cache whose request (block_row) holds num_tokens random tokens, written by vLLM's own op."""
+def random_cache(dtype) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, generator=generator).to(dtype)
-    keys, values = (torch.randn(num_tokens, HEADS, HEAD_SIZE, generator=generator).to(dtype) for _ in range(2))
+    return torch.randn(NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, generator=generator).to(dtype)
+
+
+def fill(cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: int) -> None:
+    """Write num_tokens random tokens into the request's blocks (block_row) with vLLM's own op."""
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(num_tokens, HEADS, HEAD_SIZE, generator=generator).to(cache.dtype) for _ in range(2))
     slots = torch.arange(num_tokens)
     slot_mapping = block_row[slots // BLOCK_SIZE].long() * BLOCK_SIZE + slots % BLOCK_SIZE
-    ops.cpu_attn_reshape_and_cache(keys, values, *split_kv_cache(cache), slot_mapping, isa)
-    return cache
+    ops.cpu_attn_reshape_and_cache(keys, values, *split_kv_cache(cache), slot_mapping, ISA)
+
+
+def reference(cache, block_row, start, end, q):
+    keys, values = RequestSlots(cache, block_row.int(), start, end, ISA).read()
+    q_positions = torch.full((q.shape[1],), end - 1)
+    return local_attention(q, keys, values, SCALE, q_positions, torch.arange(start, end))
+
+
+# (block row, first live slot, end): the first live slot inside a block, the last block partial.
+CONSECUTIVE = (torch.arange(2, 7), 150, 600)
+SCATTERED = (torch.tensor([9, 3, 11, 0, 5]), 150, 600)
+ALIGNED = (torch.tensor([14, 15, 16, 20]), 256, 512)  # whole blocks only
+ONE_BLOCK = (torch.tensor([21, 22]), 130, 140)  # the live span in one block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize(
+    "requests",
+    [[CONSECUTIVE], [SCATTERED], [ALIGNED], [CONSECUTIVE, SCATTERED, ALIGNED, ONE_BLOCK]],
+    ids=["one-consecutive", "one-scattered", "one-aligned", "batch"],
+)
+def test_decode_batch_matches_local_attention(dtype, group, requests):
+    cache = random_cache(dtype)
+    for seed, (block_row, _, end) in enumerate(requests):
+        fill(cache, block_row, end, seed)
+    max_blocks = max(len(r[0]) for r in requests) + 1
+    block_rows = torch.stack([torch.cat([r[0], torch.zeros(max_blocks - len(r[0]), dtype=torch.long)]) for r in requests])
+    batch = DecodeBatch.plan(
+        list(range(len(requests))), block_rows.int(), [r[1] for r in requests], [r[2] for r in requests], BLOCK_SIZE
+    )
+    q = torch.randn(len(requests), HEADS, group, HEAD_SIZE, generator=torch.Generator().manual_seed(7))
+
+    out, lse = batch.attend(cache, q, SCALE, ISA)
+
+    for i, (block_row, start, end) in enumerate(requests):
+        want_out, want_lse = reference(cache, block_row, start, end, q[i])
+        torch.testing.assert_close(lse[i], want_lse, **TOLERANCE[dtype])
+        torch.testing.assert_close(out[i], want_out, **TOLERANCE[dtype])
+
+
+def test_one_request_with_consecutive_blocks_is_read_in_place():
+    block_row, start, end = CONSECUTIVE
+    batch = DecodeBatch.plan([0], block_row[None].int(), [start], [end], BLOCK_SIZE)
+    assert batch.blocks == slice(3, 7)  # slots 128-639 of blocks 2-6: the first live one is 150
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("blocks", ["consecutive", "scattered"])
-@pytest.mark.parametrize("num_queries,group", [(1, 1), (1, 4), (37, 1), (37, 2), (450, 2)])
-def test_attend_matches_local_attention(dtype, blocks, num_queries, group):
-    isa = "vec"
-    block_row = torch.arange(2, 7) if blocks == "consecutive" else torch.tensor([9, 3, 11, 0, 5])
-    start, end = 150, 600  # the first live slot is inside a block, the last block is partial
-    cache = filled_cache(dtype, block_row, end, isa)
-    slots = RequestSlots(cache, block_row.int(), start, end, isa)
-    generator = torch.Generator().manual_seed(1)
-    q = torch.randn(HEADS, group * num_queries, HEAD_SIZE, generator=generator)
+@pytest.mark.parametrize("num_queries,group", [(1, 2), (37, 1), (37, 2), (450, 2)])
+def test_chunk_matches_local_attention(dtype, blocks, num_queries, group):
+    block_row, start, end = CONSECUTIVE if blocks == "consecutive" else SCATTERED
+    cache = random_cache(dtype)
+    fill(cache, block_row, end, 0)
+    slots = RequestSlots(cache, block_row.int(), start, end, ISA)
+    q = torch.randn(HEADS, group * num_queries, HEAD_SIZE, generator=torch.Generator().manual_seed(1))
     q_positions = torch.arange(end - num_queries, end).repeat(group)
-    scale = HEAD_SIZE**-0.5
 
-    out, lse = slots.attend(q, num_queries, scale)
+    out, lse = slots.attend_chunk(q, num_queries, SCALE)
 
     keys, values = slots.read()
-    want_out, want_lse = local_attention(q, keys, values, scale, q_positions, torch.arange(start, end))
-    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(lse, want_lse, **tolerance)
-    torch.testing.assert_close(out, want_out, **tolerance)
+    want_out, want_lse = local_attention(q, keys, values, SCALE, q_positions, torch.arange(start, end))
+    torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
+    torch.testing.assert_close(out, want_out, **TOLERANCE[dtype])

@@ -1,0 +1,51 @@
+"""The speed benchmark's bookkeeping: the step times it attributes to the largest batch, the
+ratios to stock, and the README table written between its markers (the measurement itself is
+`python -m benchmarks.speed --quick`, too long for the test tiers)."""
+
+from benchmarks import speed
+
+
+def result(name, tpot, ttft, tok_s, kv_bytes, running, largest_tpot):
+    return {
+        "name": name,
+        "latency": {"tpot_s": tpot, "ttft_s": ttft, "load_before": [0.5, 0, 0]},
+        "throughput": {
+            "output_tokens_per_s": tok_s, "kv_bytes_per_request": kv_bytes, "max_running": running,
+            "tpot_at_largest_batch_s": largest_tpot, "largest_decode_batch": running,
+            "decode_tokens_per_s_at_largest_batch": running / largest_tpot, "load_before": [0.7, 0, 0],
+        },
+    }
+
+
+def test_tpot_at_largest_batch_uses_only_steps_where_the_largest_batch_decodes():
+    # Step durations 1, 2, 3, 4, 5, 6: steps 3 and 5 decode the largest batch (3) and nothing else;
+    # step 4 has the batch but one request still prefills.
+    series = {"time_s": [1, 3, 6, 10, 15, 21], "running": [1, 2, 3, 3, 3, 2], "decoding": [0, 1, 3, 2, 3, 2]}
+    assert speed.tpot_at_largest_batch(series) == (3, 4.0)
+
+
+def test_ratios_and_readme_table(tmp_path):
+    results = [
+        result("stock", 0.02, 4.0, 50.0, 8 * 2**20, 4, 0.04),
+        result("retentive 0.2", 0.01, 4.4, 150.0, 2 * 2**20, 16, 0.08),
+    ]
+    speed.add_ratios(results)
+    ratios = results[1]["vs_stock"]
+    assert ratios["kv_memory"] == 4.0
+    assert ratios["tpot_batch1_speedup"] == 2.0
+    assert ratios["output_tokens_per_s"] == 3.0
+    assert ratios["max_concurrency"] == 4.0
+    assert ratios["decode_tokens_per_s_at_largest_batch"] == 2.0
+    assert abs(ratios["prefill_overhead"] - 0.1) < 1e-9
+
+    data = {"meta": {"mode": "quick", "date": "d", "cpu_count": 2, "settings": {
+        "latency_prompt": 8192, "throughput": {"num_requests": 12, "prompt_tokens": 2048, "max_tokens": 48}}},
+        "results": results}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{speed.TABLE_START}\nold table\n{speed.TABLE_END}\nafter\n")
+    speed.write_readme_table(data, readme)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{speed.TABLE_END}\nafter\n")
+    assert "old table" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| retentive 0.2 |"))
+    assert "| 2.0 MiB | 4.0x | 16 |" in row and "| +10% |" in row and "| 3.0x |" in row
