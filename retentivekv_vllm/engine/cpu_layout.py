@@ -155,31 +155,28 @@ class RequestSlots:
 
 @dataclass
 class DecodeBatch:
-    """The decode requests of one step whose rows are recomputed, with their live blocks picked
-    once per step (every layer shares the block table): request i's live slots are
-    [starts[i], ends[i]) of the slots its picked blocks cover, from ``first_slots[i]``."""
+    """The decode requests of one step whose rows are recomputed, and the cache blocks covering
+    each one's live slots, planned once per step (every layer shares the block table)."""
 
     query_rows: torch.Tensor  # [R] each request's row in the step's query tensor
-    blocks: torch.Tensor | slice  # [R, N] block ids (padded), or the blocks of one request when consecutive
-    hidden: torch.Tensor  # [R, N, 1, 1, bs] True for slots outside a request's live span
+    # Per request: its blocks as a slice of the cache when they are consecutive (the usual case:
+    # read in place), else their ids (gathered into a reused workspace).
+    blocks: list[slice | torch.Tensor]
+    hidden: torch.Tensor  # [R, N, 1, 1, bs] True for the slots outside a request's live span
 
     @classmethod
     def plan(cls, query_rows: list[int], block_rows: torch.Tensor, starts: list[int], ends: list[int], block_size: int):
-        """block_rows [R, max_blocks]: the block-table rows of the requests, in order."""
+        """block_rows [R, max_blocks]: the block-table rows of the requests, in order; request i's
+        live slots are [starts[i], ends[i])."""
         first_blocks = [start // block_size for start in starts]
         counts = [-(-end // block_size) - first for first, end in zip(first_blocks, ends)]
+        blocks = []
+        for row, first, count in zip(block_rows.tolist(), first_blocks, counts):
+            ids = row[first : first + count]
+            consecutive = ids == list(range(ids[0], ids[0] + count))
+            blocks.append(slice(ids[0], ids[0] + count) if consecutive else torch.tensor(ids))
         num_blocks = max(counts)
-        if len(starts) == 1:
-            ids = block_rows[0, first_blocks[0] : first_blocks[0] + num_blocks].tolist()
-            blocks = (
-                slice(ids[0], ids[0] + num_blocks)
-                if ids == list(range(ids[0], ids[0] + num_blocks))
-                else torch.tensor([ids])
-            )
-        else:
-            columns = torch.tensor(first_blocks)[:, None] + torch.arange(num_blocks)
-            blocks = block_rows.long().gather(1, columns.clamp(max=block_rows.shape[1] - 1))
-        slots = (torch.tensor(first_blocks)[:, None] * block_size + torch.arange(num_blocks * block_size))
+        slots = torch.tensor(first_blocks)[:, None] * block_size + torch.arange(num_blocks * block_size)
         hidden = (slots < torch.tensor(starts)[:, None]) | (slots >= torch.tensor(ends)[:, None])
         return cls(torch.tensor(query_rows), blocks, hidden.view(len(starts), num_blocks, 1, 1, block_size))
 
@@ -187,21 +184,45 @@ class DecodeBatch:
         """Softmax attention of one query row per request and query head over its live slots, read
         from the blocks as stored: q [R, Hkv, g, d] -> out [R, Hkv, g, d] float32, lse [R, Hkv, g].
 
-        One batched product per (request, block, head), q broadcast over blocks; the only memory
-        traffic is the live blocks, read once (twice when they are gathered: several requests, or
-        one whose blocks are not consecutive).
+        q·K and p·V are one product per request (over its blocks and heads, q broadcast over
+        blocks) on the blocks in place; the softmax runs once for the batch. Blocks that are not
+        consecutive are first gathered into a workspace that is kept between calls (a fresh
+        allocation of that size costs more in page faults than the copy itself).
         """
-        picked = kv_cache[self.blocks]
-        if isinstance(self.blocks, slice):
-            picked = picked[None]
-        keys, values = stored_matrices(picked, isa)
-        if keys.dtype != torch.float32:
-            keys, values = keys.float(), values.float()
-        # [R, N, Hkv, g, bs]
-        logits = torch.matmul(q[:, None].float(), keys).mul_(scale).masked_fill_(self.hidden, float("-inf"))
+        requests, num_blocks, _, _, block_size = self.hidden.shape
+        gathered = [b for b in self.blocks if isinstance(b, torch.Tensor)]
+        space = _workspace(sum(len(b) for b in gathered) * kv_cache[0].numel(), kv_cache.dtype)
+        space = space.view(-1, *kv_cache.shape[1:]) if gathered else None
+        logits = torch.empty(requests, num_blocks, q.shape[1], q.shape[2], block_size)
+        values, used = [], 0
+        for i, blocks in enumerate(self.blocks):
+            if isinstance(blocks, slice):
+                picked = kv_cache[blocks]
+            else:
+                picked = torch.index_select(kv_cache, 0, blocks, out=space[used : used + len(blocks)])
+                used += len(blocks)
+            keys, request_values = stored_matrices(picked, isa)
+            if keys.dtype != torch.float32:
+                keys, request_values = keys.float(), request_values.float()
+            torch.matmul(q[i, None].float(), keys, out=logits[i, : len(picked)])
+            values.append(request_values)
+        # The padding blocks past a request's last block are hidden with the slots outside its span.
+        logits.mul_(scale).masked_fill_(self.hidden, float("-inf"))
         lse = torch.logsumexp(logits, dim=(1, 4))
         probs = logits.sub_(lse[:, None, :, :, None]).exp_()
-        return torch.matmul(probs, values).sum(1), lse
+        out = torch.stack([(probs[i, : len(v)] @ v).sum(0) for i, v in enumerate(values)])
+        return out, lse
+
+
+_workspaces: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """At least numel elements of dtype, the same memory from call to call (grown geometrically)."""
+    space = _workspaces.get(dtype)
+    if space is None or space.numel() < numel:
+        space = _workspaces[dtype] = torch.empty(max(numel, 2 * (0 if space is None else space.numel())), dtype=dtype)
+    return space[:numel]
 
 
 def stored_matrices(picked: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:

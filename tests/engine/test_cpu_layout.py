@@ -72,7 +72,7 @@ def test_decode_batch_matches_local_attention(dtype, group, requests):
 def test_one_request_with_consecutive_blocks_is_read_in_place():
     block_row, start, end = CONSECUTIVE
     batch = DecodeBatch.plan([0], block_row[None].int(), [start], [end], BLOCK_SIZE)
-    assert batch.blocks == slice(3, 7)  # slots 128-639 of blocks 2-6: the first live one is 150
+    assert batch.blocks == [slice(3, 7)]  # slots 128-639 of blocks 2-6: the first live one is 150
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
