@@ -10,7 +10,9 @@ the state's share of the question's attention output, the share the exact softma
 folded tokens, how often the merged output is nearer (cosine) to the answer's value vector than
 to any other value in the context (the state's recall), and the range of the query's largest
 log-feature (float32 features underflow to 0 below about -87); then the same readout in log space
-in float64, i.e. what the state would give if the readout did not underflow.
+in float64, i.e. what the state would give if the readout did not underflow. (The engine's readout
+is now in log space, method.md section 6, so "mean_state_share" shows what the float32 readout of
+φ(q) gave before; `benchmarks.recall_state_mass` measures every head on the engine's own fold.)
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ together `retentivekv_vllm.core.reference.compressed_attention` for one query to
 Two launches, split-KV as in flash-decoding. The first gives, for every (request, KV head,
 split of the live keys), the softmax output and LSE of the split for all query heads of the KV
 head. The second combines the splits into the local output and LSE, computes φ(q) from the
-query (the feature map is fused), reads every state of the request and merges in log space.
+query (the feature map is fused) as e^c·φ'(q), c its largest log-feature, so that a sharp query's
+features do not underflow (`merge_with_state_readouts` does the same), reads every state of the
+request with φ' and merges in log space with lse − c.
 """
 
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from retentivekv_vllm.core.feature_maps import FeatureMap
 
-from .features import feature_args, feature_tile
+from .features import feature_args, log_feature_tile
 from .paged import as_index, dot_precision, finish_logsumexp, load_paged_tile, online_logsumexp, pow2
 
 BLOCK_N = 64
@@ -194,11 +196,25 @@ def _decode_merge_kernel(
         numerator = tl.zeros([G_PAD, DV_PAD], tl.float32)
         denominator = tl.zeros([G_PAD], tl.float32)
         q_row_ptrs = q_ptr + req.to(tl.int64) * stride_qr + q_heads * stride_qh
+        # φ(q) = e^c·φ'(q), c = max_r log φ_r(q) per row (a first pass over the rank tiles), so
+        # φ' never underflows as a whole; the merge below then uses lse_local − c.
+        shift = tl.full([G_PAD], float("-inf"), tl.float32)
         for r0 in range(0, RANK, BLOCK_R):
             rank_offs = r0 + tl.arange(0, BLOCK_R)
-            phi_q = feature_tile(
+            log_phi_q = log_feature_tile(
                 q_row_ptrs, row_valid, stride_qd, weight_ptr, rank_offs, sqrt_scale,
                 FEATURE, HEAD_DIM, D_PAD, RANK,
+            )
+            shift = tl.maximum(shift, tl.max(log_phi_q, 1))
+        shift = tl.where(shift == float("-inf"), 0.0, shift)
+        for r0 in range(0, RANK, BLOCK_R):
+            rank_offs = r0 + tl.arange(0, BLOCK_R)
+            phi_q = tl.exp(
+                log_feature_tile(
+                    q_row_ptrs, row_valid, stride_qd, weight_ptr, rank_offs, sqrt_scale,
+                    FEATURE, HEAD_DIM, D_PAD, RANK,
+                )
+                - shift[:, None]
             )
             for k in tl.static_range(NUM_STATES):
                 slot = tl.load(state_index_ptr + req * NUM_STATES + k)
@@ -216,13 +232,15 @@ def _decode_merge_kernel(
                 z = tl.load(state_z_ptr + state + rank_offs, mask=rank_present, other=0.0)
                 numerator += gain * tl.dot(phi_q, S, input_precision="ieee")
                 denominator += gain * tl.sum(phi_q * z[None, :], 1)
-        # As merge_with_states: the states as a second normalised partial output, lse = log den.
+        # As merge_with_states of lse_local − c: the states as a second normalised partial
+        # output, lse = log den (of φ').
         has_state = denominator > 0
         safe_den = tl.where(has_state, denominator, 1.0)
         out_state = numerator / safe_den[:, None]
         lse_state = tl.where(has_state, tl.log(safe_den), float("-inf"))
-        top = tl.maximum(lse_local, lse_state)
-        weight_local = tl.exp(lse_local - top)
+        lse_shifted = lse_local - shift
+        top = tl.maximum(lse_shifted, lse_state)
+        weight_local = tl.exp(lse_shifted - top)
         weight_state = tl.exp(lse_state - top)
         merged = (weight_local[:, None] * out_local + weight_state[:, None] * out_state) / (
             weight_local + weight_state

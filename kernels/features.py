@@ -101,6 +101,51 @@ def feature_tile(
 
 
 @triton.jit
+def log_feature_tile(
+    row_ptrs,
+    row_valid,
+    stride_dim,
+    weight_ptr,
+    rank_offs,
+    sqrt_scale,
+    FEATURE: tl.constexpr,
+    INPUT_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    RANK: tl.constexpr,
+):
+    """log φ of N input rows at feature indices rank_offs [BLOCK_R] -> [N, BLOCK_R] float32,
+    -inf for invalid rows and indices >= RANK (`FeatureMap.log_features`; exp of it is
+    `feature_tile`). A readout subtracts each row's maximum before exponentiating, so a
+    large-norm query's features do not underflow to 0 together."""
+    rank_valid = rank_offs < RANK
+    if FEATURE == PRF:
+        dims = tl.arange(0, D_PAD)
+        x = tl.load(
+            row_ptrs[:, None] + dims[None, :] * stride_dim,
+            mask=row_valid[:, None] & (dims[None, :] < INPUT_DIM),
+            other=0.0,
+        ).to(tl.float32) * sqrt_scale
+        w = tl.load(
+            weight_ptr + rank_offs[:, None] * INPUT_DIM + dims[None, :],
+            mask=rank_valid[:, None] & (dims[None, :] < INPUT_DIM),
+            other=0.0,
+        )
+        projection = tl.dot(x, tl.trans(w), input_precision="ieee")
+        log_phi = projection - 0.5 * tl.sum(x * x, 1)[:, None] - 0.5 * tl.log(RANK * 1.0)
+    else:
+        x = tl.load(
+            row_ptrs[:, None] + rank_offs[None, :] * stride_dim,
+            mask=row_valid[:, None] & rank_valid[None, :],
+            other=1.0,
+        ).to(tl.float32)
+        if FEATURE == ELU:
+            log_phi = tl.where(x < 0, x, tl.log(1.0 + tl.maximum(x, 0.0)))
+        else:
+            log_phi = tl.log(x)
+    return tl.where(row_valid[:, None] & rank_valid[None, :], log_phi, float("-inf"))
+
+
+@triton.jit
 def feature_vector(
     row_ptr,
     stride_dim,

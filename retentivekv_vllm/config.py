@@ -17,6 +17,7 @@ from typing import Any
 KEY_PREFIX = "kv_"
 STATE_MODES = ("dual", "single", "none")
 STATE_QUERIES = ("query", "fixed")
+STATE_READOUTS = ("unbiased", "normalised")
 # Knobs a request may set for itself in the OpenAI request's extra fields (vllm_xargs, which
 # vLLM hands on as SamplingParams.extra_args); every other knob is the server's.
 REQUEST_KNOBS = ("policy", "budget")
@@ -88,6 +89,17 @@ class KVPolicyConfig:
         "each folded token weighs the same whatever the query: the no-query-conditioned-"
         "retrieval ablation).",
         str,
+    )
+    state_readout: str = _knob(
+        "unbiased",
+        "How a state's readout is scaled: unbiased (φ(q)ᵀS, the random-feature estimate of the "
+        "folded tokens' softmax terms) or normalised (divided by φ(q)·φ(0), the feature map's "
+        "own estimate of exp(0) = 1: a ratio estimator whose error does not grow with the "
+        "query's norm, biased; pair it with --kv-state-log-gain).",
+        str,
+    )
+    state_log_gain: float = _knob(
+        0.0, "Natural log of the gain g every state's readout is multiplied by in the merge.", float
     )
     states: str = _knob(
         "dual",
@@ -190,6 +202,13 @@ class KVPolicyConfig:
                 "state_query",
                 f"unknown mode {self.state_query!r}; choose one of {list(STATE_QUERIES)}",
             )
+        if self.state_readout not in STATE_READOUTS:
+            fail(
+                "state_readout",
+                f"unknown mode {self.state_readout!r}; choose one of {list(STATE_READOUTS)}",
+            )
+        if not math.isfinite(self.state_log_gain):
+            fail("state_log_gain", f"must be finite, got {self.state_log_gain}")
         if self.states not in STATE_MODES:
             fail("states", f"unknown mode {self.states!r}; choose one of {list(STATE_MODES)}")
         if self.request_overrides not in REQUEST_OVERRIDES:

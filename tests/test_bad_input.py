@@ -61,6 +61,8 @@ BAD_FLAG_VALUES = [
     ("seed-text", "llama", (*POLICY, "--kv-seed", "abc"), "--kv-seed"),
     ("states-unknown", "llama", (*POLICY, "--kv-states", "many"), "--kv-states"),
     ("state-query-unknown", "llama", (*POLICY, "--kv-state-query", "key"), "--kv-state-query"),
+    ("state-readout-unknown", "llama", (*POLICY, "--kv-state-readout", "exact"), "--kv-state-readout"),
+    ("state-log-gain-infinite", "llama", (*POLICY, "--kv-state-log-gain", "inf"), "--kv-state-log-gain"),
     ("request-overrides-unknown", "llama", (*POLICY, "--kv-request-overrides", "maybe"), "--kv-request-overrides"),
     ("option-unknown", "llama", (*POLICY, "--additional-config.kv_bogus", "1"), "kv_bogus"),
     ("option-without-policy", "llama", ("--kv-budget", "0.5"), "--kv-policy"),

@@ -6,6 +6,7 @@ from .feature_maps import (
     FeatureMap,
     FixedQuery,
     PositiveRandomFeatures,
+    ScaledReadout,
     make_feature_map,
 )
 from .merge import local_attention, merge_with_state_readouts, merge_with_states
@@ -42,6 +43,7 @@ __all__ = [
     "PatchLayout",
     "PositiveRandomFeatures",
     "RecurrentState",
+    "ScaledReadout",
     "absorption_from_attention",
     "accumulated_attention",
     "attention_probs",

@@ -22,9 +22,14 @@ class FeatureMap(abc.ABC):
         """x [..., d] -> φ(x) [..., r], float32, all entries > 0 (barring underflow)."""
         return self.log_features(x).exp()
 
+    def query_log_features(self, q: Tensor) -> Tensor:
+        """log of the features a query reads a state with: log φ(q) [..., r], float32."""
+        return self.log_features(q)
+
     def query_features(self, q: Tensor) -> Tensor:
-        """The features a query reads a state with: φ(q)."""
-        return self.features(q)
+        """The features a query reads a state with: φ(q) (may underflow; the merge reads
+        `query_log_features` instead)."""
+        return self.query_log_features(q).exp()
 
 
 class FixedQuery(FeatureMap):
@@ -40,8 +45,37 @@ class FixedQuery(FeatureMap):
     def log_features(self, x: Tensor) -> Tensor:
         return self.inner.log_features(x)
 
-    def query_features(self, q: Tensor) -> Tensor:
-        return self.inner.features(torch.zeros_like(q))
+    def query_log_features(self, q: Tensor) -> Tensor:
+        return self.inner.log_features(torch.zeros_like(q))
+
+
+class ScaledReadout(FeatureMap):
+    """`inner` for keys; queries read the state through log φ(q) + log g and, with `normalise`,
+    minus log(φ(q)·φ(0)).
+
+    g multiplies every state's readout (numerator and denominator) in the merge. φ(q)·φ(0) is the
+    map's own estimate of exp(scale·q·0) = 1: dividing by it gives the ratio estimator
+    φ(q)·φ(k) / φ(q)·φ(0) of exp(scale·q·k), consistent as r grows but biased. For ``prf`` and a
+    large-norm query the unbiased estimate is typically e^-300 or less of its mean (the
+    feature with the largest w·q̃ dominates, and its −‖q̃‖²/2 is not made up); the ratio removes
+    that common factor, keeping only how well the key matches the query's dominant features.
+    """
+
+    def __init__(self, inner: FeatureMap, log_gain: float = 0.0, normalise: bool = False):
+        self.inner = inner
+        self.rank = inner.rank
+        self.log_gain = log_gain
+        self.normalise = normalise
+
+    def log_features(self, x: Tensor) -> Tensor:
+        return self.inner.log_features(x)
+
+    def query_log_features(self, q: Tensor) -> Tensor:
+        log_phi_q = self.inner.query_log_features(q)
+        if self.normalise:
+            log_phi_zero = self.inner.log_features(torch.zeros_like(q[..., :1, :]))
+            log_phi_q = log_phi_q - torch.logsumexp(log_phi_q + log_phi_zero, -1, keepdim=True)
+        return log_phi_q + self.log_gain
 
 
 class EluPlusOne(FeatureMap):

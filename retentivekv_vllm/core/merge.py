@@ -73,12 +73,23 @@ def merge_with_state_readouts(
     feature_map: FeatureMap | None,
     gains: Sequence[float] | None = None,
 ) -> Tensor:
-    """Local attention out_local [H, m, dv] (lse_local [H, m]) of queries q [H, m, d] merged with what
-    every state returns to those queries -> [H, m, dv] float32; out_local itself without states."""
+    """Local attention out_local [..., H, m, dv] (lse_local [..., H, m]) of queries q [..., H, m, d]
+    merged with what every state returns to those queries -> [..., H, m, dv] float32; out_local
+    itself without states.
+
+    The readout is exact in log space: φ(q) = e^c·φ'(q) with c = max_r log φ_r(q) per row, so
+    φ'(q) has largest entry 1 and never underflows as a whole, and the merge
+    (e^lse·o_L + e^c·Σ g·φ'ᵀS) / (e^lse + e^c·Σ g·φ'ᵀz) is evaluated as `merge_with_states` of
+    lse − c with the readouts of φ'. (A sharp query's log φ(q) reaches −500 with ``prf``, where
+    φ(q) itself is 0 in float32 and the state would silently weigh nothing.)
+    """
     if not states:
         return out_local.float()
-    phi_q = feature_map.query_features(q)
+    log_phi_q = feature_map.query_log_features(q)
+    shift = log_phi_q.amax(-1)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    phi_q = (log_phi_q - shift[..., None]).exp()
     readouts = [readout(state, phi_q) for state in states]
     return merge_with_states(
-        out_local, lse_local, [num for num, _ in readouts], [den for _, den in readouts], gains
+        out_local, lse_local.float() - shift, [num for num, _ in readouts], [den for _, den in readouts], gains
     )

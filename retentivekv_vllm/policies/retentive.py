@@ -7,7 +7,8 @@ highest-scoring patch) to the nearest, decaying by γ per ring crossed, so the r
 neighbourhood is remembered best.  ``single`` folds every token into one state in position
 order; ``none`` drops folded tokens (eviction by the retention score).  ``--kv-state-query
 fixed`` reads the states with the zero query instead of each query's own (the ablation of
-query-conditioned retrieval).  Scoring is the same in
+query-conditioned retrieval); ``--kv-state-readout normalised`` and ``--kv-state-log-gain``
+rescale what a state returns (method.md section 6).  Scoring is the same in
 every mode: entropy within each modality, 1-D pooling over text, 2-D pooling over each image.
 """
 
@@ -21,6 +22,7 @@ from retentivekv_vllm.core import (
     FeatureMap,
     FixedQuery,
     RecurrentState,
+    ScaledReadout,
     absorption_from_attention,
     accumulated_attention,
     fold,
@@ -54,9 +56,13 @@ class RetentivePolicy(KVPolicy):
         if key not in self._feature_maps:
             c = self.config
             feature_map = make_feature_map(c.feature_map, head_dim, c.state_rank, scale, c.seed)
-            self._feature_maps[key] = (
-                FixedQuery(feature_map) if c.state_query == "fixed" else feature_map
-            )
+            if c.state_query == "fixed":
+                feature_map = FixedQuery(feature_map)
+            if c.state_readout == "normalised" or c.state_log_gain != 0:
+                feature_map = ScaledReadout(
+                    feature_map, c.state_log_gain, normalise=c.state_readout == "normalised"
+                )
+            self._feature_maps[key] = feature_map
         return self._feature_maps[key]
 
     def score(self, obs: Observation) -> torch.Tensor:

@@ -49,3 +49,20 @@ def test_prf_kernel_estimate_is_unbiased_within_three_standard_errors():
     standard_error = per_row.std() / math.sqrt(r)
     assert abs(per_row.mean() - 1) < 3 * standard_error
     assert 3 * standard_error < 0.05  # the bound is tight enough to catch a 5% bias
+
+
+def test_retentive_builds_the_readout_its_knobs_ask_for():
+    from retentivekv_vllm.config import KVPolicyConfig
+    from retentivekv_vllm.core import FixedQuery, PositiveRandomFeatures, ScaledReadout
+    from retentivekv_vllm.policies import make_policy
+
+    def built(**knobs):
+        config = KVPolicyConfig.from_additional_config({"kv_policy": "retentive", **knobs})
+        return make_policy(config).feature_map(16, 0.25)
+
+    assert isinstance(built(), PositiveRandomFeatures)
+    scaled = built(kv_state_readout="normalised", kv_state_log_gain=3.0)
+    assert isinstance(scaled, ScaledReadout) and scaled.normalise and scaled.log_gain == 3.0
+    gained = built(kv_state_log_gain=-2.0, kv_state_query="fixed")
+    assert isinstance(gained, ScaledReadout) and not gained.normalise
+    assert isinstance(gained.inner, FixedQuery)

@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 from retentivekv_vllm.core import (
     RecurrentState,
     compressed_attention,
+    fold,
     local_attention,
     make_feature_map,
     merge_with_states,
@@ -124,3 +127,42 @@ def test_merge_with_no_local_keys_is_the_state_mean():
     numerator = torch.tensor([[[2.0, -8.0]]])
     merged = merge_with_states(torch.zeros(1, 1, 2), lse, [numerator], [den])
     torch.testing.assert_close(merged, numerator / 4.0)
+
+
+def test_sharp_query_readout_is_exact_in_log_space():
+    """A large-norm query's prf features are all below float32's range (log φ(q) ≈ −300), so
+    reading the state with φ(q) itself gives den = 0 and drops the state; the merge reads it
+    through log φ(q) instead. The kept part's lse is set near the state's own log-mass so that
+    both shares matter; the oracle is the merge formula in float64 log space, with leading batch
+    dims (requests decoded together)."""
+    from retentivekv_vllm.core import merge_with_state_readouts
+
+    gen = torch.Generator().manual_seed(4)
+    batch, heads, m, d, rank, n_folded = 2, 2, 3, 16, 32, 7
+    scale = d**-0.5
+    direction = torch.nn.functional.normalize(torch.randn(batch, heads, 1, d, generator=gen), dim=-1)
+    q = (25.0 / scale**0.5) * direction + 0.3 * torch.randn(batch, heads, m, d, generator=gen)
+    k_folded = (2.0 / scale**0.5) * direction + 0.3 * torch.randn(batch, heads, n_folded, d, generator=gen)
+    v_folded = torch.randn(batch, heads, n_folded, d, generator=gen)
+    feature_map = make_feature_map("prf", d, rank, scale)
+    assert (feature_map.query_features(q) == 0).all()  # the case the log-space readout exists for
+
+    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])  # noqa: E731
+    ones = torch.ones(batch * heads, n_folded)
+    folded = fold(RecurrentState.zeros(batch * heads, rank, d), feature_map.features(flat(k_folded)),
+                  flat(v_folded), ones, ones)
+    state = RecurrentState(folded.S.view(batch, heads, rank, d), folded.z.view(batch, heads, rank))
+    gain = 0.7
+    log_phi_q = feature_map.log_features(q).double()
+    log_phi_k = feature_map.log_features(k_folded).double()
+    log_kernel = torch.logsumexp(log_phi_q[..., :, None, :] + log_phi_k[..., None, :, :], -1) + math.log(gain)
+    log_den = torch.logsumexp(log_kernel, -1)  # [B, H, m], around −250
+    assert (log_den < -100).all()
+    lse = (log_den + 2 * torch.rand(batch, heads, m, generator=gen, dtype=torch.float64) - 1).float()
+    out_local = torch.randn(batch, heads, m, d, generator=gen)
+    got = merge_with_state_readouts(out_local, lse, q, [state], feature_map, [gain])
+
+    out_state = torch.softmax(log_kernel, -1) @ v_folded.double()
+    state_share = torch.sigmoid(log_den - lse.double())[..., None]
+    expected = (1 - state_share) * out_local.double() + state_share * out_state
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)

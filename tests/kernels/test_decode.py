@@ -114,3 +114,52 @@ def test_states_need_their_feature_map():
             torch.zeros(1, NUM_KV_HEADS, 32, device=DEVICE), batch.key_cache, batch.value_cache,
             batch.block_table, torch.zeros(1, device=DEVICE), batch.seq_lens, 1.0, states, None,
         )
+
+
+def test_decode_reads_states_of_sharp_queries_in_log_space():
+    """A large-norm query: every prf feature φ_r(q) is below float32's range, so a readout with
+    φ(q) itself would give the state no weight. The kernel subtracts each row's largest log-feature
+    first (as `merge_with_state_readouts` does); the live keys are set so that the kept part's
+    log-sum-exp is near the state's log-mass and both shares matter."""
+    head_dim, rank, n, live_start, n_folded = 32, PRF_RANK, 6, 2, 9
+    scale = head_dim**-0.5
+    gen = torch.Generator().manual_seed(7)
+    batch = make_paged_batch([n], NUM_KV_HEADS, head_dim, 4, torch.float32, seed=3)
+    direction = torch.nn.functional.normalize(torch.randn(NUM_KV_HEADS, head_dim, generator=gen), dim=-1)
+    query = (25.0 / scale**0.5) * direction[None]  # [1, Hkv, d], group 1
+    feature_map = PositiveRandomFeatures(head_dim, rank, scale, seed=5)
+    assert (feature_map.query_features(query) == 0).all()
+    noise = 0.3 * torch.randn(NUM_KV_HEADS, n_folded, head_dim, generator=gen)
+    k_folded = (2.0 / scale**0.5) * direction[:, None] + noise
+    v_folded = torch.randn(NUM_KV_HEADS, n_folded, head_dim, generator=gen)
+    ones = torch.ones(NUM_KV_HEADS, n_folded)
+    empty = RecurrentState.zeros(NUM_KV_HEADS, rank, head_dim)
+    state = fold(empty, feature_map.features(k_folded), v_folded, ones, ones)
+    # Live keys along -direction, with the logit that puts their mass next to the state's.
+    log_den = torch.logsumexp(
+        torch.logsumexp(feature_map.log_features(query[0])[:, None, :] + feature_map.log_features(k_folded), -1), -1
+    )  # [Hkv], around −250
+    assert (log_den < -100).all()
+    logit = log_den - torch.log(torch.tensor(float(n - live_start)))
+    live_keys = (logit / (scale * query[0].norm(dim=-1)))[:, None, None] * direction[:, None, :]
+    live_keys = live_keys + 0.01 * torch.randn(NUM_KV_HEADS, n - live_start, head_dim, generator=gen)
+    slots = torch.arange(live_start, n)
+    blocks = batch.block_table[0, slots // 4].long()
+    batch.key_cache[blocks.to(DEVICE), (slots % 4).to(DEVICE)] = live_keys.transpose(0, 1).to(DEVICE)
+    batch.keys[0][:, live_start:n] = live_keys
+    paged = PagedStates(S=state.S[None].to(DEVICE), z=state.z[None].to(DEVICE),
+                        index=torch.tensor([[0]], device=DEVICE), gains=[1.0])
+
+    out, _ = decode_attention(
+        query.to(DEVICE), batch.key_cache, batch.value_cache, batch.block_table,
+        torch.tensor([live_start], device=DEVICE), batch.seq_lens, scale, paged, feature_map,
+    )
+    q = grouped_rows(query.float(), NUM_KV_HEADS)
+    keys, values = batch.keys[0][:, live_start:n], batch.values[0][:, live_start:n]
+    expected = compressed_attention(
+        q, keys, values, scale, torch.full((1,), n - 1), slots, None, [state], feature_map,
+    ).reshape(NUM_KV_HEADS, head_dim)
+    local, _ = local_attention(q, keys, values, scale, torch.full((1,), n - 1), slots)
+    # The state carries a real share: the merged output is far from the kept part's alone.
+    assert ((expected - local.reshape(NUM_KV_HEADS, head_dim)).norm(dim=-1) > 0.1 * local.norm()).all()
+    torch.testing.assert_close(out[0].cpu(), expected, rtol=1e-3, atol=1e-3)
