@@ -241,11 +241,14 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def _decode(self, layer, plans: list[RequestPlan], batch: DecodeBatch, query, kv_cache, rows) -> None:
         """The rows of every recomputed request that decodes: attention over the live blocks in one
         batch, merged with each request's states (one batch per policy and number of states)."""
-        q = query[batch.query_rows].float().view(len(plans), self.num_kv_heads, self.num_queries_per_kv, -1)
+        # A fresh tensor (advanced indexing copies): each request remembers its row as a view.
+        rows_q = query[batch.query_rows].float()
+        q = rows_q.view(len(plans), self.num_kv_heads, self.num_queries_per_kv, -1)
         out, lse = batch.attend(kv_cache, q, self.scale, layer.isa)
         groups: dict[tuple[int, int], list[int]] = {}
         memories = [plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len) for plan in plans]
         for i, (plan, memory) in enumerate(zip(plans, memories)):
+            memory.remember_queries(rows_q[i : i + 1], plan.seq_len - 1, plan.policy.config.observation_window)
             if memory.states:
                 groups.setdefault((id(plan.policy), len(memory.states)), []).append(i)
         for members in groups.values():
@@ -260,16 +263,18 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _run_plan(self, layer, plan: RequestPlan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
-        q = query[plan.query_start : plan.query_end].float()
-        q_positions = torch.arange(n - q.shape[0], n)
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
+        batched = plan.recomputed and plan.decodes  # attended, and its query remembered, by `_decode`
         chunk = plan.recomputed and not plan.decodes
+        if not batched:
+            q = query[plan.query_start : plan.query_end].float()
+            window = plan.policy.config.observation_window
+            memory.remember_queries(q[-window:].clone(), n - min(window, q.shape[0]), window)
         if chunk or plan.compress:
             slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
         if chunk:
             out = self._attend_chunk(q, slots, memory, plan.policy)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
-        memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
         if plan.compress:
             started = time.perf_counter()
             keys, values = slots.read()
@@ -306,8 +311,9 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         """Fold down to the budget and pack each head's kept tokens below the newest slot."""
         n, live = plan.seq_len, slice(plan.live_start, plan.seq_len)
         candidates = (positions >= plan.sinks) & (positions < n - plan.window)
-        queries = self._group(memory.recent_queries)
-        q_positions = memory.recent_positions.repeat(self.num_queries_per_kv)
+        recent, recent_positions = memory.observation_queries(plan.policy.config.observation_window)
+        queries = self._group(recent)
+        q_positions = recent_positions.repeat(self.num_queries_per_kv)
         probs = attention_probs(queries, keys, self.scale, q_positions, positions)
         accumulated = memory.accumulated[:, live] + accumulated_attention(probs)
         obs = Observation(probs, positions, candidates, accumulated, plan.memory.patch_layout(positions))

@@ -210,7 +210,8 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         if attend:
             out = self._attend(q, q_positions, keys, values, key_positions, memory, plan.policy)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
-        memory.remember_queries(q, q_positions, plan.policy.config.observation_window)
+        window = plan.policy.config.observation_window
+        memory.remember_queries(q[-window:].clone(), n - min(window, q.shape[0]), window)
         if plan.compress:
             self._compress(plan, memory, slots, keys, values, key_positions)
 

@@ -37,8 +37,10 @@ class LayerMemory:
     positions: torch.Tensor  # [Hkv, capacity] long
     accumulated: torch.Tensor  # [Hkv, capacity] float32, H2O statistic per slot
     states: list[RecurrentState] = field(default_factory=list)
-    recent_queries: torch.Tensor | None = None  # [m, Hq, d]
-    recent_positions: torch.Tensor | None = None  # [m]
+    # The queries of the last steps, newest last, trimmed to cover the observation window:
+    # ([T, Hq, d] queries the caller will not overwrite, position of the first).  A list, so that
+    # remembering a decode step's query costs no tensor op.
+    recent: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_kv_heads: int, capacity: int, device=None) -> LayerMemory:
@@ -60,12 +62,21 @@ class LayerMemory:
         accumulated[:, :capacity] = self.accumulated
         self.positions, self.accumulated = positions, accumulated
 
-    def remember_queries(self, queries: torch.Tensor, positions: torch.Tensor, m: int) -> None:
-        if self.recent_queries is not None:
-            queries = torch.cat([self.recent_queries, queries])
-            positions = torch.cat([self.recent_positions, positions])
-        self.recent_queries = queries[-m:].clone()
-        self.recent_positions = positions[-m:].clone()
+    def remember_queries(self, queries: torch.Tensor, first_position: int, m: int) -> None:
+        """Note a step's last queries [T, Hq, d] (T <= m; a tensor nobody overwrites: a copy, not
+        the model's buffer) at positions first_position..; the last m queries are the observation
+        window of the next compression."""
+        self.recent.append((queries, first_position))
+        while len(self.recent) > 1 and sum(q.shape[0] for q, _ in self.recent[1:]) >= m:
+            self.recent.pop(0)
+
+    def observation_queries(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last m queries remembered, [m', Hq, d] (m' <= m), and their positions [m']."""
+        queries = torch.cat([q for q, _ in self.recent])[-m:]
+        positions = torch.cat(
+            [torch.arange(p, p + q.shape[0], device=q.device) for q, p in self.recent]
+        )[-m:]
+        return queries, positions
 
     @property
     def state_elements(self) -> int:

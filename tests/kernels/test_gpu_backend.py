@@ -27,6 +27,7 @@ from retentivekv_vllm.engine.gpu_backend import (
     RetentiveTritonMetadataBuilder,
 )
 from retentivekv_vllm.engine.memory import RequestMemory
+from retentivekv_vllm.engine import settings as engine_settings
 from retentivekv_vllm.engine.settings import record_loaded_policy
 from retentivekv_vllm.policies import make_policy
 
@@ -54,7 +55,9 @@ def test_extends_the_triton_backend():
     assert RetentiveTritonMetadataBuilder._plan is RetentiveCPUMetadataBuilder._plan
 
 
-def test_spec_is_tritons_without_a_loaded_policy():
+def test_spec_is_tritons_without_a_loaded_policy(monkeypatch):
+    # An engine started earlier in this process records its policy; this worker has none.
+    monkeypatch.setattr(engine_settings, "_loaded", None)
     spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16)
     assert RetentiveTritonAttentionBackend.customize_spec(spec) == TritonAttentionBackend.customize_spec(spec)
 
