@@ -71,33 +71,13 @@ def feature_tile(
     RANK: tl.constexpr,
 ):
     """φ of N input rows (pointers row_ptrs [N] to each row's first element) at feature indices
-    rank_offs [BLOCK_R] -> [N, BLOCK_R] float32, 0 for invalid rows and indices >= RANK."""
-    rank_valid = rank_offs < RANK
-    if FEATURE == PRF:
-        dims = tl.arange(0, D_PAD)
-        x = tl.load(
-            row_ptrs[:, None] + dims[None, :] * stride_dim,
-            mask=row_valid[:, None] & (dims[None, :] < INPUT_DIM),
-            other=0.0,
-        ).to(tl.float32) * sqrt_scale
-        w = tl.load(
-            weight_ptr + rank_offs[:, None] * INPUT_DIM + dims[None, :],
-            mask=rank_valid[:, None] & (dims[None, :] < INPUT_DIM),
-            other=0.0,
+    rank_offs [BLOCK_R] -> [N, BLOCK_R] float32, 0 for invalid rows and indices >= RANK: the exp of
+    `log_feature_tile`, as `FeatureMap.features` is the exp of `log_features`."""
+    return tl.exp(
+        log_feature_tile(
+            row_ptrs, row_valid, stride_dim, weight_ptr, rank_offs, sqrt_scale, FEATURE, INPUT_DIM, D_PAD, RANK
         )
-        projection = tl.dot(x, tl.trans(w), input_precision="ieee")
-        phi = tl.exp(projection - 0.5 * tl.sum(x * x, 1)[:, None] - 0.5 * tl.log(RANK * 1.0))
-    else:
-        x = tl.load(
-            row_ptrs[:, None] + rank_offs[None, :] * stride_dim,
-            mask=row_valid[:, None] & rank_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if FEATURE == ELU:
-            phi = tl.where(x < 0, tl.exp(x), x + 1.0)
-        else:
-            phi = x
-    return tl.where(row_valid[:, None] & rank_valid[None, :], phi, 0.0)
+    )
 
 
 @triton.jit
