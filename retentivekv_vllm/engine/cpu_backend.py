@@ -205,24 +205,32 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return plans
 
 
+def layer_policy(impl, sliding_window: bool) -> KVPolicy | None:
+    """The policy of the model whose attention layer `impl` (vLLM's impl, just built under the
+    model's config) computes: recorded for the KV-cache spec, with the worker's hooks installed;
+    a layer the policy cannot serve is refused."""
+    from vllm.config import get_current_vllm_config
+
+    vllm_config = get_current_vllm_config()
+    policy = policy_from_vllm_config(vllm_config)
+    record_loaded_policy(policy, vllm_config)
+    if policy is not None:
+        install_worker_hooks()
+    refuse_unsupported_layer(
+        policy,
+        impl.attn_type,
+        sliding_window=sliding_window,
+        alibi=impl.alibi_slopes is not None,
+        soft_cap=bool(impl.logits_soft_cap),
+        sinks=impl.sinks is not None,
+    )
+    return policy
+
+
 class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from vllm.config import get_current_vllm_config
-
-        vllm_config = get_current_vllm_config()
-        self.policy = policy_from_vllm_config(vllm_config)
-        record_loaded_policy(self.policy, vllm_config)
-        if self.policy is not None:
-            install_worker_hooks()
-        refuse_unsupported_layer(
-            self.policy,
-            self.attn_type,
-            sliding_window=self.sliding_window != -1,
-            alibi=self.alibi_slopes is not None,
-            soft_cap=bool(self.logits_soft_cap),
-            sinks=self.sinks is not None,
-        )
+        self.policy = layer_policy(self, sliding_window=self.sliding_window != -1)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(

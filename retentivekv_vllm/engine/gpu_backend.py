@@ -39,14 +39,11 @@ from retentivekv_vllm.engine.cpu_backend import (
     RetentiveCPUAttentionBackend,
     RetentiveCPUAttentionImpl,
     RetentiveCPUMetadataBuilder,
+    layer_policy,
 )
 from retentivekv_vllm.engine.memory import log_memory_plan
-from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
-from retentivekv_vllm.engine.settings import (
-    policy_from_vllm_config,
-    record_loaded_policy,
-    refuse_unsupported_layer,
-)
+from retentivekv_vllm.engine.patches import install_runner_hooks
+from retentivekv_vllm.engine.settings import policy_from_vllm_config
 
 
 @dataclass
@@ -111,21 +108,7 @@ class PagedRequestSlots:
 class RetentiveTritonAttentionImpl(TritonAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from vllm.config import get_current_vllm_config
-
-        vllm_config = get_current_vllm_config()
-        self.policy = policy_from_vllm_config(vllm_config)
-        record_loaded_policy(self.policy, vllm_config)
-        if self.policy is not None:
-            install_worker_hooks()
-        refuse_unsupported_layer(
-            self.policy,
-            self.attn_type,
-            sliding_window=self.sliding_window != (-1, -1),
-            alibi=self.alibi_slopes is not None,
-            soft_cap=bool(self.logits_soft_cap),
-            sinks=self.sinks is not None,
-        )
+        self.policy = layer_policy(self, sliding_window=self.sliding_window != (-1, -1))
 
     # One definition of the policy steps for both backends.
     _group = RetentiveCPUAttentionImpl._group
