@@ -45,12 +45,11 @@ import time
 import warnings
 from pathlib import Path
 
-# In-process engine core (the scheduler is then an attribute of the LLM object).
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# vLLM's (and the plugin's per-request) INFO lines would drown the progress lines.
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-warnings.filterwarnings("ignore", category=FutureWarning)
+# The environment the measuring process needs, set by the entry points before vLLM is imported (not
+# at import: a process that only imports this module, a test run, must not pass them on to the
+# servers it starts): an in-process engine core (the scheduler is then an attribute of the LLM
+# object), no hub, and no INFO lines of vLLM's (and the plugin's per request) among the progress.
+MEASURING_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -351,6 +350,8 @@ def main(argv=None) -> int:
         "instead of only once its whole prompt fits (vLLM's default)",
     )
     args = parser.parse_args(argv)
+    os.environ.update(MEASURING_ENV)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     import torch
     import vllm

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.memory import DTYPE_BYTES, run_config
+from benchmarks.memory import DTYPE_BYTES, MEASURING_ENV, run_config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -186,7 +186,7 @@ def run_one(spec: dict) -> dict:
 def run_in_subprocess(spec: dict, work: Path) -> dict:
     spec_path, out_path = work / f"spec-{spec['index']}.json", work / f"out-{spec['index']}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **MEASURING_ENV}
     if spec["additional_config"] is None:
         env["VLLM_PLUGINS"] = ""  # stock vLLM: the plugin is not even loaded
     subprocess.run([sys.executable, "-m", "benchmarks.speed", "--run-spec", str(spec_path), str(out_path)],
