@@ -45,15 +45,11 @@ from benchmarks.tasks import make_task
 from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import (
     RecurrentState,
-    absorption_from_attention,
     accumulated_attention,
     attention_probs,
     fold,
     local_attention,
     make_feature_map,
-    modality_entropy,
-    normalize_by_max,
-    retention_from_entropy,
 )
 from retentivekv_vllm.fixtures import recall
 from retentivekv_vllm.policies import Observation, make_policy
@@ -96,16 +92,10 @@ class Simulation:
 
     # -- the fold, tracked as per-token weights --------------------------------------------------
     def _fold_weights(self, weights, obs, folded, num_tokens):
-        c = self.config
         heads = folded.shape[0]
-        per_head = int(folded[0].sum())
-        index = folded.nonzero()[:, 1].view(heads, per_head)
-        take = lambda x: x.gather(1, index)  # noqa: E731
-        alpha = accumulated_attention(obs.probs)
-        entropy_hat = normalize_by_max(modality_entropy(obs.probs, obs.layout), obs.candidates)
-        gamma = retention_from_entropy(take(entropy_hat), c.gamma0)
-        absorption = absorption_from_attention(take(alpha), c.absorption_min, c.absorption_max)
-        positions = take(obs.positions)
+        index, gamma, absorption = self.policy.fold_gates(obs, folded)
+        per_head = index.shape[1]
+        positions = obs.positions.gather(1, index)
         one_hot = torch.nn.functional.one_hot(positions, num_tokens).float()  # φ(k_i) = e_{pos_i}
         state = RecurrentState(torch.zeros(heads, num_tokens, 1), weights)
         return fold(state, one_hot, torch.zeros(heads, per_head, 1), gamma, absorption).z

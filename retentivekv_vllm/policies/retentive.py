@@ -76,20 +76,25 @@ class RetentivePolicy(KVPolicy):
             obs.layout,
         )
 
-    def absorb(self, states, obs, folded, keys, values, scale):
+    def fold_gates(self, obs, folded):
+        """The folded tokens' slots index [H, f] (in position order) and their gates: retention γ
+        from the entropy potential, absorption a from the accumulated attention, both [H, f]."""
         c = self.config
-        num_heads, _, head_dim = keys.shape
-        per_head = int(folded[0].sum())
-        if per_head == 0 or not self.keeps_state:
-            return states
         # The same number of tokens is folded in every head; nonzero() lists them in
         # slot order, which is position order (oldest first).
-        index = folded.nonzero()[:, 1].view(num_heads, per_head)
+        index = folded.nonzero()[:, 1].view(folded.shape[0], int(folded[0].sum()))
         take = lambda x: x.gather(1, index)  # noqa: E731
-        alpha = accumulated_attention(obs.probs)
         entropy_hat = normalize_by_max(modality_entropy(obs.probs, obs.layout), obs.candidates)
         gamma = retention_from_entropy(take(entropy_hat), c.gamma0)
+        alpha = accumulated_attention(obs.probs)
         absorption = absorption_from_attention(take(alpha), c.absorption_min, c.absorption_max)
+        return index, gamma, absorption
+
+    def absorb(self, states, obs, folded, keys, values, scale):
+        num_heads, _, head_dim = keys.shape
+        if not folded[0].any() or not self.keeps_state:
+            return states
+        index, gamma, absorption = self.fold_gates(obs, folded)
         phi = self.feature_map(head_dim, scale)
         expand = index.unsqueeze(-1).expand(-1, -1, head_dim)
         phi_k = phi.features(keys.float().gather(1, expand))
