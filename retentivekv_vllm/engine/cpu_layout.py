@@ -190,9 +190,8 @@ class DecodeBatch:
         allocation of that size costs more in page faults than the copy itself).
         """
         requests, num_blocks, _, _, block_size = self.hidden.shape
-        gathered = [b for b in self.blocks if isinstance(b, torch.Tensor)]
-        space = _workspace(sum(len(b) for b in gathered) * kv_cache[0].numel(), kv_cache.dtype)
-        space = space.view(-1, *kv_cache.shape[1:]) if gathered else None
+        num_gathered = sum(len(b) for b in self.blocks if isinstance(b, torch.Tensor))
+        space = _workspace(num_gathered * kv_cache[0].numel(), kv_cache.dtype).view(-1, *kv_cache.shape[1:])
         logits = torch.empty(requests, num_blocks, q.shape[1], q.shape[2], block_size)
         values, used = [], 0
         for i, blocks in enumerate(self.blocks):
