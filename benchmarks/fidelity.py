@@ -116,7 +116,12 @@ def run_cell(task, cell: Cell, items, calibration: Path | None) -> dict[str, Any
         del llm
         gc.collect()
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    correct = sum(task.is_correct(item, t) for item, t in zip(items, tokens))
+    right = [task.is_correct(item, t) for item, t in zip(items, tokens)]
+    correct = sum(right)
+    groups: dict[str, list[bool]] = {}
+    for item, ok in zip(items, right):
+        if item.group:
+            groups.setdefault(item.group, []).append(ok)
     low, high = wilson_interval(correct, len(items))
     finished = list(stats["finished"].values())
     return {
@@ -127,6 +132,7 @@ def run_cell(task, cell: Cell, items, calibration: Path | None) -> dict[str, Any
         "correct": correct,
         "accuracy": correct / len(items),
         "ci95": [low, high],
+        "accuracy_by_group": {group: sum(oks) / len(oks) for group, oks in sorted(groups.items())},
         "mean_tokens_folded": (
             sum(s["tokens_folded"] for s in finished) / len(finished) if finished else 0.0
         ),

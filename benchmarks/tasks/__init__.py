@@ -4,7 +4,8 @@ A task is a small object with
 
 * ``name``; ``model_dir()`` -> the model directory vLLM serves;
 * ``items(count, seed)`` -> ``Item`` s, each a vLLM prompt (``prompt_token_ids``, plus
-  ``multi_modal_data`` for images) and the expected answer; items depend only on the seed;
+  ``multi_modal_data`` for images), the expected answer and optionally a ``group`` (a kind of
+  question, reported separately); items depend only on the seed;
 * ``is_correct(item, token_ids)`` -> bool, the answer check on the generated token ids;
 * ``max_tokens``; ``engine``: extra ``vllm.LLM`` arguments (context length, chunking);
   ``policy_defaults``: ``additional_config`` keys every cell of the task shares (sinks, window);
@@ -27,6 +28,7 @@ TASKS: dict[str, Callable[[], Any]] = {}
 class Item:
     prompt: dict[str, Any]
     answer: Any
+    group: str = ""
 
 
 def register_task(factory: Callable[[], Any]) -> Callable[[], Any]:

@@ -23,7 +23,7 @@ CHUNK = 64
 @dataclass
 class GridTask:
     name: ClassVar[str] = "grid"
-    max_tokens: int = 8  # the longest answer, "15,15", is 5 tokens, then <|im_end|>
+    max_tokens: int = 8  # the longest answer, "F,F", is 3 tokens, then <|im_end|>
     has_images: bool = True
     # Measured through vLLM on the shipped model (docs/results.md); the quick check enforces it.
     min_full_accuracy: float = 0.95
@@ -52,7 +52,7 @@ class GridTask:
         for item in grid.make_items(count, seed):
             answer = tokenizer(item.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
             prompt = {"prompt": item.prompt, "multi_modal_data": {"image": item.image}}
-            out.append(Item(prompt, tuple(answer)))
+            out.append(Item(prompt, tuple(answer), f"{item.kind}, {'multi' if item.multi_turn else 'single'}-turn"))
         return out
 
     def is_correct(self, item: Item, token_ids: list[int]) -> bool:

@@ -33,16 +33,17 @@ def test_quick_check_refuses_low_full_accuracy_and_budget_one_drift():
 
 
 @pytest.mark.slow
-def test_quick_fidelity_run_keeps_the_documented_accuracy(tmp_path):
-    """Full cache at or above the documented accuracy on the shipped recall model, and every
-    policy at budget 1.0 generating exactly what full generates (the harness exits 1 otherwise)."""
+@pytest.mark.parametrize("task", ["recall", "grid"])
+def test_quick_fidelity_run_keeps_the_documented_accuracy(tmp_path, task):
+    """Full cache at or above the documented accuracy on each shipped model, and every policy at
+    budget 1.0 generating exactly what full generates (the harness exits 1 otherwise)."""
     out = tmp_path / "quick.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fidelity", "--task", "recall", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.fidelity", "--task", task, "--quick", "--out", str(out)],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         capture_output=True, text=True, timeout=900,
     )
     report = json.loads(out.read_text())
     assert result.returncode == 0, report["failures"] or result.stderr[-3000:]
     full = next(c for c in report["cells"] if c["label"] == "full")
-    assert full["accuracy"] >= make_task("recall").min_full_accuracy
+    assert full["accuracy"] >= make_task(task).min_full_accuracy
