@@ -1,6 +1,7 @@
 """Image chats through `vllm serve` and the `openai` client (tiny Qwen2-VL, fp32, CPU): PNGs as
 data URLs, one and two per request. Stock vLLM, the plugin at budget 1.0 and at 0.2 each
-serve the same chats; 1.0 answers with stock's tokens, 0.2 folds image tokens."""
+serve the same chats; 1.0 answers with stock's tokens, 0.2 folds image tokens and returns
+their blocks to vLLM's pool (read from /metrics)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from retentivekv_vllm.fixtures import build_tiny_vlm
 from retentivekv_vllm.fixtures.server import Server
 
 from ..images import data_url, decode, png_bytes
+from .test_metrics import scrape
 from .test_server import LOG_LINE
 
 MAX_TOKENS = 8  # below the decode interval: only the prompt is compressed
@@ -38,8 +40,10 @@ CHATS = {
 RUNS = {
     "stock": ((), {"VLLM_PLUGINS": ""}),
     "budget 1.0": (("--kv-policy", "retentive", "--kv-budget", "1.0"), {}),
-    # A short window, so that the policy chooses which image tokens stay.
-    "budget 0.2": (("--kv-policy", "retentive", "--kv-budget", "0.2", "--kv-window", "8"), {}),
+    # A short window, so that the policy chooses which image tokens stay; small blocks, so that
+    # the folded image tokens of these short prompts fill whole blocks; the plugin's metrics on.
+    "budget 0.2": (("--kv-policy", "retentive", "--kv-budget", "0.2", "--kv-window", "8", "--block-size", "32"),
+                   {"VLLM_PLUGINS": "retentivekv"}),
 }
 
 
@@ -50,7 +54,7 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def served(model_dir, tmp_path_factory) -> dict:
-    """Per run: the replies to CHATS and the server's log, one server after the other."""
+    """Per run: the replies to CHATS, the server's log and /metrics, one server after the other."""
     results = {}
     for run, (args, env) in RUNS.items():
         log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
@@ -67,7 +71,8 @@ def served(model_dir, tmp_path_factory) -> dict:
                 client.completions.create(model=model_dir, prompt="Flush.", max_tokens=2)
             # Read before the server stops: shutting down logs the engine's exit.
             log = wait_for_release_lines(log_path, len(CHATS) if args else 0)
-        results[run] = (replies, log)
+            metrics = released_metrics(server, len(CHATS) + 1) if env.get("VLLM_PLUGINS") == "retentivekv" else None
+        results[run] = (replies, log, metrics)
     return results
 
 
@@ -81,6 +86,17 @@ def wait_for_release_lines(log_path, count: int, timeout: float = 60.0) -> str:
         time.sleep(0.5)
 
 
+def released_metrics(server, count: int, timeout: float = 60.0) -> dict:
+    """/metrics once the plugin's counters include `count` released requests (they refresh periodically)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = scrape(server)
+        released = metrics.get("retentivekv:requests_released_total", ({}, 0.0))[1]
+        if released >= count or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.5)
+
+
 def token_ids(reply) -> list[int]:
     return list(reply.choices[0].model_extra["token_ids"])
 
@@ -89,7 +105,7 @@ def test_stock_counts_every_image_token(served, model_dir):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    replies, _ = served["stock"]
+    replies, _, _ = served["stock"]
     for name, content in CHATS.items():
         parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
         text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
@@ -100,8 +116,8 @@ def test_stock_counts_every_image_token(served, model_dir):
 
 
 def test_budget_one_answers_with_stock_tokens(served):
-    stock, _ = served["stock"]
-    replies, log = served["budget 1.0"]
+    stock, _, _ = served["stock"]
+    replies, log, _ = served["budget 1.0"]
     for name in CHATS:
         assert token_ids(replies[name]) == token_ids(stock[name]), name
         assert replies[name].choices[0].message.content == stock[name].choices[0].message.content
@@ -111,8 +127,10 @@ def test_budget_one_answers_with_stock_tokens(served):
 
 
 def test_budget_point_two_folds_image_tokens(served):
-    replies, log = served["budget 0.2"]
+    replies, log, metrics = served["budget 0.2"]
     lines = {int(m["prompt"]): m for m in LOG_LINE.finditer(log)}
+    block_size = int(metrics["vllm:cache_config_info"][0]["block_size"])
+    expected_blocks = 0
     for name, content in CHATS.items():
         reply = replies[name]
         assert reply.choices[0].message.content and reply.usage.completion_tokens == MAX_TOKENS
@@ -121,4 +139,9 @@ def test_budget_point_two_folds_image_tokens(served):
         prompt_tokens = reply.usage.prompt_tokens
         assert int(line["folded"]) == prompt_tokens - math.ceil(0.2 * prompt_tokens), line.group(0)
         assert int(line["visual_folded"]) > 0, line.group(0)
+        expected_blocks += (prompt_tokens - math.ceil(0.2 * prompt_tokens)) // block_size
+    # Folded tokens are a request's oldest slots: their whole blocks went back to the pool. (The
+    # flush request is shorter than sinks and window: it folds nothing.)
+    assert expected_blocks > 0
+    assert metrics["retentivekv:blocks_freed_total"][1] == expected_blocks
     assert "Traceback" not in log
