@@ -1,4 +1,4 @@
-"""Image-grid questions on the trained vision-language fixture, with the question deferred.
+"""Image-grid questions on the shipped vision-language fixture, with the question deferred.
 
 A 16 x 16 board of glyphs is one 224-pixel image, 256 image tokens (one per cell); the question
 comes after it, in the same user turn or in a later one (``retentivekv_vllm.fixtures.grid``):
