@@ -12,6 +12,12 @@ if ! docker info > /dev/null 2>&1; then
 fi
 
 PORT=${PORT:-18000}
+# SMOKE_NETWORK=host: build and run on the host's network (loopback only), for daemons whose
+# bridge has no route out (the CPU image's build installs from PyPI).
+build_flags=() run_flags=(-p "127.0.0.1:$PORT:8000") serve_at=(--host 0.0.0.0 --port 8000)
+if [ "${SMOKE_NETWORK:-}" = host ]; then
+  build_flags=(--network host) run_flags=(--network host) serve_at=(--host 127.0.0.1 --port "$PORT")
+fi
 kinds=(cpu)
 if docker info --format '{{json .Runtimes}}' | grep -q nvidia; then
   kinds+=(gpu)
@@ -20,14 +26,14 @@ fi
 for kind in "${kinds[@]}"; do
   image="retentivekv-vllm:smoke-$kind"
   echo "== building $image"
-  docker build -f "docker/Dockerfile.$kind" -t "$image" .
+  docker build "${build_flags[@]}" -f "docker/Dockerfile.$kind" -t "$image" .
   name="retentivekv-smoke-$kind-$$"
   gpu_flags=()
   [ "$kind" = gpu ] && gpu_flags=(--gpus all)
   # The tiny model is built inside the container from the fixtures shipped with the package.
-  docker run -d --name "$name" "${gpu_flags[@]}" -p "127.0.0.1:$PORT:8000" --entrypoint bash "$image" -c \
+  docker run -d --name "$name" "${gpu_flags[@]}" "${run_flags[@]}" --entrypoint bash "$image" -c \
     "python3 -m retentivekv_vllm.fixtures build --arch llama --out /home/vllm/tiny-llama \
-     && exec vllm serve /home/vllm/tiny-llama --host 0.0.0.0 --kv-policy retentive --kv-budget 0.2 \
+     && exec vllm serve /home/vllm/tiny-llama ${serve_at[*]} --kv-policy retentive --kv-budget 0.2 \
         --dtype float32 --enforce-eager --max-model-len 2048 --kv-cache-memory-bytes 268435456"
   trap 'docker rm -f "$name" > /dev/null 2>&1 || true' EXIT
   echo "== waiting for $name"

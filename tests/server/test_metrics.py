@@ -64,6 +64,24 @@ def scrape(server) -> dict[str, tuple[dict, float]]:
     }
 
 
+def settled_scrape(server, names: tuple[str, ...], timeout: float = 60.0) -> dict[str, tuple[dict, float]]:
+    """/metrics once ``names`` held still over a refresh of the plugin's counters.
+
+    The plugin's series refresh every REFRESH_SECONDS: requests an earlier test finished can still
+    be counted a refresh later.
+    """
+    deadline = time.monotonic() + timeout
+    last = scrape(server)
+    while True:
+        time.sleep(REFRESH_SECONDS * 1.5)
+        now = scrape(server)
+        if all(now.get(n, ({}, 0.0))[1] == last.get(n, ({}, 0.0))[1] for n in names):
+            return now
+        if time.monotonic() > deadline:
+            pytest.fail(f"{names} kept changing for {timeout} s")
+        last = now
+
+
 def get_stats(server, key: str | None = API_KEY) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     request = urllib.request.Request(server.base_url + STATS_ROUTE, headers=headers)
@@ -162,7 +180,8 @@ def test_stats_route_is_read_only_and_behind_the_api_key(server):
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_denied_overrides_get_http_400_naming_the_field_and_the_flag(server, client, xargs, field, endpoint):
     model = client.models.list().data[0].id
-    before = scrape(server)
+    counted = ("vllm:prompt_tokens_total", "retentivekv:tokens_cached_total")
+    before = settled_scrape(server, counted)
     with pytest.raises(BadRequestError) as refused:
         if endpoint == "chat":
             client.chat.completions.create(
@@ -174,9 +193,10 @@ def test_denied_overrides_get_http_400_naming_the_field_and_the_flag(server, cli
     assert refused.value.status_code == 400
     assert field in refused.value.message, refused.value.message
     assert "--kv-request-overrides" in refused.value.message, refused.value.message
-    # Refused before the engine: nothing was scheduled or compressed.
+    # Refused before the engine: nothing was scheduled or compressed (read after a refresh).
+    time.sleep(REFRESH_SECONDS * 1.5)
     after = scrape(server)
-    for name in ("vllm:prompt_tokens_total", "retentivekv:tokens_cached_total"):
+    for name in counted:
         assert after.get(name, ({}, 0.0))[1] == before.get(name, ({}, 0.0))[1], name
 
 
