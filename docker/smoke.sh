@@ -18,6 +18,10 @@ build_flags=() run_flags=(-p "127.0.0.1:$PORT:8000") serve_at=(--host 0.0.0.0 --
 if [ "${SMOKE_NETWORK:-}" = host ]; then
   build_flags=(--network host) run_flags=(--network host) serve_at=(--host 127.0.0.1 --port "$PORT")
 fi
+# SMOKE_BUILD_ARGS: more `docker build` arguments, e.g. where torch's +cpu wheel comes from
+# (see docker/Dockerfile.cpu).
+read -r -a extra_build_args <<< "${SMOKE_BUILD_ARGS:-}"
+build_flags+=("${extra_build_args[@]}")
 kinds=(cpu)
 if docker info --format '{{json .Runtimes}}' | grep -q nvidia; then
   kinds+=(gpu)
@@ -31,7 +35,8 @@ for kind in "${kinds[@]}"; do
   gpu_flags=()
   [ "$kind" = gpu ] && gpu_flags=(--gpus all)
   # The tiny model is built inside the container from the fixtures shipped with the package.
-  docker run -d --name "$name" "${gpu_flags[@]}" "${run_flags[@]}" --entrypoint bash "$image" -c \
+  # vLLM's engine and workers talk through /dev/shm: Docker's default 64 MiB is too small.
+  docker run -d --name "$name" --shm-size 1g "${gpu_flags[@]}" "${run_flags[@]}" --entrypoint bash "$image" -c \
     "python3 -m retentivekv_vllm.fixtures build --arch llama --out /home/vllm/tiny-llama \
      && exec vllm serve /home/vllm/tiny-llama ${serve_at[*]} --kv-policy retentive --kv-budget 0.2 \
         --dtype float32 --enforce-eager --max-model-len 2048 --kv-cache-memory-bytes 268435456"
