@@ -182,7 +182,10 @@ def _write_text(model, ids: dict[str, int]) -> None:
     lm = model.model.language_model
     norm_weight = M_TEXT / math.sqrt(HIDDEN)  # RMSNorm becomes ~ the identity
     for name, p in lm.named_parameters():
-        p.fill_(norm_weight) if "norm" in name else p.zero_()
+        if "norm" in name:
+            p.fill_(norm_weight)
+        else:
+            p.zero_()
     model.lm_head.weight.zero_()
 
     embed = lm.embed_tokens.weight
