@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from retentivekv_vllm.fixtures import grid
-from training import grid_circuit
 from retentivekv_vllm.fixtures.build_vlm import (
     LLAVA_PATCH_SIZE,
     _processor,
@@ -38,6 +37,7 @@ from retentivekv_vllm.fixtures.build_vlm import (
     save_vlm,
     vlm_config,
 )
+from training import grid_circuit
 
 # The circuit's shape (head size 64, which vLLM's CPU attention supports, grouped KV heads)
 # serves both initialisations.
