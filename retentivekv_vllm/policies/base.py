@@ -10,6 +10,7 @@ recurrent state; merging policies (``lookm``) average them into kept tokens (``m
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.core import PatchLayout, RecurrentState, select_topk
+from retentivekv_vllm.core import PatchLayout, RecurrentState, accumulated_attention, modality_entropy, select_topk
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Observation:
     accumulated: [Hkv, n] attention each token received from every observation
         window since the request started (H2O's heavy-hitter statistic).
     layout: where image tokens sit on their patch grids; None for a text-only request.
+
+    The statistics of `probs` that scoring and folding both read are computed once, on first use.
     """
 
     probs: torch.Tensor
@@ -38,6 +41,16 @@ class Observation:
     candidates: torch.Tensor
     accumulated: torch.Tensor
     layout: PatchLayout | None = None
+
+    @functools.cached_property
+    def alpha(self) -> torch.Tensor:
+        """[Hkv, n] attention each token received from this window's queries."""
+        return accumulated_attention(self.probs)
+
+    @functools.cached_property
+    def entropy(self) -> torch.Tensor:
+        """[Hkv, n] entropy potential of each token, per modality (`core.modality_entropy`)."""
+        return modality_entropy(self.probs, self.layout)
 
 
 @dataclass

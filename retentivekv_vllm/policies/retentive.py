@@ -24,10 +24,8 @@ from retentivekv_vllm.core import (
     RecurrentState,
     ScaledReadout,
     absorption_from_attention,
-    accumulated_attention,
     fold,
     make_feature_map,
-    modality_entropy,
     normalize_by_max,
     retention_from_entropy,
     retention_score,
@@ -68,8 +66,8 @@ class RetentivePolicy(KVPolicy):
     def score(self, obs: Observation) -> torch.Tensor:
         c = self.config
         return retention_score(
-            accumulated_attention(obs.probs),
-            modality_entropy(obs.probs, obs.layout),
+            obs.alpha,
+            obs.entropy,
             c.lambda_,
             obs.candidates,
             c.pool_kernel,
@@ -84,9 +82,9 @@ class RetentivePolicy(KVPolicy):
         # slot order, which is position order (oldest first).
         index = folded.nonzero()[:, 1].view(folded.shape[0], int(folded[0].sum()))
         take = lambda x: x.gather(1, index)  # noqa: E731
-        entropy_hat = normalize_by_max(modality_entropy(obs.probs, obs.layout), obs.candidates)
+        entropy_hat = normalize_by_max(obs.entropy, obs.candidates)
         gamma = retention_from_entropy(take(entropy_hat), c.gamma0)
-        alpha = accumulated_attention(obs.probs)
+        alpha = obs.alpha
         absorption = absorption_from_attention(take(alpha), c.absorption_min, c.absorption_max)
         return index, gamma, absorption
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from retentivekv_vllm.core import accumulated_attention, pool1d
+from retentivekv_vllm.core import pool1d
 from retentivekv_vllm.policies.base import KVPolicy, Observation, register_policy
 
 
@@ -11,4 +11,4 @@ class SnapKVPolicy(KVPolicy):
     name = "snapkv"
 
     def score(self, obs: Observation) -> torch.Tensor:
-        return pool1d(accumulated_attention(obs.probs), self.config.pool_kernel)
+        return pool1d(obs.alpha, self.config.pool_kernel)

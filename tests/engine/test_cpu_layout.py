@@ -8,7 +8,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from retentivekv_vllm.core import local_attention
-from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots, split_kv_cache
+from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots, split_kv_cache, uses_decode_kernel
 
 HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 2, 64, 128, 24
 ISA = "vec"
@@ -43,6 +43,7 @@ ALIGNED = (torch.tensor([14, 15, 16, 20]), 256, 512)  # whole blocks only
 ONE_BLOCK = (torch.tensor([21, 22]), 130, 140)  # the live span in one block
 
 
+@pytest.mark.parametrize("attend", [DecodeBatch.attend, DecodeBatch.attend_torch], ids=["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ ONE_BLOCK = (torch.tensor([21, 22]), 130, 140)  # the live span in one block
     [[CONSECUTIVE], [SCATTERED], [ALIGNED], [CONSECUTIVE, SCATTERED, ALIGNED, ONE_BLOCK]],
     ids=["one-consecutive", "one-scattered", "one-aligned", "batch"],
 )
-def test_decode_batch_matches_local_attention(dtype, group, requests):
+def test_decode_batch_matches_local_attention(attend, dtype, group, requests):
     cache = random_cache(dtype)
     for seed, (block_row, _, end) in enumerate(requests):
         fill(cache, block_row, end, seed)
@@ -61,7 +62,7 @@ def test_decode_batch_matches_local_attention(dtype, group, requests):
     )
     q = torch.randn(len(requests), HEADS, group, HEAD_SIZE, generator=torch.Generator().manual_seed(7))
 
-    out, lse = batch.attend(cache, q, SCALE, ISA)
+    out, lse = attend(batch, cache, q, SCALE, ISA)
 
     for i, (block_row, start, end) in enumerate(requests):
         want_out, want_lse = reference(cache, block_row, start, end, q[i])
@@ -72,7 +73,14 @@ def test_decode_batch_matches_local_attention(dtype, group, requests):
 def test_one_request_with_consecutive_blocks_is_read_in_place():
     block_row, start, end = CONSECUTIVE
     batch = DecodeBatch.plan([0], block_row[None].int(), [start], [end], BLOCK_SIZE)
-    assert batch.blocks == [slice(3, 7)]  # slots 128-639 of blocks 2-6: the first live one is 150
+    blocks, _ = batch._torch_plan
+    assert blocks == [slice(3, 7)]  # slots 128-639 of blocks 2-6: the first live one is 150
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_runs_in_the_kernel_on_the_vec_layout(dtype):
+    """The engine's decode path is the C++ kernel here (a compiler is present), not the twin."""
+    assert uses_decode_kernel(ISA, BLOCK_SIZE, HEAD_SIZE, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,3 +100,29 @@ def test_chunk_matches_local_attention(dtype, blocks, num_queries, group):
     want_out, want_lse = local_attention(q, keys, values, SCALE, q_positions, torch.arange(start, end))
     torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
     torch.testing.assert_close(out, want_out, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks", ["consecutive", "scattered"])
+def test_write_replaces_exactly_the_given_slots(dtype, blocks):
+    """Compaction's write: slots [begin, begin + m) take the new tokens; every other slot of the
+    request, and every other block of the cache, is as it was."""
+    block_row, start, end = CONSECUTIVE if blocks == "consecutive" else SCATTERED
+    cache = random_cache(dtype)
+    fill(cache, block_row, end, 0)
+    before_keys, before_values = RequestSlots(cache, block_row.int(), start, end, ISA).read()
+    before_cache = cache.clone()
+    generator = torch.Generator().manual_seed(3)
+    new_keys, new_values = (torch.randn(HEADS, 300, HEAD_SIZE, generator=generator) for _ in range(2))
+
+    slots = RequestSlots(cache, block_row.int(), start, end, ISA)
+    slots.read()  # a read before the write must not be returned after it
+    slots.write(start + 100, new_keys, new_values)
+
+    keys, values = slots.read()
+    for got, before, new in ((keys, before_keys, new_keys), (values, before_values, new_values)):
+        want = before.clone()
+        want[:, 100:400] = new.to(dtype).float()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    other_blocks = [b for b in range(NUM_BLOCKS) if b not in block_row.tolist()]
+    assert torch.equal(cache[other_blocks], before_cache[other_blocks])

@@ -1,0 +1,128 @@
+// Decode attention over the live slots of paged requests, on vLLM's CPU KV cache as stored.
+//
+// Twin: retentivekv_vllm.engine.cpu_layout.DecodeBatch.attend (torch, the same blocks) and, on
+// slots read out in token order, retentivekv_vllm.core.merge.local_attention. One query token
+// per request: for request r, KV head h and each of its g query heads,
+//   out = Σ_j softmax(scale·q·k_j) v_j,  lse = log Σ_j exp(scale·q·k_j)
+// over the slots [starts[r], ends[r]) of its block-table row. The log-sum-exp is what the merge
+// with the recurrent states needs and what vLLM's own CPU kernel does not return.
+//
+// The cache is [blocks, Hkv, 2·bs, d]: for each (block, head) the first bs·d elements are the
+// keys, dimension-major ([d, bs], the layout vLLM's "vec" ISA writes), the next bs·d the
+// values, token-major ([bs, d]). The caller checks that layout (it is measured, not assumed).
+//
+// One pass over a request's blocks with an online softmax, per (request, KV head) work item:
+// every key and value is read once, for all g query heads of the KV head, straight from its
+// block (no gather, no logits tensor), and the inner loops run over contiguous memory (keys
+// over slots, values over dims) so the compiler vectorises them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+void attend_one(const float* q,             // [g, d], pre-scaled
+                const scalar_t* cache,      // the whole cache
+                const int32_t* block_row,   // the request's block-table row
+                int64_t start, int64_t end, int64_t head, int64_t num_heads, int64_t block_size,
+                int64_t head_size, int64_t group, float* out,  // [g, d]
+                float* lse,                                    // [g]
+                float* logits) {                               // [g, bs] scratch
+  std::vector<float> running_max(group, -FLT_MAX), running_sum(group, 0.0f);
+  std::fill(out, out + group * head_size, 0.0f);
+  const int64_t region = block_size * head_size;
+  for (int64_t first = start - start % block_size; first < end; first += block_size) {
+    const int64_t block = block_row[first / block_size];
+    const scalar_t* keys = cache + (block * num_heads + head) * 2 * region;  // [d, bs]
+    const scalar_t* values = keys + region;                                  // [bs, d]
+    const int64_t t0 = std::max<int64_t>(start - first, 0);
+    const int64_t t1 = std::min<int64_t>(end - first, block_size);
+    for (int64_t j = 0; j < group; ++j) {
+      float* s = logits + j * block_size;
+      std::fill(s + t0, s + t1, 0.0f);
+      for (int64_t dim = 0; dim < head_size; ++dim) {
+        const float qd = q[j * head_size + dim];
+        const scalar_t* k = keys + dim * block_size;
+        for (int64_t t = t0; t < t1; ++t) s[t] += qd * static_cast<float>(k[t]);
+      }
+      float block_max = -FLT_MAX;
+      for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[t]);
+      const float new_max = std::max(running_max[j], block_max);
+      const float correction = std::exp(running_max[j] - new_max);
+      float block_sum = 0.0f;
+      for (int64_t t = t0; t < t1; ++t) {
+        s[t] = std::exp(s[t] - new_max);
+        block_sum += s[t];
+      }
+      running_sum[j] = running_sum[j] * correction + block_sum;
+      running_max[j] = new_max;
+      float* o = out + j * head_size;
+      if (correction != 1.0f)
+        for (int64_t dim = 0; dim < head_size; ++dim) o[dim] *= correction;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float p = s[t];
+        const scalar_t* v = values + t * head_size;
+        for (int64_t dim = 0; dim < head_size; ++dim) o[dim] += p * static_cast<float>(v[dim]);
+      }
+    }
+  }
+  for (int64_t j = 0; j < group; ++j) {
+    const float inverse = 1.0f / running_sum[j];
+    for (int64_t dim = 0; dim < head_size; ++dim) out[j * head_size + dim] *= inverse;
+    lse[j] = running_max[j] + std::log(running_sum[j]);
+  }
+}
+
+// q [R, Hkv, g, d] float32; kv_cache [blocks, Hkv, 2·bs, d]; block_rows [R, max_blocks] int32;
+// starts, ends [R] int64 (each end > its start). Returns out [R, Hkv, g, d], lse [R, Hkv, g].
+std::vector<at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache,
+                                               const at::Tensor& block_rows, const at::Tensor& starts,
+                                               const at::Tensor& ends, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "q must be [R, Hkv, g, d] float32");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be a contiguous [blocks, Hkv, 2*bs, d]");
+  TORCH_CHECK(block_rows.scalar_type() == at::kInt && block_rows.dim() == 2, "block_rows must be int32 [R, max_blocks]");
+  TORCH_CHECK(starts.scalar_type() == at::kLong && ends.scalar_type() == at::kLong, "starts and ends must be int64");
+  const int64_t requests = q.size(0), num_heads = q.size(1), group = q.size(2), head_size = q.size(3);
+  TORCH_CHECK(kv_cache.size(1) == num_heads && kv_cache.size(3) == head_size, "q and kv_cache disagree on heads");
+  TORCH_CHECK(starts.numel() == requests && ends.numel() == requests && block_rows.size(0) == requests,
+              "one block row, start and end per request");
+  TORCH_CHECK(at::all(ends > starts).item<bool>(), "every request needs a live slot (end > start)");
+  const int64_t block_size = kv_cache.size(2) / 2;
+  const at::Tensor scaled = (q * scale).contiguous();
+  const at::Tensor rows = block_rows.contiguous(), start = starts.contiguous(), end = ends.contiguous();
+  at::Tensor out = at::empty({requests, num_heads, group, head_size}, q.options());
+  at::Tensor lse = at::empty({requests, num_heads, group}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "paged_decode_attention", [&] {
+    const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+    const float* q_ptr = scaled.data_ptr<float>();
+    const int32_t* rows_ptr = rows.data_ptr<int32_t>();
+    const int64_t* start_ptr = start.data_ptr<int64_t>();
+    const int64_t* end_ptr = end.data_ptr<int64_t>();
+    float* out_ptr = out.data_ptr<float>();
+    float* lse_ptr = lse.data_ptr<float>();
+    at::parallel_for(0, requests * num_heads, 1, [&](int64_t begin, int64_t finish) {
+      std::vector<float> logits(group * block_size);
+      for (int64_t item = begin; item < finish; ++item) {
+        const int64_t r = item / num_heads, h = item % num_heads;
+        attend_one<scalar_t>(q_ptr + item * group * head_size, cache, rows_ptr + r * rows.size(1),
+                             start_ptr[r], end_ptr[r], h, num_heads, block_size, head_size, group,
+                             out_ptr + item * group * head_size, lse_ptr + item * group, logits.data());
+      }
+    });
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Decode attention with log-sum-exp over live slots of paged requests (CPU)");
+}

@@ -1,0 +1,54 @@
+"""The CPU backend's decode kernel: `csrc/cpu_decode.cpp`, compiled on first use.
+
+`paged_decode_attention` attends one query token per request over its live slots, straight from
+vLLM's CPU cache blocks, and returns the log-sum-exp the merge with the states needs; its torch
+twin is `cpu_layout.DecodeBatch.attend`. The kernel reads the cache layout of vLLM's "vec" ISA
+(keys dimension-major, values token-major per block and head); the backend checks the measured
+layout and falls back to the twin for any other, and where the extension cannot be built.
+
+The build is started with the backend (`RetentiveCPUAttentionImpl`), so that its first compile
+(about a minute on two cores, cached afterwards) is part of start-up, not of a request.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+from pathlib import Path
+
+import torch
+
+from retentivekv_vllm.csrc import CPU_DECODE_SOURCE, Extension, build
+
+# -ffast-math: the kernel never forms an infinity (its running maximum starts at -FLT_MAX and only
+# live slots are visited). -fopenmp: ATen's parallel_for is OpenMP here, and the loader resolves
+# libgomp to the copy torch has already loaded.
+FLAGS = dict(extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+def cpu_tag() -> str:
+    """The build targets this machine's instruction set (-march=native), so its cache is keyed by
+    the CPU's feature flags: a build made on another CPU model (a Docker image's) is not loaded."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        features = next(line for line in cpuinfo if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        features = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(features.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def decode_extension() -> Extension:
+    return build(f"retentivekv_cpu_decode_{cpu_tag()}", [CPU_DECODE_SOURCE], **FLAGS)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_rows: torch.Tensor, starts: torch.Tensor,
+    ends: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [R, Hkv, g, d] float32; kv_cache [blocks, Hkv, 2·bs, d] in the vec layout; block_rows
+    [R, max_blocks] int32 (block-table rows); starts, ends [R] int64: request r's live slots are
+    [starts[r], ends[r]). -> out [R, Hkv, g, d] float32, lse [R, Hkv, g]."""
+    out, lse = decode_extension().module.paged_decode_attention(q, kv_cache, block_rows, starts, ends, scale)
+    return out, lse
