@@ -35,7 +35,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.speed import BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MODEL, STOCK_REQUESTS_IN_POOL, kv_bytes_per_token, load
+from benchmarks.speed import (
+    BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MODEL, STOCK_REQUESTS_IN_POOL, bar_panels, kv_bytes_per_token, load,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -160,26 +162,18 @@ def summary_table(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = data["results"]
-    names = [r["name"].replace("retentive ", "") for r in results]
-    panels = [
-        ("TTFT batch 1 (s)", [r["batch1"]["median_ttft_ms"] / 1e3 for r in results]),
-        ("TPOT batch 1 (ms)", [r["batch1"]["median_tpot_ms"] for r in results]),
-        ("burst output tokens/s", [r["burst"]["output_throughput"] for r in results]),
-        ("burst max running", [r["burst"]["max_running"] for r in results]),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(f"vllm bench serve: stock vLLM vs retentive budgets ({data['meta']['mode']} run)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bar_panels(
+        [r["name"].replace("retentive ", "") for r in results],
+        [
+            ("TTFT batch 1 (s)", [r["batch1"]["median_ttft_ms"] / 1e3 for r in results]),
+            ("TPOT batch 1 (ms)", [r["batch1"]["median_tpot_ms"] for r in results]),
+            ("burst output tokens/s", [r["burst"]["output_throughput"] for r in results]),
+            ("burst max running", [r["burst"]["max_running"] for r in results]),
+        ],
+        f"vllm bench serve: stock vLLM vs retentive budgets ({data['meta']['mode']} run)",
+        path,
+    )
 
 
 def main(argv=None) -> int:

@@ -77,7 +77,10 @@ MAX_NUM_BATCHED_TOKENS = 2048
 
 
 def configs(budgets) -> list[tuple[str, dict | None]]:
-    return [("stock", None)] + [(f"retentive {b:g}", {"kv_policy": "retentive", "kv_budget": b}) for b in budgets]
+    """Stock first (the reference of every ratio) and once more last: the last row's ratios to the
+    first are the run's own noise and drift (ideally 1.0x everywhere)."""
+    retentive = [(f"retentive {b:g}", {"kv_policy": "retentive", "kv_budget": b}) for b in budgets]
+    return [("stock", None), *retentive, ("stock again", None)]
 
 
 def model_shape() -> dict:
@@ -138,13 +141,16 @@ def kv_bytes_per_token() -> int:
 
 
 def tpot_at_largest_batch(series: dict) -> tuple[int, float | None]:
-    """Median step time over the steps in which the largest batch was decoding (and nothing else ran)."""
+    """Median step time over the steps that only decoded the largest batch: every request running
+    when the step began already had output tokens (counts are taken after each step, so a request
+    whose prefill ends in a step counts as decoding only after it), and nobody was admitted."""
     largest = max(series["decoding"])
     times = [0.0] + series["time_s"]
     steps = [
         times[i + 1] - times[i]
-        for i, (running, decoding) in enumerate(zip(series["running"], series["decoding"]))
-        if decoding == largest and running == largest
+        for i in range(1, len(series["running"]))
+        if series["running"][i - 1] == series["decoding"][i - 1] == largest
+        and series["waiting"][i] == series["waiting"][i - 1]
     ]
     return largest, (round(statistics.median(steps), 5) if steps else None)
 
@@ -224,6 +230,7 @@ TABLE_COLUMNS = (
     ("TPOT speed-up", lambda r: f"{r['vs_stock']['tpot_batch1_speedup']}x"),
     ("TPOT largest batch", lambda r: _ms(r["throughput"]["tpot_at_largest_batch_s"])
      + f" ({r['throughput']['largest_decode_batch']})"),
+    ("decode tok/s largest batch vs stock", lambda r: f"{r['vs_stock']['decode_tokens_per_s_at_largest_batch']}x"),
     ("output tok/s", lambda r: f"{r['throughput']['output_tokens_per_s']:.1f}"),
     ("tok/s vs stock", lambda r: f"{r['vs_stock']['output_tokens_per_s']}x"),
 )
@@ -263,27 +270,35 @@ def write_readme_table(data: dict, readme: Path = README) -> None:
 
 
 def plot(data: dict, path: Path) -> None:
+    results = data["results"]
+    bar_panels(
+        [r["name"].replace("retentive ", "") for r in results],
+        [
+            ("KV MiB per request", [r["throughput"]["kv_bytes_per_request"] / 2**20 for r in results]),
+            ("TPOT batch 1 (ms)", [1e3 * r["latency"]["tpot_s"] for r in results]),
+            ("TTFT batch 1 (s)", [r["latency"]["ttft_s"] for r in results]),
+            ("output tokens/s (throughput run)", [r["throughput"]["output_tokens_per_s"] for r in results]),
+            ("max concurrent requests", [r["throughput"]["max_running"] for r in results]),
+        ],
+        f"stock vLLM vs retentive budgets ({data['meta']['mode']} run, load "
+        f"{data['meta']['load_start'][0]}-{data['meta']['load_end'][0]})",
+        path,
+    )
+
+
+def bar_panels(names: list[str], panels: list[tuple[str, list[float]]], title: str, path: Path) -> None:
+    """One bar chart per (title, values) panel over the configurations, stock in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = data["results"]
-    names = [r["name"].replace("retentive ", "") for r in results]
-    panels = [
-        ("KV MiB per request", [r["throughput"]["kv_bytes_per_request"] / 2**20 for r in results]),
-        ("TPOT batch 1 (ms)", [1e3 * r["latency"]["tpot_s"] for r in results]),
-        ("TTFT batch 1 (s)", [r["latency"]["ttft_s"] for r in results]),
-        ("output tokens/s (throughput run)", [r["throughput"]["output_tokens_per_s"] for r in results]),
-        ("max concurrent requests", [r["throughput"]["max_running"] for r in results]),
-    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
-        ax.set_title(title, fontsize=10)
+    for ax, (panel_title, values) in zip(axes, panels):
+        ax.bar(names, values, color=["tab:gray" if name.startswith("stock") else "tab:blue" for name in names])
+        ax.set_title(panel_title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"stock vLLM vs retentive budgets ({data['meta']['mode']} run, load "
-                 f"{data['meta']['load_start'][0]}-{data['meta']['load_end'][0]})", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -328,7 +343,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "speed-llama", arch="llama", **MODEL))
         for index, (name, additional_config) in enumerate(configs(settings["budgets"])):
-            print(f"[{index + 1}/{len(settings['budgets']) + 1}] {name} ...", flush=True)
+            print(f"[{index + 1}/{len(settings['budgets']) + 2}] {name} ...", flush=True)
             spec = {"index": index, "name": name, "additional_config": additional_config, "model_dir": model_dir,
                     "latency_prompt": settings["latency_prompt"], "latency_tokens": settings["latency_tokens"],
                     "throughput": throughput, "pool_blocks": pool_blocks}

@@ -17,11 +17,19 @@ def result(name, tpot, ttft, tok_s, kv_bytes, running, largest_tpot):
     }
 
 
-def test_tpot_at_largest_batch_uses_only_steps_where_the_largest_batch_decodes():
-    # Step durations 1, 2, 3, 4, 5, 6: steps 3 and 5 decode the largest batch (3) and nothing else;
-    # step 4 has the batch but one request still prefills.
-    series = {"time_s": [1, 3, 6, 10, 15, 21], "running": [1, 2, 3, 3, 3, 2], "decoding": [0, 1, 3, 2, 3, 2]}
-    assert speed.tpot_at_largest_batch(series) == (3, 4.0)
+def test_tpot_at_largest_batch_uses_only_steps_that_decode_the_largest_batch():
+    # Step durations 1..8 (counts after each step). Step 3 ends the third prefill (3 decoding after
+    # it, but it prefilled). Steps 4, 7 and 8 begin with all 3 running requests decoding and admit
+    # nobody: pure decode of the batch (in step 8 one request finishes, after decoding). Step 5 also
+    # begins so, but admits a waiting request (its prefill ran in that step); step 6 begins with that
+    # one still without output.
+    series = {
+        "time_s": [1, 3, 6, 10, 15, 21, 28, 36],
+        "running": [1, 2, 3, 3, 3, 3, 3, 2],
+        "decoding": [0, 1, 3, 3, 2, 3, 3, 2],
+        "waiting": [3, 2, 1, 1, 0, 0, 0, 0],
+    }
+    assert speed.tpot_at_largest_batch(series) == (3, 7.0)  # the median of 4, 7 and 8 s
 
 
 def test_ratios_and_readme_table(tmp_path):
@@ -48,4 +56,5 @@ def test_ratios_and_readme_table(tmp_path):
     assert text.startswith("before\n") and text.endswith(f"{speed.TABLE_END}\nafter\n")
     assert "old table" not in text
     row = next(line for line in text.splitlines() if line.startswith("| retentive 0.2 |"))
-    assert "| 2.0 MiB | 4.0x | 16 |" in row and "| +10% |" in row and "| 3.0x |" in row
+    assert "| 2.0 MiB | 4.0x | 16 |" in row and "| +10% |" in row and "| 80.0 ms (16) | 2.0x |" in row
+    assert row.endswith("| 150.0 | 3.0x |")
