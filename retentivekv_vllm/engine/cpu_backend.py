@@ -8,10 +8,11 @@ is a pass-through whenever no policy is configured.  With a policy:
   the rule the scheduler's KV manager applies too);
 * the impl runs vLLM's C++ kernel for the whole batch (exact for requests with
   nothing folded; requests with folded tokens get their sequence length cut to their
-  query length, so the kernel does next to nothing for rows that are overwritten),
-  computes the rows of requests with folded tokens in torch (attention over the live
-  blocks with its log-sum-exp, state readout, merge: all decoding requests of the step
-  in one batch, read from the blocks as stored; a prefill chunk per request), then
+  query length, so the kernel does little for rows that are overwritten), computes
+  the rows of requests with folded tokens itself (attention over the live blocks with
+  its log-sum-exp, state readout, merge: all decoding requests of the step in one
+  batch, read from the blocks as stored by the C++ kernel of `cpu_kernel`; a prefill
+  chunk per request, in torch's fused CPU attention), then
   compresses the requests over budget: each head's kept tokens are packed, in
   position order, into the slots right below the newest token, so the folded ones
   are always a request's oldest slots and the KV manager frees their blocks.

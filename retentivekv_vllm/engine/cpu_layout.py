@@ -8,10 +8,11 @@ measured once per (ISA, block size, head size, dtype): vLLM's own
 (token, dim) coordinates, and the result gives, for every element, where it lives.
 Coordinates are written as base-16 digits (< 16) so the probe is exact in any dtype.
 
-Decode attention reads the live blocks in place: where a measured layout is plain
-token-major or dimension-major, each (block, head) region is a [bs, d] or [d, bs]
-matrix view, and the attention is a batched matrix product over blocks, with no
-copy of the cache beyond picking the request's blocks.
+Decode attention reads the live blocks in place: in the C++ kernel of `cpu_kernel` where
+the layout is the vec ISA's (keys dimension-major, values token-major), else in torch,
+where a measured layout that is plain token-major or dimension-major makes each (block,
+head) region a [bs, d] or [d, bs] matrix view and the attention a batched matrix product
+over blocks. Compaction writes through vLLM's own cache op, so any layout is written right.
 """
 
 from __future__ import annotations

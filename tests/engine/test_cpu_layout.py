@@ -79,8 +79,11 @@ def test_one_request_with_consecutive_blocks_is_read_in_place():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_runs_in_the_kernel_on_the_vec_layout(dtype):
-    """The engine's decode path is the C++ kernel here (a compiler is present), not the twin."""
-    assert uses_decode_kernel(ISA, BLOCK_SIZE, HEAD_SIZE, dtype)
+    """The engine's decode path is the C++ kernel here (g++ and ninja come with the environment),
+    not the twin: a build failure would otherwise pass unnoticed as a slower server."""
+    from retentivekv_vllm.engine.cpu_kernel import decode_extension
+
+    assert uses_decode_kernel(ISA, BLOCK_SIZE, HEAD_SIZE, dtype), decode_extension().reason
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
