@@ -6,10 +6,9 @@ is a pass-through whenever no policy is configured.  With a policy:
 * the builder plans, once per step and request, which cache slots are live and how
   many tokens the request has folded after the step (``budget.folded_after_step``,
   the rule the scheduler's KV manager applies too);
-* the impl runs vLLM's C++ kernel for the whole batch (exact for requests with
-  nothing folded; requests with folded tokens get their sequence length cut to their
-  query length, so the kernel does little for rows that are overwritten), computes
-  the rows of requests with folded tokens itself (attention over the live blocks with
+* the impl runs vLLM's C++ kernel for the requests with nothing folded (exact for
+  them; the others are left out of its call), computes the rows of requests with
+  folded tokens itself (attention over the live blocks with
   its log-sum-exp, state readout, merge: all decoding requests of the step in one
   batch, read from the blocks as stored by the C++ kernel of `cpu_kernel`; a prefill
   chunk per request, in torch's fused CPU attention), then
@@ -93,6 +92,11 @@ class RequestPlan:
 @dataclass
 class RetentiveCPUMetadata(CPUAttentionMetadata):
     plans: list[RequestPlan] = dataclasses.field(default_factory=list)
+    # Every request's block-table row (`block_table` holds only those vLLM's kernel attends).
+    request_block_table: torch.Tensor | None = None
+    # The query rows vLLM's C++ kernel computes (the requests with nothing folded), when some
+    # requests' rows are recomputed; None when it computes every row of the step.
+    kernel_rows: torch.Tensor | None = None
     # The recomputed requests that decode one token (their plans, in order), batched.
     decode_plans: list[RequestPlan] = dataclasses.field(default_factory=list)
     decode_batch: DecodeBatch | None = None
@@ -153,35 +157,58 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.policy is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         plans = self._plan(common_attn_metadata)
-        metadata = super().build(
-            common_prefix_len, self._without_recomputed_context(common_attn_metadata, plans), fast_build
-        )
+        block_table = common_attn_metadata.block_table_tensor  # every request's row, for the plans
+        recomputed = {plan.row for plan in plans if plan.recomputed}
+        kept = [row for row in range(common_attn_metadata.num_reqs) if row not in recomputed]
+        kernel_rows, kernel_metadata = None, common_attn_metadata
+        if recomputed:
+            kernel_rows = torch.zeros(0, dtype=torch.long)
+            if kept:
+                kernel_metadata, kernel_rows = self._subset(common_attn_metadata, kept)
+        metadata = super().build(common_prefix_len, kernel_metadata, fast_build)
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
         decode_plans = [plan for plan in plans if plan.recomputed and plan.decodes]
         decode_batch = None
         if decode_plans:
             decode_batch = DecodeBatch.plan(
                 [plan.query_start for plan in decode_plans],
-                common_attn_metadata.block_table_tensor[[plan.row for plan in decode_plans]],
+                block_table[[plan.row for plan in decode_plans]],
                 [plan.live_start for plan in decode_plans],
                 [plan.seq_len for plan in decode_plans],
                 self.kv_cache_spec.block_size,
             )
-        return RetentiveCPUMetadata(**fields, plans=plans, decode_plans=decode_plans, decode_batch=decode_batch)
+        return RetentiveCPUMetadata(
+            **fields, plans=plans, request_block_table=block_table, kernel_rows=kernel_rows,
+            decode_plans=decode_plans, decode_batch=decode_batch,
+        )
 
     @staticmethod
-    def _without_recomputed_context(cm, plans: list[RequestPlan]):
-        """The common metadata with each recomputed request's sequence cut to its query length:
-        the C++ kernel then reads only the request's first query-length slots (folded: null or
-        stale blocks, harmless, since the torch path overwrites those rows) instead of the
-        whole sequence."""
-        recomputed = [plan for plan in plans if plan.recomputed]
-        if not recomputed:
-            return cm
-        seq_lens = cm.seq_lens.clone()
-        for plan in recomputed:
-            seq_lens[plan.row] = plan.query_end - plan.query_start
-        return dataclasses.replace(cm, seq_lens=seq_lens, max_seq_len=int(seq_lens.max()))
+    def _subset(cm, rows: list[int]):
+        """The common metadata of the requests `rows` only, as vLLM's kernel is to see them, and the
+        step's query rows they own: the recomputed requests are left out of vLLM's kernel call
+        instead of having it attend their chunk causally for rows the torch path replaces (about
+        as much work as the chunk's own attention). Only the fields CPU_ATTN's builder reads are
+        narrowed; the cache write uses the forward context's slot mapping, not this metadata."""
+        starts = cm.query_start_loc_cpu.tolist()
+        lengths = [starts[r + 1] - starts[r] for r in rows]
+        token_rows = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rows])
+        query_start_loc = torch.zeros(len(rows) + 1, dtype=cm.query_start_loc_cpu.dtype)
+        query_start_loc[1:] = torch.tensor(lengths).cumsum(0)
+        index = torch.tensor(rows)
+        seq_lens = cm.seq_lens[index]
+        narrowed = dataclasses.replace(
+            cm,
+            query_start_loc=query_start_loc.to(cm.query_start_loc.device),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens=seq_lens,
+            num_reqs=len(rows),
+            num_actual_tokens=len(token_rows),
+            max_query_len=max(lengths),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=cm.block_table_tensor[index],
+            slot_mapping=cm.slot_mapping[token_rows],
+        )
+        return narrowed, token_rows
 
     def _plan(self, cm) -> list[RequestPlan]:
         view = batch.current()
@@ -237,9 +264,17 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             decode_extension()  # built (or loaded from its cache) at start-up, not in a request
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
-        )
+        kernel_rows = getattr(attn_metadata, "kernel_rows", None)
+        if kernel_rows is None:
+            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        elif len(kernel_rows):
+            # vLLM's kernel over the requests with nothing folded, on their rows gathered in order.
+            flat = output.view(output.shape[0], -1)
+            computed = super().forward(
+                layer, query[kernel_rows], key, value, kv_cache, attn_metadata,
+                flat.new_empty(len(kernel_rows), flat.shape[1]), *args, **kwargs,
+            )
+            flat[kernel_rows] = computed.view(len(kernel_rows), -1)
         plans = getattr(attn_metadata, "plans", None)
         if not plans or self.attn_type != AttentionType.DECODER:
             return output
@@ -247,7 +282,7 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata.decode_batch is not None:
             self._decode(layer, attn_metadata.decode_plans, attn_metadata.decode_batch, query, kv_cache, rows)
         for plan in plans:
-            self._run_plan(layer, plan, query, kv_cache, attn_metadata.block_table, rows)
+            self._run_plan(layer, plan, query, kv_cache, attn_metadata.request_block_table, rows)
         return output
 
     def _decode(self, layer, plans: list[RequestPlan], batch: DecodeBatch, query, kv_cache, rows) -> None:
