@@ -102,7 +102,8 @@ def non_null_blocks(blocks) -> int:
 
 
 def run_config(
-    name, additional_config, model_dir, shape, prompts, settings, pool_bytes, reserve_full_isl=True
+    name, additional_config, model_dir, shape, prompts, settings, pool_bytes, reserve_full_isl=True,
+    max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
 ) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -117,7 +118,7 @@ def run_config(
         seed=SEED,
         kv_cache_memory_bytes=pool_bytes,
         max_model_len=prompt_tokens + max_tokens,
-        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_num_batched_tokens=max_num_batched_tokens,
         enable_chunked_prefill=True,
         enable_prefix_caching=False,
         scheduler_reserve_full_isl=reserve_full_isl,

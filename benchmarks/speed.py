@@ -174,7 +174,7 @@ def run_one(spec: dict) -> dict:
     pool_bytes = spec["pool_blocks"] * BLOCK_SIZE * kv_bytes_per_token()
     load_before = load()
     throughput = run_config(spec["name"], spec["additional_config"], spec["model_dir"], model_shape(),
-                            prompts, settings, pool_bytes)
+                            prompts, settings, pool_bytes, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
     largest, tpot = tpot_at_largest_batch(throughput["series"])
     output_tokens = settings["num_requests"] * settings["max_tokens"]
     throughput.update(
