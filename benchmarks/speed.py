@@ -342,8 +342,9 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "speed-llama", arch="llama", **MODEL))
-        for index, (name, additional_config) in enumerate(configs(settings["budgets"])):
-            print(f"[{index + 1}/{len(settings['budgets']) + 2}] {name} ...", flush=True)
+        runs = configs(settings["budgets"])
+        for index, (name, additional_config) in enumerate(runs):
+            print(f"[{index + 1}/{len(runs)}] {name} ...", flush=True)
             spec = {"index": index, "name": name, "additional_config": additional_config, "model_dir": model_dir,
                     "latency_prompt": settings["latency_prompt"], "latency_tokens": settings["latency_tokens"],
                     "throughput": throughput, "pool_blocks": pool_blocks}

@@ -50,5 +50,4 @@ def paged_decode_attention(
     """q [R, Hkv, g, d] float32; kv_cache [blocks, Hkv, 2·bs, d] in the vec layout; block_rows
     [R, max_blocks] int32 (block-table rows); starts, ends [R] int64: request r's live slots are
     [starts[r], ends[r]). -> out [R, Hkv, g, d] float32, lse [R, Hkv, g]."""
-    out, lse = decode_extension().module.paged_decode_attention(q, kv_cache, block_rows, starts, ends, scale)
-    return out, lse
+    return tuple(decode_extension().module.paged_decode_attention(q, kv_cache, block_rows, starts, ends, scale))

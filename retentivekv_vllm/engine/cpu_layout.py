@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from vllm import _custom_ops as ops
 
+from retentivekv_vllm.engine.cpu_kernel import decode_extension, paged_decode_attention
+
 DIGIT = 16
 TOKEN_MAJOR, DIM_MAJOR = "token-major", "dim-major"
 
@@ -87,7 +89,6 @@ class RequestSlots:
         self.caches = split_kv_cache(kv_cache)
         _, self.heads, self.block_size, self.head_size = self.caches[0].shape
         self.offsets = block_layout(isa, self.block_size, self.head_size, kv_cache.dtype)
-        self.orders = block_orders(isa, self.block_size, self.head_size, kv_cache.dtype)
         self.block_row, self.isa = block_row, isa
         first = start // self.block_size
         self.blocks = block_row[first : (end + self.block_size - 1) // self.block_size].long()
@@ -175,8 +176,6 @@ class DecodeBatch:
         The C++ kernel (`cpu_kernel`) where it is built and the cache has its layout, else
         `attend_torch`."""
         if kv_cache.is_contiguous() and uses_decode_kernel(isa, self.block_size, q.shape[-1], kv_cache.dtype):
-            from retentivekv_vllm.engine.cpu_kernel import paged_decode_attention
-
             blocks, heads, block_size, _ = kv_cache.shape
             regions = kv_cache.view(blocks, heads, 2 * block_size, -1)  # keys, then values, per block and head
             return paged_decode_attention(q.float(), regions, self.block_rows, self.starts, self.ends, scale)
@@ -237,8 +236,6 @@ def uses_decode_kernel(isa: str, block_size: int, head_size: int, dtype: torch.d
     dimension-major and values token-major (the layout it reads)."""
     if block_orders(isa, block_size, head_size, dtype) != (DIM_MAJOR, TOKEN_MAJOR):
         return False
-    from retentivekv_vllm.engine.cpu_kernel import decode_extension
-
     return decode_extension().module is not None
 
 
