@@ -120,9 +120,82 @@ std::vector<at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
+// The merge of a batch's decode rows with the readouts of their requests' recurrent states, in
+// place. Twin: retentivekv_vllm.core.merge.merge_with_state_readouts (unit gains). For member m
+// (a row of out, rows[m]), KV head h and query head j, with φ' = exp(log φ(q) − c), c = max log φ(q):
+//   num = Σ_k φ'ᵀS_k [dv],  den = Σ_k φ'ᵀz_k
+// and, where den > 0, out = (e^(lse−c)·out + num) / (e^(lse−c) + den), evaluated with the larger
+// of lse − c and log den factored out; rows whose states hold no mass keep out unchanged. Every
+// input is finite here (decode rows attend at least one live slot; log φ is finite for every
+// feature map), which -ffast-math assumes.
+//
+// out [R, Hkv, g, dv] and lse [R, Hkv, g] float32; log_phi [M, Hkv, g, r] float32; rows [M] int64;
+// states_S, states_z: M·K tensors, member-major, [Hkv, r, dv] and [Hkv, r] contiguous float32.
+void merge_state_readouts(at::Tensor out, const at::Tensor& lse, const at::Tensor& log_phi,
+                          const at::Tensor& rows, const std::vector<at::Tensor>& states_S,
+                          const std::vector<at::Tensor>& states_z) {
+  TORCH_CHECK(out.dim() == 4 && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "out must be a contiguous [R, Hkv, g, dv] float32");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "lse must be contiguous float32");
+  TORCH_CHECK(log_phi.dim() == 4 && log_phi.is_contiguous() && log_phi.scalar_type() == at::kFloat,
+              "log_phi must be a contiguous [M, Hkv, g, r] float32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.numel() == log_phi.size(0), "one row per member");
+  const int64_t members = log_phi.size(0), heads = out.size(1), group = out.size(2), dv = out.size(3);
+  const int64_t rank = log_phi.size(3);
+  TORCH_CHECK(members > 0 && states_S.size() % members == 0 && states_S.size() == states_z.size(),
+              "the same number of states for every member");
+  const int64_t per_member = static_cast<int64_t>(states_S.size()) / members;
+  std::vector<const float*> S(states_S.size()), z(states_z.size());
+  for (size_t i = 0; i < states_S.size(); ++i) {
+    TORCH_CHECK(states_S[i].is_contiguous() && states_S[i].scalar_type() == at::kFloat &&
+                    states_S[i].numel() == heads * rank * dv, "each S must be a contiguous [Hkv, r, dv] float32");
+    TORCH_CHECK(states_z[i].is_contiguous() && states_z[i].scalar_type() == at::kFloat &&
+                    states_z[i].numel() == heads * rank, "each z must be a contiguous [Hkv, r] float32");
+    S[i] = states_S[i].data_ptr<float>();
+    z[i] = states_z[i].data_ptr<float>();
+  }
+  const at::Tensor row_index = rows.contiguous();
+  const int64_t* row_ptr = row_index.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  const float* lse_ptr = lse.data_ptr<float>();
+  const float* phi_ptr = log_phi.data_ptr<float>();
+  at::parallel_for(0, members * heads, 1, [&](int64_t begin, int64_t finish) {
+    std::vector<float> phi(rank), num(dv);
+    for (int64_t item = begin; item < finish; ++item) {
+      const int64_t m = item / heads, h = item % heads;
+      const int64_t row_head = row_ptr[m] * heads + h;
+      for (int64_t j = 0; j < group; ++j) {
+        const float* log_features = phi_ptr + (item * group + j) * rank;
+        const float shift = *std::max_element(log_features, log_features + rank);
+        for (int64_t f = 0; f < rank; ++f) phi[f] = std::exp(log_features[f] - shift);
+        std::fill(num.begin(), num.end(), 0.0f);
+        float den = 0.0f;
+        for (int64_t k = 0; k < per_member; ++k) {
+          const float* state = S[m * per_member + k] + h * rank * dv;
+          const float* norm = z[m * per_member + k] + h * rank;
+          for (int64_t f = 0; f < rank; ++f) {
+            den += phi[f] * norm[f];
+            const float* s = state + f * dv;
+            for (int64_t e = 0; e < dv; ++e) num[e] += phi[f] * s[e];
+          }
+        }
+        if (!(den > 0.0f)) continue;
+        const float lse_local = lse_ptr[row_head * group + j] - shift, lse_state = std::log(den);
+        const float top = std::max(lse_local, lse_state);
+        const float weight_local = std::exp(lse_local - top), weight_state = std::exp(lse_state - top);
+        const float inverse = 1.0f / (weight_local + weight_state), state_scale = weight_state / den;
+        float* o = out_ptr + (row_head * group + j) * dv;
+        for (int64_t e = 0; e < dv; ++e) o[e] = (weight_local * o[e] + state_scale * num[e]) * inverse;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention with log-sum-exp over live slots of paged requests (CPU)");
+  m.def("merge_state_readouts", &merge_state_readouts,
+        "In place: decode rows merged with the readouts of their requests' recurrent states (CPU)");
 }

@@ -10,7 +10,8 @@ is a pass-through whenever no policy is configured.  With a policy:
   them; the others are left out of its call), computes the rows of requests with
   folded tokens itself (attention over the live blocks with
   its log-sum-exp, state readout, merge: all decoding requests of the step in one
-  batch, read from the blocks as stored by the C++ kernel of `cpu_kernel`; a prefill
+  batch, read from the blocks as stored and merged with the states where they are, by
+  the C++ kernels of `cpu_kernel`; a prefill
   chunk per request, in torch's fused CPU attention), then
   compresses the requests over budget: each head's kept tokens are packed, in
   position order, into the slots right below the newest token, so the folded ones
@@ -38,11 +39,12 @@ from retentivekv_vllm.core import (
     accumulated_attention,
     attention_probs,
     compressed_attention,
+    gather_tokens,
     merge_with_state_readouts,
 )
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
-from retentivekv_vllm.engine.cpu_kernel import decode_extension
+from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts
 from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots
 from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan, logger
 from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
@@ -298,13 +300,17 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             memory.remember_queries(rows_q[i : i + 1], plan.seq_len - 1, plan.policy.config.observation_window)
             if memory.states:
                 groups.setdefault((id(plan.policy), len(memory.states)), []).append(i)
+        in_kernel = decode_extension().module is not None
         for members in groups.values():
-            policy, states = plans[members[0]].policy, [memories[i].states for i in members]
+            states = [memories[i].states for i in members]
+            feature_map = plans[members[0]].policy.feature_map(self.head_size, self.scale)
+            rows_of = torch.tensor(members)
+            if in_kernel:  # reads each state where it is; no stacked copy
+                merge_state_readouts(out, lse, feature_map.query_log_features(q[rows_of]), rows_of, states)
+                continue
+            pick = slice(None) if len(members) == len(plans) else rows_of
             stacked = [RecurrentState.stack([s[k] for s in states]) for k in range(len(states[0]))]
-            pick = slice(None) if len(members) == len(plans) else torch.tensor(members)
-            out[pick] = merge_with_state_readouts(
-                out[pick], lse[pick], q[pick], stacked, policy.feature_map(self.head_size, self.scale)
-            )
+            out[pick] = merge_with_state_readouts(out[pick], lse[pick], q[pick], stacked, feature_map)
         # [R, Hkv, g, dv] -> [R, Hq, dv]
         rows[batch.query_rows] = out.view(len(plans), self.num_heads, -1).to(rows.dtype)
 
@@ -377,13 +383,11 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         # Each head keeps the same number of tokens; nonzero() lists them in slot
         # order, which is position order.
         index = kept.nonzero()[:, 1].view(self.num_kv_heads, plan.budget)
-        take = lambda x: x.gather(1, index)  # noqa: E731
-        expand = index.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
         packed = slice(plan.fold_to, n)
-        memory.positions[:, packed] = take(positions)
-        memory.accumulated[:, packed] = take(accumulated)
+        memory.positions[:, packed] = positions.gather(1, index)
+        memory.accumulated[:, packed] = accumulated.gather(1, index)
         memory.accumulated[:, live.start : plan.fold_to] = 0.0
-        slots.write(plan.fold_to, keys.gather(1, expand), values.gather(1, expand))
+        slots.write(plan.fold_to, gather_tokens(keys, index), gather_tokens(values, index))
 
 
 class RetentiveCPUAttentionBackend(CPUAttentionBackend):

@@ -1,8 +1,10 @@
-"""The CPU backend's decode kernel: `csrc/cpu_decode.cpp`, compiled on first use.
+"""The CPU backend's decode kernels: `csrc/cpu_decode.cpp`, compiled on first use.
 
 `paged_decode_attention` attends one query token per request over its live slots, straight from
 vLLM's CPU cache blocks, and returns the log-sum-exp the merge with the states needs; its torch
-twin is `cpu_layout.DecodeBatch.attend`. The kernel reads the cache layout of vLLM's "vec" ISA
+twin is `cpu_layout.DecodeBatch.attend`. `merge_state_readouts` merges those rows with their
+requests' states in place, reading each state where it lives; its twin is
+`core.merge_with_state_readouts`. The kernel reads the cache layout of vLLM's "vec" ISA
 (keys dimension-major, values token-major per block and head); the backend checks the measured
 layout and falls back to the twin for any other, and where the extension cannot be built.
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from retentivekv_vllm.core import RecurrentState
 from retentivekv_vllm.csrc import CPU_DECODE_SOURCE, Extension, build
 
 # -ffast-math: the kernel never forms an infinity (its running maximum starts at -FLT_MAX and only
@@ -51,3 +54,16 @@ def paged_decode_attention(
     [R, max_blocks] int32 (block-table rows); starts, ends [R] int64: request r's live slots are
     [starts[r], ends[r]). -> out [R, Hkv, g, d] float32, lse [R, Hkv, g]."""
     return tuple(decode_extension().module.paged_decode_attention(q, kv_cache, block_rows, starts, ends, scale))
+
+
+def merge_state_readouts(
+    out: torch.Tensor, lse: torch.Tensor, log_phi: torch.Tensor, rows: torch.Tensor,
+    states: list[list[RecurrentState]],
+) -> None:
+    """In place: out [R, Hkv, g, dv] float32 rows[m] (lse [R, Hkv, g]) merged with the readouts of
+    states[m] (the same number of states for every member m) for the queries' log features
+    log_phi [M, Hkv, g, r]; unit gains."""
+    flat = [state for member in states for state in member]
+    decode_extension().module.merge_state_readouts(
+        out, lse, log_phi.contiguous(), rows, [s.S.contiguous() for s in flat], [s.z.contiguous() for s in flat]
+    )

@@ -25,6 +25,7 @@ from retentivekv_vllm.core import (
     ScaledReadout,
     absorption_from_attention,
     fold,
+    gather_tokens,
     make_feature_map,
     normalize_by_max,
     retention_from_entropy,
@@ -94,9 +95,8 @@ class RetentivePolicy(KVPolicy):
             return states
         index, gamma, absorption = self.fold_gates(obs, folded)
         phi = self.feature_map(head_dim, scale)
-        expand = index.unsqueeze(-1).expand(-1, -1, head_dim)
-        phi_k = phi.features(keys.float().gather(1, expand))
-        v = values.float().gather(1, expand)
+        phi_k = phi.features(gather_tokens(keys, index))
+        v = gather_tokens(values, index).float()
         num_states = self.num_states(obs.layout is not None)
         states = list(states) or [
             RecurrentState.zeros(num_heads, phi.rank, values.shape[-1], device=keys.device)
@@ -114,8 +114,8 @@ class RetentivePolicy(KVPolicy):
         ring_gamma = order(gamma).pow(plan.decay_steps)
         visual_state = fold(
             states[1],
-            phi_k.gather(1, plan.order.unsqueeze(-1).expand_as(phi_k)),
-            v.gather(1, plan.order.unsqueeze(-1).expand_as(v)),
+            gather_tokens(phi_k, plan.order),
+            gather_tokens(v, plan.order),
             torch.where(plan.member, ring_gamma, 1.0),
             torch.where(plan.member, order(absorption), 0.0),
         )

@@ -7,6 +7,7 @@ from retentivekv_vllm.core import (
     accumulated_attention,
     attention_probs,
     entropy_potential,
+    gather_tokens,
     normalize_by_max,
     pool1d,
     retention_score,
@@ -115,6 +116,16 @@ def test_select_topk_keeps_k_highest_per_head():
     keep_all = select_topk(scores, 100)
     assert keep_all.sum(-1).tolist() == [16, 16, 16, 16]
     assert torch.isfinite(scores[keep_all]).all()
+
+
+def test_gather_tokens_takes_each_heads_own_tokens_in_order():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 10, 5, generator=gen)[:, 2:9]  # a view, as the cache read hands it over
+    index = torch.tensor([[0, 3, 6], [6, 1, 1], [2, 4, 5]])
+    got = gather_tokens(x, index)
+    for h in range(3):
+        for i, j in enumerate(index[h].tolist()):
+            assert torch.equal(got[h, i], x[h, j])
 
 
 def test_normalize_by_max_over_candidates():

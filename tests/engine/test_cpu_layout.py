@@ -21,13 +21,34 @@ def random_cache(dtype) -> torch.Tensor:
     return torch.randn(NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, generator=generator).to(dtype)
 
 
-def fill(cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: int) -> None:
-    """Write num_tokens random tokens into the request's blocks (block_row) with vLLM's own op."""
+# (block row, first live slot, end): the first live slot inside a block, the last block partial.
+CONSECUTIVE = (torch.arange(2, 7), 150, 600)
+SCATTERED = (torch.tensor([9, 3, 11, 0, 5]), 150, 600)
+ALIGNED = (torch.tensor([14, 15, 16, 20]), 256, 512)  # whole blocks only
+ONE_BLOCK = (torch.tensor([21, 22]), 130, 140)  # the live span in one block
+
+
+def fill(cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write num_tokens random tokens into the request's blocks (block_row) with vLLM's own op;
+    returns the keys and values written, [num_tokens, Hkv, d]."""
     generator = torch.Generator().manual_seed(seed)
     keys, values = (torch.randn(num_tokens, HEADS, HEAD_SIZE, generator=generator).to(cache.dtype) for _ in range(2))
     slots = torch.arange(num_tokens)
     slot_mapping = block_row[slots // BLOCK_SIZE].long() * BLOCK_SIZE + slots % BLOCK_SIZE
     ops.cpu_attn_reshape_and_cache(keys, values, *split_kv_cache(cache), slot_mapping, ISA)
+    return keys, values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("span", [CONSECUTIVE, SCATTERED, ALIGNED, ONE_BLOCK], ids=["consecutive", "scattered", "aligned", "one-block"])
+def test_read_returns_the_tokens_vllm_wrote(dtype, span):
+    block_row, start, end = span
+    cache = random_cache(dtype)
+    keys, values = fill(cache, block_row, end, 0)
+    got_keys, got_values = RequestSlots(cache, block_row.int(), start, end, ISA).read()
+    assert got_keys.dtype == got_values.dtype == torch.float32
+    torch.testing.assert_close(got_keys, keys[start:end].transpose(0, 1).float(), atol=0, rtol=0)
+    torch.testing.assert_close(got_values, values[start:end].transpose(0, 1).float(), atol=0, rtol=0)
 
 
 def reference(cache, block_row, start, end, q):
@@ -36,11 +57,6 @@ def reference(cache, block_row, start, end, q):
     return local_attention(q, keys, values, SCALE, q_positions, torch.arange(start, end))
 
 
-# (block row, first live slot, end): the first live slot inside a block, the last block partial.
-CONSECUTIVE = (torch.arange(2, 7), 150, 600)
-SCATTERED = (torch.tensor([9, 3, 11, 0, 5]), 150, 600)
-ALIGNED = (torch.tensor([14, 15, 16, 20]), 256, 512)  # whole blocks only
-ONE_BLOCK = (torch.tensor([21, 22]), 130, 140)  # the live span in one block
 
 
 @pytest.mark.parametrize("attend", [DecodeBatch.attend, DecodeBatch.attend_torch], ids=["kernel", "torch"])
