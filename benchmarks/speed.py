@@ -74,6 +74,8 @@ SETTINGS = {
 # The throughput pool holds this many whole stock requests (prompt + output), plus one block.
 STOCK_REQUESTS_IN_POOL = 4
 MAX_NUM_BATCHED_TOKENS = 2048
+# Batch-1 requests per configuration: TTFT is their median (one prefill is too noisy here).
+LATENCY_REPEATS = 3
 
 
 def configs(budgets) -> list[tuple[str, dict | None]]:
@@ -94,7 +96,8 @@ def load() -> list[float]:
 
 
 def measure_latency(model_dir: str, additional_config, prompt: list[int], max_tokens: int) -> dict:
-    """Batch 1: TTFT and the decode step times of one request."""
+    """Batch 1: TTFT and the decode step times of LATENCY_REPEATS requests of the prompt, one after
+    another (prefix caching off: each one prefills in full); TTFT is their median."""
     from vllm import LLM, SamplingParams
 
     kwargs = {} if additional_config is None else {"additional_config": additional_config}
@@ -108,26 +111,29 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
     load_before = load()
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    started = time.perf_counter()
-    engine.add_request("latency", {"prompt_token_ids": prompt}, params)
-    ttft, decode_steps, generated = None, [], 0
-    while engine.has_unfinished_requests():
-        step_start = time.perf_counter()
-        outputs = engine.step()
-        step_end = time.perf_counter()
-        for output in outputs:
-            n = len(output.outputs[0].token_ids)
-            if n > generated:
-                if generated == 0:
-                    ttft = step_end - started
-                else:
-                    decode_steps.append(step_end - step_start)
-                generated = n
+    ttfts, decode_steps, generated = [], [], 0
+    for repeat in range(LATENCY_REPEATS):
+        started = time.perf_counter()
+        engine.add_request(f"latency-{repeat}", {"prompt_token_ids": prompt}, params)
+        generated = 0
+        while engine.has_unfinished_requests():
+            step_start = time.perf_counter()
+            outputs = engine.step()
+            step_end = time.perf_counter()
+            for output in outputs:
+                n = len(output.outputs[0].token_ids)
+                if n > generated:
+                    if generated == 0:
+                        ttfts.append(step_end - started)
+                    else:
+                        decode_steps.append(step_end - step_start)
+                    generated = n
     del llm
     return {
         "prompt_tokens": len(prompt),
         "output_tokens": generated,
-        "ttft_s": round(ttft, 4),
+        "ttft_s": round(statistics.median(ttfts), 4),
+        "ttft_each_s": [round(t, 4) for t in ttfts],
         "tpot_s": round(statistics.median(decode_steps), 5),
         "tpot_min_s": round(min(decode_steps), 5),
         "decode_step_s": [round(t, 5) for t in decode_steps],
@@ -251,7 +257,7 @@ def summary_table(data: dict) -> str:
     lines.append(
         f"{meta['mode']} run of `python -m benchmarks.speed{' --quick' if meta['mode'] == 'quick' else ''}`, "
         f"{meta['date']}, {meta['cpu_count']} CPU cores; batch-1 latency at {meta['settings']['latency_prompt']} "
-        f"prompt tokens; throughput: {meta['settings']['throughput']['num_requests']} requests of "
+        f"prompt tokens (TTFT the median of {meta['settings'].get('latency_repeats', 1)} requests); throughput: {meta['settings']['throughput']['num_requests']} requests of "
         f"{meta['settings']['throughput']['prompt_tokens']} prompt and {meta['settings']['throughput']['max_tokens']} "
         f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; 1-minute load average "
         f"{min(loads):.1f}-{max(loads):.1f} during the measurements"
@@ -335,7 +341,8 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "vllm": vllm.__version__, "torch": torch.__version__, "model": model_shape(),
         "settings": {**settings, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS, "pool_blocks": pool_blocks,
-                     "kv_bytes_per_token": kv_bytes_per_token(), "stock_requests_in_pool": STOCK_REQUESTS_IN_POOL},
+                     "kv_bytes_per_token": kv_bytes_per_token(), "stock_requests_in_pool": STOCK_REQUESTS_IN_POOL,
+                     "latency_repeats": LATENCY_REPEATS},
         "load_start": load(),
     }
     started = time.perf_counter()

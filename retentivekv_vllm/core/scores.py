@@ -66,7 +66,7 @@ def entropy_potential(probs: Tensor, subset: Tensor | None = None) -> Tensor:
     subset = subset.expand(probs.shape[0], probs.shape[-1])
     restricted = probs * subset[:, None, :]
     p = restricted / restricted.sum(-1, keepdim=True).clamp(min=_TINY)
-    entropy = -torch.xlogy(p, p).sum(-2)  # xlogy: 0·log 0 = 0
+    entropy = torch.special.entr(p).sum(-2)  # -p·log p, and 0 at p = 0
     subset_size = subset.sum(-1, keepdim=True).clamp(min=2).float()
     return entropy / subset_size.log()
 
@@ -181,13 +181,23 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
     return keep.scatter_(-1, scores.topk(k, dim=-1).indices, True)
 
 
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+def gather_tokens(x: Tensor, index: Tensor, *, token_major: bool = False) -> Tensor:
     """x [H, n, d] -> [H, k, d]: head h's tokens index[h] (index [H, k] long), in that order.
 
     `x.gather(1, index[..., None].expand(-1, -1, d))` by definition; as one row lookup into x
     flattened to [H·n, d], which copies whole rows (6x faster on the CPU than gather, whose index
-    is per element).
+    is per element).  token_major=True gives the same values as a view of a contiguous [k, H, d]
+    tensor, the order vLLM's cache write takes (no second copy to transpose).
     """
     heads, n, d = x.shape
-    rows = index + torch.arange(heads, device=index.device)[:, None] * n
-    return x.reshape(heads * n, d).index_select(0, rows.view(-1)).view(heads, -1, d)
+    if x.stride(2) == 1 and x.stride(1) == d and x.stride(0) % d == 0:
+        # A slice of whole rows (the cache read hands over its live span as one): its rows as
+        # they lie in memory; reshape would first copy all of x.
+        per_head = x.stride(0) // d
+        flat = x.as_strided(((heads - 1) * per_head + n, d), (d, 1))
+    else:
+        per_head, flat = n, x.reshape(heads * n, d)
+    rows = index + torch.arange(heads, device=index.device)[:, None] * per_head
+    if token_major:
+        return flat.index_select(0, rows.t().reshape(-1)).view(-1, heads, d).transpose(0, 1)
+    return flat.index_select(0, rows.view(-1)).view(heads, -1, d)

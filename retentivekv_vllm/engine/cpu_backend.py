@@ -387,7 +387,7 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         memory.positions[:, packed] = positions.gather(1, index)
         memory.accumulated[:, packed] = accumulated.gather(1, index)
         memory.accumulated[:, live.start : plan.fold_to] = 0.0
-        slots.write(plan.fold_to, gather_tokens(keys, index), gather_tokens(values, index))
+        slots.write(plan.fold_to, *(gather_tokens(x, index, token_major=True) for x in (keys, values)))
 
 
 class RetentiveCPUAttentionBackend(CPUAttentionBackend):

@@ -96,13 +96,21 @@ class RequestSlots:
         self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [Hkv, blocks * bs, d] in token order, cache dtype: one gather of the
-        blocks, then one copy each into token order (`stored_matrices` gives the blocks as matrix
-        views; reordering element by element through the measured offsets was 5x slower)."""
+        """Keys and values [Hkv, blocks * bs, d] in token order, cache dtype.  Where the measured
+        layout stores plain matrices, the whole cache is viewed as keys and values in token order
+        and the request's blocks are picked from those views: one copy, straight into token order
+        (a gather of the blocks and then a reorder is two fresh copies of the span, and fresh
+        memory of that size costs more in page faults than the copy itself).  Any other layout is
+        reordered through the measured offsets, on the request's blocks only."""
         n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
-        keys, values = stored_matrices(self.kv_cache[self.blocks], self.isa)  # [n, h, d, bs], [n, h, bs, d]
-        return (keys.permute(1, 0, 3, 2).reshape(h, n * bs, d),
-                values.permute(1, 0, 2, 3).reshape(h, n * bs, d))
+        if None in block_orders(self.isa, bs, d, self.kv_cache.dtype):
+            keys, values = stored_matrices(self.kv_cache[self.blocks], self.isa)  # [n, h, d, bs], [n, h, bs, d]
+            picked = slice(None)
+        else:
+            keys, values = stored_matrices(self.kv_cache, self.isa)  # views of every block
+            picked = self.blocks
+        return (keys.permute(1, 0, 3, 2)[:, picked].reshape(h, n * bs, d),
+                values.permute(1, 0, 2, 3)[:, picked].reshape(h, n * bs, d))
 
     def attend_chunk(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal softmax attention of a chunk of num_new new tokens over the live slots

@@ -118,11 +118,23 @@ def test_select_topk_keeps_k_highest_per_head():
     assert torch.isfinite(scores[keep_all]).all()
 
 
-def test_gather_tokens_takes_each_heads_own_tokens_in_order():
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda x: x,
+        lambda x: x[:, 2:9],  # a slice of whole rows, as the cache read hands it over
+        lambda x: x[:, :, 1:4],  # part of each row
+        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # token-major storage
+    ],
+)
+def test_gather_tokens_takes_each_heads_own_tokens_in_order(view, token_major):
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 10, 5, generator=gen)[:, 2:9]  # a view, as the cache read hands it over
+    x = view(torch.randn(3, 10, 5, generator=gen))
     index = torch.tensor([[0, 3, 6], [6, 1, 1], [2, 4, 5]])
-    got = gather_tokens(x, index)
+    got = gather_tokens(x, index, token_major=token_major)
+    assert got.shape == (3, 3, x.shape[2])
+    assert got.transpose(0, 1).is_contiguous() == token_major
     for h in range(3):
         for i, j in enumerate(index[h].tolist()):
             assert torch.equal(got[h, i], x[h, j])

@@ -8,6 +8,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from retentivekv_vllm.core import local_attention
+from retentivekv_vllm.engine import cpu_layout
 from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots, split_kv_cache, uses_decode_kernel
 
 HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 2, 64, 128, 24
@@ -41,7 +42,12 @@ def fill(cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: in
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("span", [CONSECUTIVE, SCATTERED, ALIGNED, ONE_BLOCK], ids=["consecutive", "scattered", "aligned", "one-block"])
-def test_read_returns_the_tokens_vllm_wrote(dtype, span):
+@pytest.mark.parametrize("order", ["matrices", "offsets"])
+def test_read_returns_the_tokens_vllm_wrote(dtype, span, order, monkeypatch):
+    """Both read paths: the views of plain matrices, and the measured offsets that serve any
+    other layout (forced here on the vec layout, whose offsets are measured like any other)."""
+    if order == "offsets":
+        monkeypatch.setattr(cpu_layout, "block_orders", lambda *args: (None, None))
     block_row, start, end = span
     cache = random_cache(dtype)
     keys, values = fill(cache, block_row, end, 0)
