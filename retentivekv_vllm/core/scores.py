@@ -23,11 +23,12 @@ def masked_logits(
     None = all keys).  Per-head positions serve a compacted cache, where each head keeps other tokens.
     """
     per_head = k_positions if k_positions.dim() == 2 else k_positions[None]
-    visible = per_head[:, None, :] <= q_positions[None, :, None]  # [H or 1, m, n]
+    hidden = per_head[:, None, :] > q_positions[None, :, None]  # [H or 1, m, n]
     if key_mask is not None:
-        visible = visible & key_mask[:, None, :]
-    logits = scale * (q.float() @ k.float().transpose(-1, -2))
-    return logits.masked_fill(~visible, float("-inf"))
+        hidden = hidden | ~key_mask[:, None, :]
+    # The scale on q (m·d products, not m·n), the mask in place: every pass over [H, m, n] counts.
+    logits = (scale * q.float()) @ k.float().transpose(-1, -2)
+    return logits.masked_fill_(hidden, float("-inf"))
 
 
 def masked_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,16 +37,20 @@ def masked_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     logits [..., n] -> (probs [..., n], lse [...]).
     """
     lse = torch.logsumexp(logits, dim=-1)
-    # Subtracting lse = -inf would give NaN; every logit of such a row is -inf, so any finite shift yields 0.
-    shift = lse.masked_fill(lse.isneginf(), 0.0)
-    return torch.exp(logits - shift[..., None]), lse
+    return _zero_empty_rows(torch.softmax(logits, dim=-1)), lse
+
+
+def _zero_empty_rows(probs: Tensor) -> Tensor:
+    # torch.softmax gives NaN on a row that is all -inf (a query that sees no key), and only there.
+    return probs.nan_to_num_(0.0)
 
 
 def attention_probs(
     q: Tensor, k: Tensor, scale: float, q_positions: Tensor, k_positions: Tensor, key_mask: Tensor | None = None
 ) -> Tensor:
-    """Causal softmax attention probabilities [H, m, n] float32; arguments as in `masked_logits`."""
-    return masked_softmax(masked_logits(q, k, scale, q_positions, k_positions, key_mask))[0]
+    """Causal softmax attention probabilities [H, m, n] float32; arguments as in `masked_logits`.
+    (torch.softmax is one fused pass; `masked_softmax`'s log-normaliser would cost several more.)"""
+    return _zero_empty_rows(torch.softmax(masked_logits(q, k, scale, q_positions, k_positions, key_mask), dim=-1))
 
 
 def accumulated_attention(probs: Tensor) -> Tensor:
@@ -56,18 +61,20 @@ def accumulated_attention(probs: Tensor) -> Tensor:
 def entropy_potential(probs: Tensor, subset: Tensor | None = None) -> Tensor:
     """Each key's share of the row entropies of attention restricted to `subset` [H, n] float32.
 
-    probs [H, m, n]; subset bool [n] or [H, n], None = all keys. Each row is restricted to the subset and
+    probs [H, m, n], softmax rows (each sums to one, or is all zero for a query that saw no key);
+    subset bool [n] or [H, n], None = all keys. Each row is restricted to the subset and
     renormalised to p_q(j); H_j = −Σ_q p_q(j) log p_q(j), divided by log(max(|subset|, 2)) so heads with
     different subset sizes are comparable. Zero outside the subset and for rows with no mass on it.
     """
     probs = probs.float()
-    if subset is None:
-        subset = torch.ones(probs.shape[-1], dtype=torch.bool, device=probs.device)
-    subset = subset.expand(probs.shape[0], probs.shape[-1])
-    restricted = probs * subset[:, None, :]
-    p = restricted / restricted.sum(-1, keepdim=True).clamp(min=_TINY)
+    if subset is None:  # restricted to every key, a softmax row is already p: no pass to renormalise
+        p, subset_size = probs, torch.tensor(float(max(probs.shape[-1], 2)), device=probs.device)
+    else:
+        subset = subset.expand(probs.shape[0], probs.shape[-1])
+        restricted = probs * subset[:, None, :]
+        p = restricted / restricted.sum(-1, keepdim=True).clamp(min=_TINY)
+        subset_size = subset.sum(-1, keepdim=True).clamp(min=2).float()
     entropy = torch.special.entr(p).sum(-2)  # -p·log p, and 0 at p = 0
-    subset_size = subset.sum(-1, keepdim=True).clamp(min=2).float()
     return entropy / subset_size.log()
 
 
