@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +38,10 @@ class LayerMemory:
     accumulated: torch.Tensor  # [Hkv, capacity] float32, H2O statistic per slot
     states: list[RecurrentState] = field(default_factory=list)
     # The queries of the last steps, newest last, trimmed to cover the observation window:
-    # ([T, Hq, d] queries the caller will not overwrite, position of the first).  A list, so that
+    # ([T, Hq, d] queries the caller will not overwrite, position of the first).  A deque, so that
     # remembering a decode step's query costs no tensor op.
-    recent: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    recent: deque[tuple[torch.Tensor, int]] = field(default_factory=deque)
+    recent_rows: int = 0  # rows of `recent`, so trimming it is O(1) a step (not a sum over the window)
 
     @classmethod
     def empty(cls, num_kv_heads: int, capacity: int, device=None) -> LayerMemory:
@@ -67,8 +68,9 @@ class LayerMemory:
         the model's buffer) at positions first_position..; the last m queries are the observation
         window of the next compression."""
         self.recent.append((queries, first_position))
-        while len(self.recent) > 1 and sum(q.shape[0] for q, _ in self.recent[1:]) >= m:
-            self.recent.pop(0)
+        self.recent_rows += queries.shape[0]
+        while len(self.recent) > 1 and self.recent_rows - self.recent[0][0].shape[0] >= m:
+            self.recent_rows -= self.recent.popleft()[0].shape[0]
 
     def observation_queries(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last m queries remembered, [m', Hq, d] (m' <= m), and their positions [m']."""
