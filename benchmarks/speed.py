@@ -111,7 +111,7 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
     load_before = load()
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ttfts, decode_steps, generated = [], [], 0
+    ttfts, decode_steps = [], []
     for repeat in range(LATENCY_REPEATS):
         started = time.perf_counter()
         engine.add_request(f"latency-{repeat}", {"prompt_token_ids": prompt}, params)
@@ -257,7 +257,7 @@ def summary_table(data: dict) -> str:
     lines.append(
         f"{meta['mode']} run of `python -m benchmarks.speed{' --quick' if meta['mode'] == 'quick' else ''}`, "
         f"{meta['date']}, {meta['cpu_count']} CPU cores; batch-1 latency at {meta['settings']['latency_prompt']} "
-        f"prompt tokens (TTFT the median of {meta['settings'].get('latency_repeats', 1)} requests); throughput: {meta['settings']['throughput']['num_requests']} requests of "
+        f"prompt tokens (TTFT the median of {meta['settings']['latency_repeats']} requests); throughput: {meta['settings']['throughput']['num_requests']} requests of "
         f"{meta['settings']['throughput']['prompt_tokens']} prompt and {meta['settings']['throughput']['max_tokens']} "
         f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; 1-minute load average "
         f"{min(loads):.1f}-{max(loads):.1f} during the measurements"

@@ -4,6 +4,7 @@ Everything is per KV head. The query heads of one KV head are stacked as rows: t
 q [T, Hq, d] to [Hkv, g·T, d], so summing over rows aggregates a GQA group.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,20 +38,19 @@ def masked_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     logits [..., n] -> (probs [..., n], lse [...]).
     """
     lse = torch.logsumexp(logits, dim=-1)
-    return _zero_empty_rows(torch.softmax(logits, dim=-1)), lse
-
-
-def _zero_empty_rows(probs: Tensor) -> Tensor:
-    # torch.softmax gives NaN on a row that is all -inf (a query that sees no key), and only there.
-    return probs.nan_to_num_(0.0)
+    # Subtracting lse = -inf would give NaN; every logit of such a row is -inf, so any finite shift yields 0.
+    shift = lse.masked_fill(lse.isneginf(), 0.0)
+    return torch.exp(logits - shift[..., None]), lse
 
 
 def attention_probs(
     q: Tensor, k: Tensor, scale: float, q_positions: Tensor, k_positions: Tensor, key_mask: Tensor | None = None
 ) -> Tensor:
     """Causal softmax attention probabilities [H, m, n] float32; arguments as in `masked_logits`.
-    (torch.softmax is one fused pass; `masked_softmax`'s log-normaliser would cost several more.)"""
-    return _zero_empty_rows(torch.softmax(masked_logits(q, k, scale, q_positions, k_positions, key_mask), dim=-1))
+    One fused torch.softmax (`masked_softmax`'s log-normaliser would cost several more passes);
+    it gives NaN on a row that is all -inf (a query that sees no key), and only there: zeroed."""
+    logits = masked_logits(q, k, scale, q_positions, k_positions, key_mask)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def accumulated_attention(probs: Tensor) -> Tensor:
@@ -68,14 +68,14 @@ def entropy_potential(probs: Tensor, subset: Tensor | None = None) -> Tensor:
     """
     probs = probs.float()
     if subset is None:  # restricted to every key, a softmax row is already p: no pass to renormalise
-        p, subset_size = probs, torch.tensor(float(max(probs.shape[-1], 2)), device=probs.device)
+        p, log_size = probs, math.log(max(probs.shape[-1], 2))
     else:
         subset = subset.expand(probs.shape[0], probs.shape[-1])
         restricted = probs * subset[:, None, :]
         p = restricted / restricted.sum(-1, keepdim=True).clamp(min=_TINY)
-        subset_size = subset.sum(-1, keepdim=True).clamp(min=2).float()
+        log_size = subset.sum(-1, keepdim=True).clamp(min=2).float().log()
     entropy = torch.special.entr(p).sum(-2)  # -p·log p, and 0 at p = 0
-    return entropy / subset_size.log()
+    return entropy / log_size
 
 
 def normalize_by_max(x: Tensor, candidates: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ def test_ratios_and_readme_table(tmp_path):
     assert abs(ratios["prefill_overhead"] - 0.1) < 1e-9
 
     data = {"meta": {"mode": "quick", "date": "d", "cpu_count": 2, "settings": {
-        "latency_prompt": 8192, "throughput": {"num_requests": 12, "prompt_tokens": 2048, "max_tokens": 48}}},
+        "latency_prompt": 8192, "latency_repeats": 3, "throughput": {"num_requests": 12, "prompt_tokens": 2048, "max_tokens": 48}}},
         "results": results}
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{speed.TABLE_START}\nold table\n{speed.TABLE_END}\nafter\n")
