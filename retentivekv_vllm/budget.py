@@ -18,36 +18,48 @@ def folded_after_step(
     num_folded: int,
     computed_before: int,
     seq_len: int,
+    block_size: int,
 ) -> int:
     """Tokens folded once a step that grew the request from computed_before to seq_len ends.
 
-    While the prompt is being processed every step that ends over budget folds back
-    to it; during decoding the live tokens may exceed the budget by the decode
-    interval before the next fold.
+    While the prompt is being processed every step that ends over budget folds back to it.
+    During decoding the live tokens may exceed the budget by the decode interval; then the
+    request folds whole blocks, back to the last block boundary that leaves at least the
+    budget live.  Only whole blocks are ever freed, so a decode compression that stops short
+    of a boundary would free nothing until the next one: this way every decode compression
+    frees a block, and the live span starts on a block boundary (no part-used block in front).
     """
     from retentivekv_vllm.policies import POLICIES
 
     if not POLICIES[config.policy].compresses:
         return 0
     budget = config.budget_tokens(num_prompt_tokens)
-    prefilling = computed_before < num_prompt_tokens
-    allowance = budget if prefilling else budget + config.decode_interval
-    if seq_len - num_folded > allowance:
-        return seq_len - budget
-    return num_folded
+    live = seq_len - num_folded
+    if computed_before < num_prompt_tokens:
+        return seq_len - budget if live > budget else num_folded
+    if live <= budget + config.decode_interval:
+        return num_folded
+    return max(num_folded, (seq_len - budget) // block_size * block_size)
 
 
-def peak_live_tokens(config: KVPolicyConfig, num_tokens: int, max_step_tokens: int) -> int:
-    """Most cache slots a request of num_tokens ever holds at once under `folded_after_step`.
+def live_tokens_after_step(config: KVPolicyConfig, num_tokens: int, block_size: int) -> int:
+    """Most live cache slots a request of num_tokens holds when a step has ended.
 
-    After every step at most budget + decode_interval tokens are live; the next step adds at
-    most max_step_tokens (one prefill chunk, or a recomputed span after preemption) before
-    compression runs again.  The budget of a ratio grows with the tokens it is taken of, so
-    num_tokens (prompt and any output a resumed request recomputes) bounds it from above.
+    The budget plus the decode interval, or plus one block less a token when a decode fold
+    back to a block boundary leaves more (`folded_after_step`).  The budget of a ratio grows
+    with the tokens it is taken of, so num_tokens (prompt and any output a resumed request
+    recomputes) bounds it from above.
     """
     from retentivekv_vllm.policies import POLICIES
 
     if not POLICIES[config.policy].compresses:
         return num_tokens
-    peak = config.budget_tokens(num_tokens) + config.decode_interval + max_step_tokens
-    return min(num_tokens, peak)
+    slack = max(config.decode_interval, block_size - 1)
+    return min(num_tokens, config.budget_tokens(num_tokens) + slack)
+
+
+def peak_live_tokens(config: KVPolicyConfig, num_tokens: int, max_step_tokens: int, block_size: int) -> int:
+    """Most cache slots a request of num_tokens ever holds at once under `folded_after_step`:
+    what is live after a step, plus at most max_step_tokens (one prefill chunk, or a recomputed
+    span after preemption) that the next step adds before compression runs again."""
+    return min(num_tokens, live_tokens_after_step(config, num_tokens, block_size) + max_step_tokens)

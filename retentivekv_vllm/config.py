@@ -79,7 +79,10 @@ class KVPolicyConfig:
     absorption_min: float = _knob(0.5, "Lower clamp of the absorption weight.", float)
     absorption_max: float = _knob(2.0, "Upper clamp of the absorption weight.", float)
     decode_interval: int = _knob(
-        64, "Tokens over budget that decoding may add before compressing again.", int
+        64,
+        "Tokens over budget that decoding may add before compressing again (it then folds whole "
+        "blocks, back to the highest block boundary that leaves the budget live).",
+        int,
     )
     seed: int = _knob(0, "Seed of the random-feature projection.", int)
     state_query: str = _knob(

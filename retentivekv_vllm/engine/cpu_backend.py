@@ -105,7 +105,7 @@ class RetentiveCPUMetadata(CPUAttentionMetadata):
 
 
 def plan_request(
-    policy: KVPolicy, memory: RequestMemory, row: int, start: int, end: int, seq_len: int
+    policy: KVPolicy, memory: RequestMemory, row: int, start: int, end: int, seq_len: int, block_size: int
 ) -> RequestPlan:
     c = policy.config
     sinks = min(c.sinks, memory.budget)
@@ -118,7 +118,7 @@ def plan_request(
         seq_len=seq_len,
         live_start=memory.num_folded,
         fold_to=folded_after_step(
-            c, memory.num_prompt_tokens, memory.num_folded, seq_len - (end - start), seq_len
+            c, memory.num_prompt_tokens, memory.num_folded, seq_len - (end - start), seq_len, block_size
         ),
         sinks=sinks,
         window=min(c.window, memory.budget - sinks),
@@ -232,7 +232,7 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 req_id, num_prompt, policy.config.budget_tokens(num_prompt),
                 request_token_layout(view, req_id, num_prompt),
             )
-            plans.append(plan_request(policy, memory, row, start, end, seq_len))
+            plans.append(plan_request(policy, memory, row, start, end, seq_len, self.kv_cache_spec.block_size))
         return plans
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from retentivekv_vllm.budget import live_tokens_after_step
 from retentivekv_vllm.core import PatchLayout, RecurrentState
 
 # A child of vLLM's logger, so lines appear in vLLM's log format and stream.
@@ -300,7 +301,7 @@ def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None
     max_len = vllm_config.model_config.max_model_len
     kv_per_token = kv_cache_spec.page_size_bytes // kv_cache_spec.block_size * num_layers
     state = state_bytes_per_request(policy, vllm_config)
-    kept = min(max_len, c.budget_tokens(max_len) + c.decode_interval) if policy.compresses else max_len
+    kept = live_tokens_after_step(c, max_len, kv_cache_spec.block_size)
     ours, stock = kept * kv_per_token + state, max_len * kv_per_token
     memory = vllm_config.cache_config.kv_cache_memory_bytes
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
