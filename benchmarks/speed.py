@@ -18,6 +18,11 @@ engine (``llm.llm_engine.step()`` driven by hand, timed around each step):
   tokens per second over the whole run, and TPOT at the largest batch (median step time
   over the steps where the largest batch was decoding).
 
+The whole sequence of processes runs `passes` times over (2 full, 3 quick), one pass after
+another: between processes of one configuration decode steps differ by up to 20% here, so
+every reported number is the median over the passes, each ratio is taken between those
+medians, and the ratio of every pass to its own stock is kept beside it (`vs_stock_by_pass`).
+
 The load average of the machine is recorded with every measurement: on a shared
 machine a number taken under load is slower and noisier, and says so in the JSON.
 
@@ -64,11 +69,13 @@ SETTINGS = {
         budgets=(1.0, 0.5, 0.2, 0.1, 0.05),
         latency_prompt=16384, latency_tokens=64,
         throughput=dict(prompt_tokens=4096, num_requests=24, max_tokens=96),
+        passes=2,
     ),
     "quick": dict(
         budgets=(0.2,),
         latency_prompt=8192, latency_tokens=32,
         throughput=dict(prompt_tokens=2048, num_requests=12, max_tokens=48),
+        passes=3,
     ),
 }
 # The throughput pool holds this many whole stock requests (prompt + output), plus one block.
@@ -206,19 +213,49 @@ def run_in_subprocess(spec: dict, work: Path) -> dict:
     return json.loads(out_path.read_text())
 
 
+# The numbers of one process that a configuration reports as their median over the passes.
+MEDIAN_FIELDS = {
+    "latency": ("ttft_s", "tpot_s"),
+    "throughput": ("kv_bytes_per_request", "blocks_per_request", "max_running", "largest_decode_batch",
+                   "tpot_at_largest_batch_s", "decode_tokens_per_s_at_largest_batch", "output_tokens_per_s"),
+}
+
+
+def merge_passes(runs: list[dict]) -> dict:
+    """One configuration's processes (one a pass) as one result: the median of each reported
+    number, the highest load seen before any of them, every error, and each process's own result."""
+    merged = {"name": runs[0]["name"], "additional_config": runs[0]["additional_config"]}
+    for part, fields in MEDIAN_FIELDS.items():
+        merged[part] = {}
+        for field in fields:
+            values = [run[part][field] for run in runs if run[part][field] is not None]
+            merged[part][field] = statistics.median(values) if values else None
+        merged[part]["load_before"] = max((run[part]["load_before"] for run in runs), key=lambda x: x[0])
+    merged["throughput"]["errors"] = [e for run in runs for e in run["throughput"]["errors"]]
+    merged["passes"] = runs
+    return merged
+
+
+def ratios(r: dict, stock: dict) -> dict:
+    lat, thr, s_lat, s_thr = r["latency"], r["throughput"], stock["latency"], stock["throughput"]
+    return {
+        "kv_memory": _ratio(s_thr["kv_bytes_per_request"], thr["kv_bytes_per_request"]),
+        "tpot_batch1_speedup": _ratio(s_lat["tpot_s"], lat["tpot_s"]),
+        "output_tokens_per_s": _ratio(thr["output_tokens_per_s"], s_thr["output_tokens_per_s"]),
+        "decode_tokens_per_s_at_largest_batch": _ratio(
+            thr["decode_tokens_per_s_at_largest_batch"], s_thr["decode_tokens_per_s_at_largest_batch"]),
+        "max_concurrency": _ratio(thr["max_running"], s_thr["max_running"]),
+        "prefill_overhead": round(lat["ttft_s"] / s_lat["ttft_s"] - 1, 3),
+    }
+
+
 def add_ratios(results: list[dict]) -> None:
+    """Each configuration's ratios to stock (the first), between medians over the passes, and
+    those of every pass to the same pass's stock."""
     stock = results[0]
     for r in results:
-        lat, thr, s_lat, s_thr = r["latency"], r["throughput"], stock["latency"], stock["throughput"]
-        r["vs_stock"] = {
-            "kv_memory": _ratio(s_thr["kv_bytes_per_request"], thr["kv_bytes_per_request"]),
-            "tpot_batch1_speedup": _ratio(s_lat["tpot_s"], lat["tpot_s"]),
-            "output_tokens_per_s": _ratio(thr["output_tokens_per_s"], s_thr["output_tokens_per_s"]),
-            "decode_tokens_per_s_at_largest_batch": _ratio(
-                thr["decode_tokens_per_s_at_largest_batch"], s_thr["decode_tokens_per_s_at_largest_batch"]),
-            "max_concurrency": _ratio(thr["max_running"], s_thr["max_running"]),
-            "prefill_overhead": round(lat["ttft_s"] / s_lat["ttft_s"] - 1, 3),
-        }
+        r["vs_stock"] = ratios(r, stock)
+        r["vs_stock_by_pass"] = [ratios(mine, theirs) for mine, theirs in zip(r["passes"], stock["passes"])]
 
 
 def _ratio(a, b):
@@ -256,7 +293,8 @@ def summary_table(data: dict) -> str:
     lines.append("")
     lines.append(
         f"{meta['mode']} run of `python -m benchmarks.speed{' --quick' if meta['mode'] == 'quick' else ''}`, "
-        f"{meta['date']}, {meta['cpu_count']} CPU cores; batch-1 latency at {meta['settings']['latency_prompt']} "
+        f"{meta['date']}, {meta['cpu_count']} CPU cores; every number the median over "
+        f"{meta['settings']['passes']} passes, a process each; batch-1 latency at {meta['settings']['latency_prompt']} "
         f"prompt tokens (TTFT the median of {meta['settings']['latency_repeats']} requests); throughput: {meta['settings']['throughput']['num_requests']} requests of "
         f"{meta['settings']['throughput']['prompt_tokens']} prompt and {meta['settings']['throughput']['max_tokens']} "
         f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; 1-minute load average "
@@ -346,23 +384,26 @@ def main(argv=None) -> int:
         "load_start": load(),
     }
     started = time.perf_counter()
-    results = []
+    runs = configs(settings["budgets"])
+    by_config = [[] for _ in runs]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "speed-llama", arch="llama", **MODEL))
-        runs = configs(settings["budgets"])
-        for index, (name, additional_config) in enumerate(runs):
-            print(f"[{index + 1}/{len(runs)}] {name} ...", flush=True)
-            spec = {"index": index, "name": name, "additional_config": additional_config, "model_dir": model_dir,
-                    "latency_prompt": settings["latency_prompt"], "latency_tokens": settings["latency_tokens"],
-                    "throughput": throughput, "pool_blocks": pool_blocks}
-            r = run_in_subprocess(spec, Path(tmp))
-            r["throughput"].pop("series")
-            lat, thr = r["latency"], r["throughput"]
-            print(f"    TTFT {lat['ttft_s']:.2f} s, TPOT {1e3 * lat['tpot_s']:.1f} ms (load {lat['load_before'][0]}); "
-                  f"{thr['output_tokens_per_s']:.1f} output tok/s, max running {thr['max_running']}, "
-                  f"KV {thr['kv_bytes_per_request'] / 2**20:.1f} MiB/request (load {thr['load_before'][0]})"
-                  + (f"  ERRORS {thr['errors']}" if thr["errors"] else ""), flush=True)
-            results.append(r)
+        for pass_index in range(settings["passes"]):
+            for index, (name, additional_config) in enumerate(runs):
+                print(f"[pass {pass_index + 1}/{settings['passes']}, {index + 1}/{len(runs)}] {name} ...", flush=True)
+                spec = {"index": index, "name": name, "additional_config": additional_config,
+                        "model_dir": model_dir, "latency_prompt": settings["latency_prompt"],
+                        "latency_tokens": settings["latency_tokens"], "throughput": throughput,
+                        "pool_blocks": pool_blocks}
+                r = run_in_subprocess(spec, Path(tmp))
+                r["throughput"].pop("series")
+                lat, thr = r["latency"], r["throughput"]
+                print(f"    TTFT {lat['ttft_s']:.2f} s, TPOT {1e3 * lat['tpot_s']:.1f} ms (load {lat['load_before'][0]}); "
+                      f"{thr['output_tokens_per_s']:.1f} output tok/s, max running {thr['max_running']}, "
+                      f"KV {thr['kv_bytes_per_request'] / 2**20:.1f} MiB/request (load {thr['load_before'][0]})"
+                      + (f"  ERRORS {thr['errors']}" if thr["errors"] else ""), flush=True)
+                by_config[index].append(r)
+    results = [merge_passes(config_runs) for config_runs in by_config]
     add_ratios(results)
     meta.update(load_end=load(), elapsed_s=round(time.perf_counter() - started, 1))
     data = {"meta": meta, "results": results}
