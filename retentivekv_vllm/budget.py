@@ -22,12 +22,14 @@ def folded_after_step(
 ) -> int:
     """Tokens folded once a step that grew the request from computed_before to seq_len ends.
 
-    While the prompt is being processed every step that ends over budget folds back to it.
-    During decoding the live tokens may exceed the budget by the decode interval; then the
-    request folds whole blocks, back to the last block boundary that leaves at least the
-    budget live.  Only whole blocks are ever freed, so a decode compression that stops short
-    of a boundary would free nothing until the next one: this way every decode compression
-    frees a block, and the live span starts on a block boundary (no part-used block in front).
+    A step that adds more than one token (a prompt chunk, or a span recomputed after
+    preemption) and ends over budget folds back to it, so only a step that decodes one token
+    ever starts with more than the budget live.  During decoding the live tokens may exceed
+    the budget by the decode interval; then the request folds whole blocks, back to the
+    highest block boundary that leaves at least the budget live.  Only whole blocks are ever
+    freed, so a decode compression that stops short of a boundary would free nothing until the
+    next one: this way every decode compression frees a block, and the live span starts on a
+    block boundary (no part-used block in front).
     """
     from retentivekv_vllm.policies import POLICIES
 
@@ -35,7 +37,7 @@ def folded_after_step(
         return 0
     budget = config.budget_tokens(num_prompt_tokens)
     live = seq_len - num_folded
-    if computed_before < num_prompt_tokens:
+    if computed_before < num_prompt_tokens or seq_len - computed_before > 1:
         return seq_len - budget if live > budget else num_folded
     if live <= budget + config.decode_interval:
         return num_folded
@@ -59,7 +61,14 @@ def live_tokens_after_step(config: KVPolicyConfig, num_tokens: int, block_size: 
 
 
 def peak_live_tokens(config: KVPolicyConfig, num_tokens: int, max_step_tokens: int, block_size: int) -> int:
-    """Most cache slots a request of num_tokens ever holds at once under `folded_after_step`:
-    what is live after a step, plus at most max_step_tokens (one prefill chunk, or a recomputed
-    span after preemption) that the next step adds before compression runs again."""
-    return min(num_tokens, live_tokens_after_step(config, num_tokens, block_size) + max_step_tokens)
+    """Most cache slots a request of num_tokens ever holds at once under `folded_after_step`,
+    while a step runs: a step of up to max_step_tokens (one prefill chunk, or a recomputed span
+    after preemption) starts from at most the budget, a decode step of one token from at most
+    what a step leaves live."""
+    from retentivekv_vllm.policies import POLICIES
+
+    if not POLICIES[config.policy].compresses:
+        return num_tokens
+    budget = config.budget_tokens(num_tokens)
+    after_decode = live_tokens_after_step(config, num_tokens, block_size) - budget + 1
+    return min(num_tokens, budget + max(max_step_tokens, after_decode))

@@ -75,11 +75,38 @@ def test_prompt_chunks_fold_back_to_the_budget_exactly():
     assert [live for _, live in after] == [b] * len(after)
 
 
+def test_a_recomputed_span_folds_back_to_the_budget_and_no_step_passes_the_peak():
+    """A preempted request is recomputed, prompt and output, in chunks; the chunks past the prompt
+    fold back to the budget like prompt chunks, so the peak is the budget plus one chunk."""
+    c, prompt, chunk, block = config(0.2), 4096, 512, 128
+    b = c.budget_tokens(prompt)
+    peak = 0
+
+    def steps(sizes, folded=0, computed=0):
+        nonlocal peak
+        for size in sizes:
+            seq = computed + size
+            peak = max(peak, seq - folded)  # live while the step runs, before it folds
+            new = folded_after_step(c, prompt, folded, computed, seq, block)
+            if size > 1 and seq - folded > b:
+                assert seq - new == b
+            folded, computed = new, seq
+        return folded, computed
+
+    folded, computed = steps([chunk] * 8 + [1] * 200)  # the prompt in chunks, then 200 tokens
+    recompute = [chunk] * (computed // chunk) + [computed % chunk]  # preempted: from nothing
+    steps(recompute + [1] * 100)
+    # The bound (the manager takes a ratio's budget of every token the request may reach, a bound
+    # from above; here of the prompt) is reached: one chunk on top of the budget.
+    assert peak == peak_live_tokens(c, prompt, chunk, block) == b + chunk
+
+
 def test_peak_adds_one_step_to_what_a_step_leaves_live():
     c = config(0.2)
     assert live_tokens_after_step(c, 4096, 128) == 820 + 127
     assert live_tokens_after_step(c, 4096, 16) == 820 + 64
-    assert peak_live_tokens(c, 4096, 2048, 128) == 820 + 127 + 2048
+    assert peak_live_tokens(c, 4096, 2048, 128) == 820 + 2048  # a chunk on top of the budget
+    assert peak_live_tokens(c, 4096, 16, 128) == 820 + 128  # a token on top of the decode slack
     assert peak_live_tokens(c, 1000, 2048, 128) == 1000  # never more than the request itself
     full = config(0.2, policy="full")
     assert folded_after_step(full, 4096, 0, 4096, 4200, 128) == 0
