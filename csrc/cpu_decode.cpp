@@ -1,4 +1,5 @@
-// Decode attention over the live slots of paged requests, on vLLM's CPU KV cache as stored.
+// Decode attention over the live slots of paged requests, on vLLM's CPU KV cache as stored, its
+// merge with the recurrent states, and the scores a compression ranks the cache by.
 //
 // Twin: retentivekv_vllm.engine.cpu_layout.DecodeBatch.attend (torch, the same blocks) and, on
 // slots read out in token order, retentivekv_vllm.core.merge.local_attention. One query token
@@ -191,6 +192,102 @@ void merge_state_readouts(at::Tensor out, const at::Tensor& lse, const at::Tenso
   });
 }
 
+
+// What a compression scores its cache by, from the observation rows' logits, in one pass per row.
+// Twin: retentivekv_vllm.core.scores.observation_statistics (attention_probs, then
+// accumulated_attention and modality_entropy). Per KV head h, row i sees key j iff
+// k_positions[h, j] <= q_positions[i]; with p the row's softmax over the keys it sees,
+//   alpha[h, j]   = Σ_i p_i(j)
+//   entropy[h, j] = Σ_i −p̃_i(j) log p̃_i(j) / log max(|S|, 2)
+// where p̃ is the row restricted to key j's modality S (text or visual, `visual` [H, n]) and
+// renormalised, and |S| counts the head's keys of that modality. log p̃ = logit − lse_S comes from
+// the logits, so the entropy costs no logarithm per element, and neither the probabilities nor
+// their restricted copies are ever stored: the torch definition makes about ten passes over
+// [H, M, n], this three over each row (a maximum, the exponentials, the sums), from L1/L2.
+// A head's keys are in position order (a compacted cache packs them so), so the keys a row sees
+// are a prefix and the loops run branch-free over it, which the compiler vectorises.
+//
+// logits [H, M, n] float32 contiguous (scale·q·kᵀ, unmasked: finite, as -ffast-math assumes);
+// q_positions [M] int64; k_positions [H, n] int64, non-decreasing per head; visual [H, n] bool, or
+// empty when every key is text. Returns alpha and entropy, [H, n] float32.
+std::vector<at::Tensor> observation_statistics(const at::Tensor& logits, const at::Tensor& q_positions,
+                                               const at::Tensor& k_positions, const at::Tensor& visual) {
+  TORCH_CHECK(logits.dim() == 3 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "logits must be a contiguous [H, M, n] float32");
+  const int64_t heads = logits.size(0), rows = logits.size(1), n = logits.size(2);
+  TORCH_CHECK(q_positions.scalar_type() == at::kLong && q_positions.numel() == rows, "one position per row");
+  TORCH_CHECK(k_positions.scalar_type() == at::kLong && k_positions.dim() == 2 && k_positions.size(0) == heads &&
+                  k_positions.size(1) == n, "k_positions must be int64 [H, n]");
+  const bool modal = visual.numel() > 0;
+  TORCH_CHECK(!modal || (visual.scalar_type() == at::kBool && visual.size(0) == heads && visual.size(1) == n),
+              "visual must be bool [H, n] or empty");
+  const at::Tensor qp = q_positions.contiguous(), kp = k_positions.contiguous();
+  const at::Tensor vis = modal ? visual.to(at::kFloat).contiguous() : visual;
+  at::Tensor alpha = at::zeros({heads, n}, logits.options());
+  at::Tensor entropy = at::zeros({heads, n}, logits.options());
+  const float* logit_ptr = logits.data_ptr<float>();
+  const int64_t* qp_ptr = qp.data_ptr<int64_t>();
+  const int64_t* kp_ptr = kp.data_ptr<int64_t>();
+  const float* vis_ptr = modal ? vis.data_ptr<float>() : nullptr;
+  float* alpha_ptr = alpha.data_ptr<float>();
+  float* entropy_ptr = entropy.data_ptr<float>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t finish) {
+    std::vector<float> weight(n);  // exp(logit − row max) over the keys the row sees
+    std::vector<float> text(n, 1.0f), image(n, 0.0f);  // 1 where key j is text / visual
+    for (int64_t h = begin; h < finish; ++h) {
+      const int64_t* key_position = kp_ptr + h * n;
+      TORCH_CHECK(std::is_sorted(key_position, key_position + n), "k_positions must be non-decreasing per head");
+      float count_image = 0.0f;
+      if (modal) {
+        for (int64_t j = 0; j < n; ++j) {
+          image[j] = vis_ptr[h * n + j];
+          text[j] = 1.0f - image[j];
+          count_image += image[j];
+        }
+      }
+      const float inverse_log_size[2] = {1.0f / std::log(std::max(static_cast<float>(n) - count_image, 2.0f)),
+                                         1.0f / std::log(std::max(count_image, 2.0f))};
+      float* a = alpha_ptr + h * n;
+      float* e = entropy_ptr + h * n;
+      float* w = weight.data();
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* row = logit_ptr + (h * rows + i) * n;
+        const int64_t seen = std::upper_bound(key_position, key_position + n, qp_ptr[i]) - key_position;
+        if (seen == 0) continue;  // a query that sees no key: its probabilities are all zero
+        float top = -FLT_MAX;
+        for (int64_t j = 0; j < seen; ++j) top = std::max(top, row[j]);
+        float total = 0.0f, total_image = 0.0f;
+        for (int64_t j = 0; j < seen; ++j) {
+          w[j] = std::exp(row[j] - top);
+          total += w[j];
+        }
+        if (modal) {
+          for (int64_t j = 0; j < seen; ++j) total_image += w[j] * image[j];
+        }
+        // Summed apart, not total − total_image: a modality with little mass would cancel away.
+        float total_text = total;
+        if (modal) {
+          total_text = 0.0f;
+          for (int64_t j = 0; j < seen; ++j) total_text += w[j] * text[j];
+        }
+        // Per modality: the factor of −p̃ log p̃ (1/Σ_S and 1/log|S|) and log Σ_S; 0 without mass.
+        const float factor_text = total_text > 0.0f ? inverse_log_size[0] / total_text : 0.0f;
+        const float factor_image = total_image > 0.0f ? inverse_log_size[1] / total_image : 0.0f;
+        const float log_text = total_text > 0.0f ? std::log(total_text) : 0.0f;
+        const float log_image = total_image > 0.0f ? std::log(total_image) : 0.0f;
+        const float inverse_total = 1.0f / total;
+        for (int64_t j = 0; j < seen; ++j) {
+          const float factor = text[j] * factor_text + image[j] * factor_image;
+          const float log_total = text[j] * log_text + image[j] * log_image;
+          a[j] += w[j] * inverse_total;
+          e[j] -= w[j] * factor * (row[j] - top - log_total);
+        }
+      }
+    }
+  });
+  return {alpha, entropy};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -198,4 +295,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Decode attention with log-sum-exp over live slots of paged requests (CPU)");
   m.def("merge_state_readouts", &merge_state_readouts,
         "In place: decode rows merged with the readouts of their requests' recurrent states (CPU)");
+  m.def("observation_statistics", &observation_statistics,
+        "Accumulated attention and modality entropy potential of observation rows' logits (CPU)");
 }

@@ -123,6 +123,17 @@ def modality_entropy(probs: Tensor, layout: PatchLayout | None) -> Tensor:
     return torch.where(visual, entropy_potential(probs, visual), entropy_potential(probs, ~visual))
 
 
+def observation_statistics(
+    q: Tensor, k: Tensor, scale: float, q_positions: Tensor, k_positions: Tensor, layout: PatchLayout | None
+) -> tuple[Tensor, Tensor]:
+    """(α, H) [H, n]: the attention each key receives from the observation rows q [H, m, d]
+    (`accumulated_attention`) and its entropy potential (`modality_entropy`), causal as in
+    `attention_probs`. The definition; the CPU backend's kernel computes both without the probabilities
+    (`engine.cpu_kernel.observation_statistics`)."""
+    probs = attention_probs(q, k, scale, q_positions, k_positions)
+    return accumulated_attention(probs), modality_entropy(probs, layout)
+
+
 def _masked_pool1d(x: Tensor, mask: Tensor, kernel: int) -> Tensor:
     """Average of x over the masked tokens among each token's `kernel` slot neighbours."""
     weight = mask.float()

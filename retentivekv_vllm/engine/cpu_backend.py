@@ -44,7 +44,7 @@ from retentivekv_vllm.core import (
 )
 from retentivekv_vllm.engine import batch
 from retentivekv_vllm.budget import folded_after_step
-from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts
+from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts, observation_statistics
 from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots
 from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan, logger
 from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
@@ -367,9 +367,16 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         recent, recent_positions = memory.observation_queries(plan.policy.config.observation_window)
         queries = self._group(recent)
         q_positions = recent_positions.repeat(self.num_queries_per_kv)
-        probs = attention_probs(queries, keys, self.scale, q_positions, positions)
-        accumulated = memory.accumulated[:, live] + accumulated_attention(probs)
-        obs = Observation(probs, positions, candidates, accumulated, plan.memory.patch_layout(positions))
+        layout = plan.memory.patch_layout(positions)
+        if keys.device.type == "cpu" and decode_extension().module is not None:
+            probs = None
+            statistics = observation_statistics(queries, keys, self.scale, q_positions, positions, layout)
+            alpha = statistics[0]
+        else:
+            probs, statistics = attention_probs(queries, keys, self.scale, q_positions, positions), None
+            alpha = accumulated_attention(probs)
+        accumulated = memory.accumulated[:, live] + alpha
+        obs = Observation(probs, positions, candidates, accumulated, layout, statistics)
         keep_top = plan.budget - plan.sinks - plan.window
         kept = ~candidates | plan.policy.select(obs, keep_top)
         if obs.layout is not None:

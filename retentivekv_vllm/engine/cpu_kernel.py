@@ -4,7 +4,10 @@
 vLLM's CPU cache blocks, and returns the log-sum-exp the merge with the states needs; its torch
 twin is `cpu_layout.DecodeBatch.attend`. `merge_state_readouts` merges those rows with their
 requests' states in place, reading each state where it lives; its twin is
-`core.merge_with_state_readouts`. The kernel reads the cache layout of vLLM's "vec" ISA
+`core.merge_with_state_readouts`. `observation_statistics` scores a compression's cache (the
+attention each key receives from the observation window and its entropy potential) from the
+window's logits without forming their probabilities; its twin is `core.scores.observation_statistics`.
+The decode kernel reads the cache layout of vLLM's "vec" ISA
 (keys dimension-major, values token-major per block and head); the backend checks the measured
 layout and falls back to the twin for any other, and where the extension cannot be built.
 
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from retentivekv_vllm.core import RecurrentState
+from retentivekv_vllm.core import PatchLayout, RecurrentState
 from retentivekv_vllm.csrc import CPU_DECODE_SOURCE, Extension, build
 
 # -ffast-math: the kernel never forms an infinity (its running maximum starts at -FLT_MAX and only
@@ -67,3 +70,17 @@ def merge_state_readouts(
     decode_extension().module.merge_state_readouts(
         out, lse, log_phi.contiguous(), rows, [s.S.contiguous() for s in flat], [s.z.contiguous() for s in flat]
     )
+
+
+def observation_statistics(
+    q: torch.Tensor, k: torch.Tensor, scale: float, q_positions: torch.Tensor, k_positions: torch.Tensor,
+    layout: PatchLayout | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α, H) [H, n] of the observation rows q [H, m, d] over the keys k [H, n, d] (key positions
+    [n] or per head [H, n]); arguments as in `core.scores.observation_statistics`."""
+    logits = (scale * q.float()) @ k.float().transpose(-1, -2)
+    heads, n = k.shape[0], k.shape[1]
+    visual = layout.visual if layout is not None else torch.empty(0, dtype=torch.bool)
+    return tuple(decode_extension().module.observation_statistics(
+        logits, q_positions, k_positions.expand(heads, n), visual
+    ))

@@ -26,31 +26,33 @@ class Observation:
     """One request in one layer at the moment it is compressed.
 
     probs: [Hkv, rows, n] softmax attention of the observation queries (GQA query
-        heads stacked as rows) over the n cached tokens; hidden tokens get 0.
+        heads stacked as rows) over the n cached tokens; hidden tokens get 0. None when
+        `statistics` were computed without forming them (the CPU backend's kernel).
     positions: [Hkv, n] token position of each cached slot, per head.
     candidates: [Hkv, n] bool, tokens that may be folded (live, not sink, not window).
     accumulated: [Hkv, n] attention each token received from every observation
         window since the request started (H2O's heavy-hitter statistic).
     layout: where image tokens sit on their patch grids; None for a text-only request.
-
-    The statistics of `probs` that scoring and folding both read are computed once, on first use.
+    statistics: (alpha, entropy) as `core.observation_statistics` gives them, or None: then
+        they are computed from `probs`, once, on first use.
     """
 
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     positions: torch.Tensor
     candidates: torch.Tensor
     accumulated: torch.Tensor
     layout: PatchLayout | None = None
+    statistics: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @functools.cached_property
     def alpha(self) -> torch.Tensor:
         """[Hkv, n] attention each token received from this window's queries."""
-        return accumulated_attention(self.probs)
+        return accumulated_attention(self.probs) if self.statistics is None else self.statistics[0]
 
     @functools.cached_property
     def entropy(self) -> torch.Tensor:
         """[Hkv, n] entropy potential of each token, per modality (`core.modality_entropy`)."""
-        return modality_entropy(self.probs, self.layout)
+        return modality_entropy(self.probs, self.layout) if self.statistics is None else self.statistics[1]
 
 
 @dataclass
