@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import require_matplotlib
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUDGETS = (1.0, 0.5, 0.2, 0.05)
 # The paper's decode table (latency per token, KV memory) for its full cache and budgets.
@@ -87,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_matplotlib()
     if not torch.cuda.is_available():
         if not args.smoke:
             raise SystemExit("error: the measurements need a CUDA GPU; pass --smoke to run toy shapes on CPU")

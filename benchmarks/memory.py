@@ -45,6 +45,8 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks import require_matplotlib
+
 # The environment the measuring process needs, set by the entry points before vLLM is imported (not
 # at import: a process that only imports this module, a test run, must not pass them on to the
 # servers it starts): an in-process engine core (the scheduler is then an attribute of the LLM
@@ -351,6 +353,7 @@ def main(argv=None) -> int:
         "instead of only once its whole prompt fits (vLLM's default)",
     )
     args = parser.parse_args(argv)
+    require_matplotlib()
     os.environ.update(MEASURING_ENV)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -35,6 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks import require_matplotlib
 from benchmarks.speed import (
     BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MODEL, STOCK_REQUESTS_IN_POOL, bar_panels, kv_bytes_per_token, load,
 )
@@ -183,6 +184,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     settings = SETTINGS[mode]
+    require_matplotlib()
 
     import vllm
 

@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import require_matplotlib
 from benchmarks.memory import DTYPE_BYTES, MEASURING_ENV, run_config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -363,6 +364,7 @@ def main(argv=None) -> int:
     if args.readme:
         write_readme_table(json.loads(json_path.read_text()))
         return 0
+    require_matplotlib()
 
     import torch
     import vllm

@@ -2,6 +2,10 @@
 ratios to stock, and the README table written between its markers (the measurement itself is
 `python -m benchmarks.speed --quick`, too long for the test tiers)."""
 
+import sys
+
+import pytest
+
 from benchmarks import speed
 
 
@@ -80,3 +84,12 @@ def test_passes_report_medians_and_each_pass_against_its_own_stock():
     assert merged["vs_stock"]["tpot_batch1_speedup"] == 2.08
     assert [p["tpot_batch1_speedup"] for p in merged["vs_stock_by_pass"]] == [2.0, 1.0, 2.08]
     assert [p["output_tokens_per_s"] for p in merged["vs_stock_by_pass"]] == [3.0, 2.5, 2.67]
+
+
+def test_a_run_without_matplotlib_stops_before_measuring(monkeypatch, tmp_path):
+    """The figure is drawn last; without matplotlib the run must refuse at once, not after its
+    measurements, and say which extra to install."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.raises(SystemExit, match=r"matplotlib.*\.\[bench\]"):
+        speed.main(["--quick", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
