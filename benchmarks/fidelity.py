@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import require_matplotlib
+
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 # Items are drawn with this seed, independent of every training seed.
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: merge these result files (e.g. policies and ablations run "
                         "in two processes) into one JSON (--out), plot and docs table")
     args = parser.parse_args(argv)
+    require_matplotlib()
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
