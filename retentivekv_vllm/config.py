@@ -55,7 +55,9 @@ def _knob(default: Any, help: str, kind: type) -> Any:
 
 @dataclass(frozen=True)
 class KVPolicyConfig:
-    policy: str = _knob(None, "KV-cache policy: full, streaming, h2o, snapkv, lookm, retentive.", str)
+    policy: str = _knob(
+        None, "KV-cache policy: full, streaming, h2o, snapkv, knorm, lookm, retentive.", str
+    )
     budget: float = _knob(
         0.2,
         "Cache tokens kept per request: a ratio of the prompt (0 < b <= 1) or a "

@@ -376,7 +376,7 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             probs, statistics = attention_probs(queries, keys, self.scale, q_positions, positions), None
             alpha = accumulated_attention(probs)
         accumulated = memory.accumulated[:, live] + alpha
-        obs = Observation(probs, positions, candidates, accumulated, layout, statistics)
+        obs = Observation(probs, positions, candidates, accumulated, layout, statistics, keys)
         keep_top = plan.budget - plan.sinks - plan.window
         kept = ~candidates | plan.policy.select(obs, keep_top)
         if obs.layout is not None:

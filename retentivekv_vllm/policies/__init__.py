@@ -7,6 +7,14 @@ from retentivekv_vllm.policies.base import (
     make_policy,
     register_policy,
 )
-from retentivekv_vllm.policies import full, h2o, lookm, retentive, snapkv, streaming  # noqa: F401  (registration)
+from retentivekv_vllm.policies import (  # noqa: F401  (registration)
+    full,
+    h2o,
+    knorm,
+    lookm,
+    retentive,
+    snapkv,
+    streaming,
+)
 
 __all__ = ["POLICIES", "KVPolicy", "Observation", "make_policy", "register_policy"]

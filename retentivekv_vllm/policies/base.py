@@ -35,6 +35,8 @@ class Observation:
     layout: where image tokens sit on their patch grids; None for a text-only request.
     statistics: (alpha, entropy) as `core.observation_statistics` gives them, or None: then
         they are computed from `probs`, once, on first use.
+    keys: [Hkv, n, d] the cached keys (post-RoPE, as they sit in the cache), for policies that
+        score keys themselves (`knorm`); None where a caller has none to give.
     """
 
     probs: torch.Tensor | None
@@ -43,6 +45,7 @@ class Observation:
     accumulated: torch.Tensor
     layout: PatchLayout | None = None
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+    keys: torch.Tensor | None = None
 
     @functools.cached_property
     def alpha(self) -> torch.Tensor:
