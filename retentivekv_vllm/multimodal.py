@@ -8,7 +8,11 @@ outputs for it (``data``). The embedding positions of an image are its tokens in
 on a grid that depends on the architecture: fixed by the vision config for LLaVA(-1.5), and
 ``image_grid_thw`` divided by the spatial merge (2x2 patches per token) for the Qwen-VL family.
 Inputs whose layout is not known raise :class:`UnsupportedMultimodalInput` instead of getting a
-wrong one.
+wrong one (video among them, with Qwen3-VL's timestamp text between its frames).
+
+Qwen3-VL's deepstack features need nothing more: they are added to the text model's hidden
+states at the image tokens themselves (after its first layers), so they change what those
+tokens' keys and values hold, not where the tokens sit.
 """
 
 from __future__ import annotations
