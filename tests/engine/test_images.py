@@ -1,7 +1,7 @@
 """Image requests inside a real vLLM engine (in-process, tiny LLaVA, Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, fp32, greedy): budget 1.0 gives stock vLLM's tokens; at 0.2 the image tokens are scored on their
-grids, folded into the visual state and their blocks freed, exactly as a transformers run of
-the same policy with the processor's own image layout."""
+Qwen3-VL, fp32, greedy): budget 1.0 gives stock vLLM's tokens; at 0.2 the image tokens are
+scored on their grids, folded into the visual state and their blocks freed, exactly as a
+transformers run of the same policy with the processor's own image layout."""
 
 import gc
 import logging

@@ -1,5 +1,5 @@
-"""Image chats through `vllm serve` and the `openai` client (tiny Qwen2-VL, fp32, CPU): PNGs as
-data URLs, one and two per request. Stock vLLM, the plugin at budget 1.0 and at 0.2 each
+"""Image chats through `vllm serve` and the `openai` client (tiny Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL, fp32, CPU): PNGs as data URLs, one and two per request. Stock vLLM, the plugin at budget 1.0 and at 0.2 each
 serve the same chats; 1.0 answers with stock's tokens, 0.2 folds image tokens and returns
 their blocks to vLLM's pool (read from /metrics)."""
 
@@ -47,9 +47,19 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return str(build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-qwen2_vl", "qwen2_vl"))
+# Three servers per model, about 30 s each on two cores: Qwen2-VL in the default tier, the
+# others (the same processing with another vision tower and text model) in the slow one.
+ARCHS = [
+    "qwen2_vl",
+    pytest.param("qwen2_5_vl", marks=pytest.mark.slow),
+    pytest.param("qwen3_vl", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model_dir(request, tmp_path_factory) -> str:
+    arch = request.param
+    return str(build_tiny_vlm(tmp_path_factory.mktemp("models") / f"tiny-{arch}", arch))
 
 
 @pytest.fixture(scope="module")
