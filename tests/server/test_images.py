@@ -1,7 +1,7 @@
 """Image chats through `vllm serve` and the `openai` client (tiny Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, fp32, CPU): PNGs as data URLs, one and two per request. Stock vLLM, the plugin at budget 1.0 and at 0.2 each
-serve the same chats; 1.0 answers with stock's tokens, 0.2 folds image tokens and returns
-their blocks to vLLM's pool (read from /metrics)."""
+Qwen3-VL, fp32, CPU): PNGs as data URLs, one and two per request. Stock vLLM, the plugin at
+budget 1.0 and at 0.2 each serve the same chats; 1.0 answers with stock's tokens, 0.2 folds
+image tokens and returns their blocks to vLLM's pool (read from /metrics)."""
 
 from __future__ import annotations
 
