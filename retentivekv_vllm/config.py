@@ -23,6 +23,18 @@ STATE_READOUTS = ("unbiased", "normalised")
 REQUEST_KNOBS = ("policy", "budget")
 # Whether the server lets requests set REQUEST_KNOBS (--kv-request-overrides).
 REQUEST_OVERRIDES = ("allow", "deny")
+# Numbers beyond 2**53 are not exact in a float, and no knob means anything there; the largest
+# token budget any model could use is its maximum length (checked where that is known).
+LARGEST_NUMBER = 2**53
+SHOWN_CHARACTERS = 40  # of a refused value, in an error message
+
+
+def shown(value: Any) -> str:
+    """A refused value as an error message shows it: its repr, cut to SHOWN_CHARACTERS."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 class ConfigError(ValueError):
@@ -123,6 +135,23 @@ class KVPolicyConfig:
     def budget_is_ratio(self) -> bool:
         return self.budget <= 1
 
+    def check_model_length(self, max_model_len: int) -> None:
+        """Refuse (KnobError) a token-count budget longer than the model's maximum length, and
+        sinks and window that leave no token of the longest request to compress."""
+        if not self.budget_is_ratio and self.budget > max_model_len:
+            raise KnobError(
+                "budget",
+                f"{int(self.budget)} tokens exceed the model's maximum length {max_model_len} "
+                "(--max-model-len); use a ratio 0 < b <= 1 or a count up to that length",
+            )
+        if self.sinks + self.window >= max_model_len:
+            raise KnobError(
+                "sinks",
+                f"{self.sinks} sinks and the {self.window}-token window ({_option('window')}) "
+                f"are never compressed, and together reach the model's maximum length "
+                f"{max_model_len}: no request could be compressed",
+            )
+
     def budget_tokens(self, num_prompt_tokens: int) -> int:
         """Cache tokens a request may keep (sinks, kept and window together)."""
         if self.budget_is_ratio:
@@ -181,15 +210,24 @@ class KVPolicyConfig:
             raise KnobError(name, why)
 
         if self.policy not in POLICIES:
-            fail("policy", f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
-        if not (self.budget > 0) or (self.budget > 1 and self.budget != int(self.budget)):
+            fail(
+                "policy", f"unknown policy {shown(self.policy)}; choose one of {sorted(POLICIES)}"
+            )
+        if not (0 < self.budget <= 1 or (self.budget > 1 and self.budget == int(self.budget))):
             fail(
                 "budget",
-                f"got {self.budget!r}; use a ratio 0 < b <= 1 or a whole token count > 1",
+                f"got {shown(self.budget)}; use a ratio 0 < b <= 1 or a whole token count > 1",
             )
         for name in ("sinks", "window"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.budget_is_ratio and self.sinks + self.window > self.budget:
+            fail(
+                "budget",
+                f"{int(self.budget)} tokens cannot hold the {self.sinks} sinks and the "
+                f"{self.window}-token window ({_option('sinks')}, {_option('window')}), which "
+                "are never compressed",
+            )
         for name in ("observation_window", "state_rank", "decode_interval"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
@@ -232,10 +270,13 @@ class KVPolicyConfig:
 
 
 def request_config(
-    server: KVPolicyConfig | None, extra_args: Mapping[str, Any] | None
+    server: KVPolicyConfig | None,
+    extra_args: Mapping[str, Any] | None,
+    max_model_len: int | None = None,
 ) -> KVPolicyConfig | None:
     """The settings one request runs under: the server's, with the policy and budget the request
-    chose in its extra fields (``vllm_xargs.kv_policy``, ``vllm_xargs.kv_budget``).
+    chose in its extra fields (``vllm_xargs.kv_policy``, ``vllm_xargs.kv_budget``); a token-count
+    budget must fit `max_model_len` when given.
 
     The API server validates with it (HTTP 400 naming the field); the scheduler's KV manager and
     the workers call it on the same extra_args, so both sides fold each request by the same rule.
@@ -265,6 +306,8 @@ def request_config(
         values = {allowed[k]: _coerce(knobs[allowed[k]], v) for k, v in ours.items()}
         config = dataclasses.replace(server, **values)
         config.validate()
+        if max_model_len is not None:
+            config.check_model_length(max_model_len)
     except KnobError as error:
         raise RequestConfigError(f"vllm_xargs.{KEY_PREFIX}{error.knob}", error.why) from None
     from retentivekv_vllm.policies import make_policy
@@ -283,16 +326,19 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     name = f.name.rstrip("_")
     if kind is str:
         if not isinstance(value, str):
-            raise KnobError(name, f"expected a string, got {value!r}")
+            raise KnobError(name, f"expected a string, got {shown(value)}")
         return value.strip().lower()
-    if isinstance(value, bool):
-        raise KnobError(name, f"expected a number, got {value!r}")
+    # bool is an int to Python, not a number to a user; lists, None and objects are no numbers.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise KnobError(name, f"expected a number, got {shown(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise KnobError(name, f"expected a number, got {value!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: an int too large for a float
+        raise KnobError(name, f"expected a number, got {shown(value)}") from None
+    if not math.isfinite(number) or abs(number) > LARGEST_NUMBER:
+        raise KnobError(name, f"must be a finite number of at most 2**53, got {shown(value)}")
     if kind is int:
         if number != int(number):
-            raise KnobError(name, f"expected an integer, got {value!r}")
+            raise KnobError(name, f"expected an integer, got {shown(value)}")
         return int(number)
     return number

@@ -27,6 +27,14 @@ symbol                                                                      why
 ``vllm.v1.engine.input_processor.InputProcessor._validate_params``          validates a request's own policy and budget
                                                                             (``vllm_xargs.kv_*``): HTTP 400 naming the
                                                                             field
+``vllm.entrypoints.openai.completion.protocol.CompletionRequest``           refuses ``vllm_xargs.kv_*`` with
+``.to_beam_search_params`` (and ``chat_completion.protocol``'s              ``use_beam_search``: vLLM builds beam search
+``ChatCompletionRequest.to_beam_search_params``)                            without ``vllm_xargs``, so they would be
+                                                                            ignored unchecked (HTTP 400 naming the field)
+``CompletionRequest``, ``ChatCompletionRequest``, ``ResponsesRequest``      their ``vllm_xargs`` field gains a check
+(``vllm.entrypoints.openai.*.protocol``): field ``vllm_xargs``              that refuses JSON booleans in ``kv_*``:
+                                                                            pydantic reads ``true`` as 1, which would
+                                                                            pass as a budget (HTTP 400 naming the field)
 ``vllm.v1.worker.worker_base.WorkerBase`` (added methods)                  ``retentivekv_metrics`` and ``retentivekv_stats``,
                                                                             read by ``collective_rpc`` from the API
                                                                             server (``engine/serving.py``)
@@ -89,6 +97,7 @@ def apply_process_patches() -> None:
     _register_gpu_backend()
     _patch_engine_args()
     _patch_request_validation()
+    _patch_request_models()
     _add_worker_methods()
 
 
@@ -185,12 +194,60 @@ def _patch_request_validation() -> None:
     def validate_params(self, params, *args, **kwargs):
         if isinstance(params, SamplingParams) and params.extra_args:
             try:
-                request_config(kv_config_from_vllm_config(self.vllm_config), params.extra_args)
+                request_config(
+                    kv_config_from_vllm_config(self.vllm_config), params.extra_args,
+                    self.vllm_config.model_config.max_model_len,
+                )
             except RequestConfigError as error:
                 raise VLLMValidationError(str(error), parameter=error.field) from None
         return original(self, params, *args, **kwargs)
 
     InputProcessor._validate_params = validate_params
+
+
+def _patch_request_models() -> None:
+    from typing import Annotated
+
+    from pydantic import BeforeValidator
+    from pydantic.fields import FieldInfo
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.exceptions import VLLMValidationError
+
+    from retentivekv_vllm.config import KEY_PREFIX
+
+    def refuse_kv_xargs(original):
+        @functools.wraps(original)
+        def to_beam_search_params(self, *args, **kwargs):
+            ours = sorted(k for k in self.vllm_xargs or {} if k.startswith(KEY_PREFIX))
+            if ours:
+                field = f"vllm_xargs.{ours[0]}"
+                raise VLLMValidationError(
+                    f"{field}: per-request KV settings do not apply to beam search "
+                    "(use_beam_search), which runs under the server's; send one or the other",
+                    parameter=field,
+                )
+            return original(self, *args, **kwargs)
+
+        return to_beam_search_params
+
+    for request_class in (CompletionRequest, ChatCompletionRequest):
+        request_class.to_beam_search_params = refuse_kv_xargs(request_class.to_beam_search_params)
+
+    def refuse_booleans(xargs):
+        for key, value in (xargs if isinstance(xargs, dict) else {}).items():
+            if key.startswith(KEY_PREFIX) and isinstance(value, bool):
+                raise ValueError(f"vllm_xargs.{key}: expected a number, got a boolean")
+        return xargs
+
+    for request_class in (CompletionRequest, ChatCompletionRequest, ResponsesRequest):
+        field = request_class.model_fields["vllm_xargs"]
+        checked = Annotated[field.annotation, BeforeValidator(refuse_booleans)]
+        request_class.model_fields["vllm_xargs"] = FieldInfo.merge_field_infos(
+            field, FieldInfo.from_annotation(checked)
+        )
+        request_class.model_rebuild(force=True)
 
 
 def _add_worker_methods() -> None:

@@ -136,6 +136,7 @@ def validate_engine(vllm_config) -> None:
     model = vllm_config.model_config
     if model is None:
         return
+    config.check_model_length(model.max_model_len)
     kv_memory = vllm_config.cache_config.kv_cache_memory_bytes
     if kv_memory:
         from retentivekv_vllm.engine.memory import check_state_reservation

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 
+import httpx
 import pytest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
@@ -228,6 +229,74 @@ def test_bad_request_settings_get_http_400_naming_the_field(client, served_model
     assert field in refused.value.message, refused.value.message
 
 
+# Budgets that once took the server down (a 200 and then no answer to anything: an int too large
+# for the engine core's serializer) or answered HTTP 500; each must be a 400 naming the field.
+# JSON as sent: numbers, strings, non-standard JSON constants, a boolean, a list.
+HOSTILE_BUDGETS = [
+    '"1e20"', "1e20", '"1e308"', "1e308", "Infinity", "-Infinity", "NaN", "1e309", '"inf"',
+    '"Infinity"', '"1e309"', '"nan"', "true", "false", '"3000"', "3000", "[0.5]", '"0x10"',
+]
+
+
+def post_json(server, path: str, body: str) -> httpx.Response:
+    return httpx.post(
+        server.base_url + path, content=body, headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("budget", HOSTILE_BUDGETS)
+def test_hostile_budgets_get_http_400_and_the_server_keeps_serving(server, served_model, budget):
+    body = (
+        f'{{"model": "{served_model}", "prompt": "Hi", "max_tokens": 2, '
+        f'"vllm_xargs": {{"kv_budget": {budget}}}}}'
+    )
+    response = post_json(server, "/v1/completions", body)
+    assert response.status_code == 400, (response.status_code, response.text)
+    assert "vllm_xargs.kv_budget" in response.json()["error"]["message"], response.text
+    # After such a request every completion used to hang.
+    ok = post_json(server, "/v1/completions", f'{{"model": "{served_model}", "prompt": "Hi", "max_tokens": 1}}')
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_long_unknown_policy_is_not_echoed_whole(client, served_model):
+    with pytest.raises(BadRequestError) as refused:
+        client.completions.create(
+            model=served_model, prompt="Hi", max_tokens=2,
+            extra_body={"vllm_xargs": {"kv_policy": "x" * 100_000}},
+        )
+    assert "vllm_xargs.kv_policy" in refused.value.message
+    assert len(refused.value.message) < 1000, len(refused.value.message)
+
+
+def beam_search(client, model, endpoint, **extra_body):
+    if endpoint == "chat":
+        return chat(
+            client, model, [{"role": "user", "content": "Hi"}], n=2,
+            extra_body={"use_beam_search": True, **extra_body},
+        )
+    return client.completions.create(
+        model=model, prompt="Hi", max_tokens=4, n=2, temperature=0,
+        extra_body={"use_beam_search": True, **extra_body},
+    )
+
+
+@pytest.mark.parametrize("xargs", [{"kv_budget": 0.5}, {"kv_budget": "1e20"}, {"kv_policy": "snapkv"}])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_beam_search_refuses_per_request_kv_settings(client, served_model, xargs, endpoint):
+    """vLLM builds beam search without vllm_xargs: the settings would be ignored unchecked."""
+    with pytest.raises(BadRequestError) as refused:
+        beam_search(client, served_model, endpoint, vllm_xargs=xargs)
+    assert f"vllm_xargs.{next(iter(xargs))}" in refused.value.message, refused.value.message
+    assert "beam search" in refused.value.message
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_beam_search_without_kv_settings_runs(client, served_model, endpoint):
+    response = beam_search(client, served_model, endpoint)
+    assert len(response.choices) == 2
+
+
 def test_server_log_has_no_errors(server, client, served_model):
     complete(client, served_model, "Flush again.", max_tokens=2)
     log = read_log(server)
@@ -271,8 +340,9 @@ def test_serve_help_lists_kv_flags():
     [
         (("--kv-policy", "nope"), ("--kv-policy", "nope")),
         (("--kv-policy", "retentive", "--kv-budget", "1.5"), ("--kv-budget",)),
+        (("--kv-policy", "retentive", "--kv-budget", "inf"), ("error: --kv-budget",)),
     ],
-    ids=["unknown-policy", "fractional-budget-over-one"],
+    ids=["unknown-policy", "fractional-budget-over-one", "infinite-budget"],
 )
 def test_bad_kv_option_exits_naming_it(model_dir, bad_args, expected):
     port = str(free_port())
@@ -283,3 +353,4 @@ def test_bad_kv_option_exits_naming_it(model_dir, bad_args, expected):
     assert result.returncode != 0, output[-4000:]
     for text in expected:
         assert text in output, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
