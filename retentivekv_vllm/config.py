@@ -288,16 +288,16 @@ def request_config(
     for key in sorted(ours):
         if key not in allowed:
             raise RequestConfigError(
-                f"vllm_xargs.{key}", f"not a per-request option; a request may set {sorted(allowed)}"
+                _xarg_field(key), f"not a per-request option; a request may set {sorted(allowed)}"
             )
     if server is None:
         raise RequestConfigError(
-            f"vllm_xargs.{sorted(ours)[0]}",
+            _xarg_field(sorted(ours)[0]),
             "this server runs no KV policy (start it with --kv-policy to choose one per request)",
         )
     if server.request_overrides == "deny":
         raise RequestConfigError(
-            f"vllm_xargs.{sorted(ours)[0]}",
+            _xarg_field(sorted(ours)[0]),
             f"this server does not let requests choose their KV settings (started with "
             f"{_option('request_overrides')} deny); send the request without vllm_xargs.kv_*",
         )
@@ -319,6 +319,13 @@ def request_config(
             f"{server.policy!r} reserved no memory for them; choose a policy without states",
         )
     return config
+
+
+def _xarg_field(key: str) -> str:
+    """The request field a vllm_xargs key is named by in an error (a long key cut short)."""
+    if len(key) > SHOWN_CHARACTERS:
+        key = f"{key[:SHOWN_CHARACTERS]}..."
+    return f"vllm_xargs.{key}"
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
