@@ -499,7 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    parser.add_argument("--cells", nargs="+", default=list(CELLS), help=f"known: {list(CELLS)}")
+    parser.add_argument(
+        "--cells",
+        nargs="*",
+        default=list(CELLS),
+        help=f"known: {list(CELLS)}; none with --merge: only combine earlier runs",
+    )
     parser.add_argument(
         "--extra-cell",
         type=parse_extra_cell,
@@ -529,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         "comparisons and figure",
     )
     parser.add_argument(
+        "--equal-memory-only",
+        action="store_true",
+        help="run eviction cells at equal memory only, not also at the bare budget",
+    )
+    parser.add_argument(
         "--equal-memory-protocols",
         nargs="+",
         default=list(PROTOCOLS),
@@ -552,8 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     labels = list(args.cells) + [label for label, _ in args.extra_cell]
     configs = {**CELLS, **dict(args.extra_cell)}
+    if not labels and not args.merge:
+        parser.error("--cells: no cells to run and no --merge to combine")
     if (
-        args.equal_memory_to
+        labels
+        and args.equal_memory_to
         and args.equal_memory_to not in labels
         and args.equal_memory_tokens is None
     ):
@@ -643,7 +656,10 @@ def main(argv: list[str] | None = None) -> int:
                 items, prompts = layouts[protocol]
                 # Log-likelihood has no question: it runs with the question-agnostic cells only.
                 ll = spans if protocol == "agnostic" else []
+                equal_memory = protocol in args.equal_memory_protocols and args.equal_memory_to
                 for label in group:
+                    if equal_memory and args.equal_memory_only and keeps_no_state(budgets[label]):
+                        continue
                     cells.append(
                         run_cell(
                             engine,
@@ -663,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                     if label == args.equal_memory_to:
                         # Rounded up: an eviction cell never holds less memory than the reference.
                         extra_tokens[protocol] = math.ceil(cells[-1]["state_bytes"] / per_token)
-                if protocol not in args.equal_memory_protocols or not args.equal_memory_to:
+                if not equal_memory:
                     continue
                 for label in (g for g in group if keeps_no_state(budgets[g])):
                     cells.append(

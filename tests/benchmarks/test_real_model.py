@@ -18,6 +18,7 @@ from benchmarks.real_model import (
     gap_closed,
     keeps_no_state,
     mcnemar_exact,
+    merged_cells,
     paired_bootstrap,
     parse_extra_cell,
     request_params,
@@ -121,6 +122,16 @@ def test_gap_closed_is_the_share_of_the_best_equal_memory_gap():
     closed = gap_closed(cells, "retentive")
     assert closed["best_equal_memory_eviction"] == "knorm (equal memory)"
     assert closed["share_closed"] == pytest.approx(1 - 0.3 / 0.4)
+
+
+def test_merge_takes_an_earlier_runs_own_cells_of_the_same_items_only(tmp_path):
+    settings = {"model": "m", "item_seed": 1, "chunk": 512, "tasks": ["niah_noise"]}
+    cells = [{"protocol": "aware", "label": "full"}, {"protocol": "aware", "label": "snapkv"}]
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({**settings, "cells": cells, "merged_cells": [["aware", "full"]]}))
+    assert merged_cells(path, settings) == cells[1:]
+    with pytest.raises(SystemExit, match="'chunk': \\(512, 256\\)"):
+        merged_cells(path, {**settings, "chunk": 256})
 
 
 @pytest.mark.slow
