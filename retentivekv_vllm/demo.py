@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         model, server_args(args.policy, args.budget), log_path=log,
         env={"VLLM_PLUGINS": "retentivekv"},  # the stats route and the plugin's metrics
     )
-    with server.start(timeout=600):
+    # Started here rather than by `with server:`, whose __enter__ would start it again.
+    server.start(timeout=600)
+    try:
         print(f"document: {source}, {len(document):,} characters\nquestion: {question}",
               flush=True)
         try:
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"answer: {reply.choices[0].message.content.strip()}\n")
         stats = request_stats(server.base_url, reply.id)
+    finally:
+        server.stop()
     print(f"what compression did for this request ({reply.usage.prompt_tokens:,} prompt tokens), "
           f"from the server's {STATS_ROUTE}:")
     print("\n".join(report(stats, kv_bytes_per_token(model))))

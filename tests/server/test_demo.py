@@ -73,9 +73,13 @@ def server(model_dir, tmp_path_factory):
     from retentivekv_vllm.fixtures.server import Server
 
     log_path = tmp_path_factory.mktemp("demo") / "vllm-serve.log"
-    with Server(model_dir, demo.server_args("retentive", "0.2"), log_path=log_path,
-                env={"VLLM_PLUGINS": "retentivekv"}).start(timeout=600) as srv:
+    srv = Server(model_dir, demo.server_args("retentive", "0.2"), log_path=log_path,
+                 env={"VLLM_PLUGINS": "retentivekv"})
+    srv.start(timeout=600)  # a longer wait than `with Server(...)` gives, on a busy machine
+    try:
         yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.mark.slow
