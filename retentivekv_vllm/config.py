@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 KEY_PREFIX = "kv_"
@@ -86,9 +88,20 @@ class KVPolicyConfig:
     )
     pool_kernel: int = _knob(7, "Width of the 1-D average pooling of scores (odd).", int)
     feature_map: str = _knob(
-        "prf", "State feature map: prf (positive random features) or elu.", str
+        "prf",
+        "State feature map: prf (positive random features), elu, or learned (per layer and "
+        "KV head, read from --kv-maps).",
+        str,
     )
-    state_rank: int = _knob(64, "Feature dimension r of the recurrent state (prf).", int)
+    maps: str = _knob(
+        "",
+        "Learned feature maps for --kv-feature-map learned: the file `python -m "
+        "retentivekv_vllm.calibrate MODEL --out FILE` wrote for the served model.",
+        Path,
+    )
+    state_rank: int = _knob(
+        64, "Feature dimension r of the recurrent state (prf; a maps file sets its own).", int
+    )
     gamma0: float = _knob(0.99, "Base retention of the state per folded token.", float)
     absorption_min: float = _knob(0.5, "Lower clamp of the absorption weight.", float)
     absorption_max: float = _knob(2.0, "Upper clamp of the absorption weight.", float)
@@ -235,11 +248,30 @@ class KVPolicyConfig:
             fail("lambda", f"must lie in [0, 1], got {self.lambda_}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             fail("pool_kernel", f"must be a positive odd number, got {self.pool_kernel}")
-        if self.feature_map not in FEATURE_MAPS:
+        if self.feature_map not in (*FEATURE_MAPS, "learned"):
             fail(
                 "feature_map",
-                f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}",
+                f"unknown feature map {self.feature_map!r}; choose one of "
+                f"{sorted([*FEATURE_MAPS, 'learned'])}",
             )
+        if self.feature_map == "learned" and not self.maps:
+            fail(
+                "maps",
+                "--kv-feature-map learned needs a maps file; fit one with "
+                "python -m retentivekv_vllm.calibrate MODEL --out FILE",
+            )
+        if self.maps and self.feature_map != "learned":
+            fail(
+                "maps",
+                f"a maps file is read with --kv-feature-map learned only, got {self.feature_map}",
+            )
+        if self.maps:
+            from retentivekv_vllm.learned_maps import MapsFileError, load_maps
+
+            try:
+                load_maps(self.maps)
+            except MapsFileError as error:
+                fail("maps", str(error))
         if self.state_query not in STATE_QUERIES:
             fail(
                 "state_query",
@@ -331,6 +363,10 @@ def _xarg_field(key: str) -> str:
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = f.metadata["kind"]
     name = f.name.rstrip("_")
+    if kind is Path:  # kept as written: a path is case-sensitive
+        if not isinstance(value, str | os.PathLike):
+            raise KnobError(name, f"expected a file path, got {value!r}")
+        return str(value).strip()
     if kind is str:
         if not isinstance(value, str):
             raise KnobError(name, f"expected a string, got {shown(value)}")

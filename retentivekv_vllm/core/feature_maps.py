@@ -1,7 +1,7 @@
 """Feature maps φ: R^d → R^r_{>0} that turn softmax attention into a linear, foldable sum.
 
-Both maps are computed in log space: random-feature exponents overflow float32 for large-norm keys long
-before their products do, and the merge already works with logs.
+Every map is computed in log space: random-feature exponents overflow float32 for large-norm keys
+long before their products do, and the merge already works with logs.
 """
 
 import abc
@@ -46,7 +46,7 @@ class FixedQuery(FeatureMap):
         return self.inner.log_features(x)
 
     def query_log_features(self, q: Tensor) -> Tensor:
-        return self.inner.log_features(torch.zeros_like(q))
+        return self.inner.query_log_features(torch.zeros_like(q))
 
 
 class ScaledReadout(FeatureMap):
@@ -107,6 +107,92 @@ class PositiveRandomFeatures(FeatureMap):
         x = x.float() * math.sqrt(self.scale)
         projection = x @ self.weight.to(x.device).T
         return projection - 0.5 * x.square().sum(-1, keepdim=True) - 0.5 * math.log(self.rank)
+
+
+class LearnedFeatureMap(FeatureMap):
+    """One layer's learned maps (Hedgehog's features, LESS's small key scale), one per KV head.
+
+    For KV head h, with W_q, W_k [d, r/2], u_q, u_k [d] and a per-feature key scale s [r]:
+        log φ_q(q) = [log_softmax(q W_q), log_softmax(−q W_q)] + q·u_q
+        log φ_k(k) = [log_softmax(k W_k), log_softmax(−k W_k)] + k·u_k + log s
+    The softmax halves say which folded keys a query matches; the linear terms carry how much
+    softmax mass they had (exp(scale·q·k) is as large as e^30 for sharp queries, a softmax
+    feature at most 1). s starts small, so an untrained state adds almost nothing to the merge.
+    Inputs are [..., H, n, d] (the head dim third from last), keys post-RoPE as cached. The
+    parameters are plain tensors: calibration makes them leaves that require grad and trains
+    them in place.
+    """
+
+    def __init__(
+        self,
+        query_weight: Tensor,
+        key_weight: Tensor,
+        query_log_magnitude: Tensor,
+        key_log_magnitude: Tensor,
+        key_log_scale: Tensor,
+    ):
+        heads, head_dim, half = query_weight.shape
+        shapes = {
+            "key_weight": (key_weight, (heads, head_dim, half)),
+            "query_log_magnitude": (query_log_magnitude, (heads, head_dim)),
+            "key_log_magnitude": (key_log_magnitude, (heads, head_dim)),
+            "key_log_scale": (key_log_scale, (heads, 2 * half)),
+        }
+        for name, (tensor, shape) in shapes.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"learned map: {name} has shape {tuple(tensor.shape)}, expected {shape}"
+                )
+        self.query_weight = query_weight
+        self.key_weight = key_weight
+        self.query_log_magnitude = query_log_magnitude
+        self.key_log_magnitude = key_log_magnitude
+        self.key_log_scale = key_log_scale
+        self.num_heads, self.head_dim, self.rank = heads, head_dim, 2 * half
+
+    @classmethod
+    def initial(
+        cls, num_heads: int, head_dim: int, rank: int, input_rms: float = 1.0,
+        key_scale: float = 1e-4, seed: int = 0,
+    ) -> "LearnedFeatureMap":
+        """Untrained maps: seeded projections that give logits of unit spread for inputs whose
+        entries have root mean square `input_rms`, no magnitude terms, key scale `key_scale`."""
+        if rank < 2 or rank % 2:
+            raise ValueError(f"a learned map's rank must be an even number >= 2, got {rank}")
+        generator = torch.Generator().manual_seed(seed)
+        std = 1.0 / (math.sqrt(head_dim) * input_rms)
+        shape = (num_heads, head_dim, rank // 2)
+        weight = lambda: torch.randn(shape, generator=generator) * std
+        return cls(
+            weight(),
+            weight(),
+            torch.zeros(num_heads, head_dim),
+            torch.zeros(num_heads, head_dim),
+            torch.full((num_heads, rank), math.log(key_scale)),
+        )
+
+    def parameters(self) -> list[Tensor]:
+        return [
+            self.query_weight, self.key_weight, self.query_log_magnitude,
+            self.key_log_magnitude, self.key_log_scale,
+        ]
+
+    @staticmethod
+    def _log_features(x: Tensor, weight: Tensor, log_magnitude: Tensor) -> Tensor:
+        x = x.float()
+        logits = x @ weight.to(x.device)  # [..., H, n, d] @ [H, d, r/2]
+        magnitude = x @ log_magnitude.to(x.device)[..., None]  # [..., H, n, 1]
+        halves = torch.cat([logits.log_softmax(-1), (-logits).log_softmax(-1)], -1)
+        return halves + magnitude
+
+    def log_features(self, x: Tensor) -> Tensor:
+        """Key features: x [..., H, n, d] -> log φ_k(x) [..., H, n, r]."""
+        log_scale = self.key_log_scale.to(x.device)[:, None, :]
+        return self._log_features(x, self.key_weight, self.key_log_magnitude) + log_scale
+
+    def query_log_features(self, q: Tensor) -> Tensor:
+        """Query features: q [..., H, m, d] -> log φ_q(q) [..., H, m, r]."""
+        return self._log_features(q, self.query_weight, self.query_log_magnitude)
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluPlusOne, "prf": PositiveRandomFeatures}

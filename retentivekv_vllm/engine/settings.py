@@ -137,6 +137,8 @@ def validate_engine(vllm_config) -> None:
     if model is None:
         return
     config.check_model_length(model.max_model_len)
+    if config.maps:  # first: the states' reservation reads the file's rank
+        check_maps(config, vllm_config)
     kv_memory = vllm_config.cache_config.kv_cache_memory_bytes
     if kv_memory:
         from retentivekv_vllm.engine.memory import check_state_reservation
@@ -161,3 +163,20 @@ def validate_engine(vllm_config) -> None:
             f"{flag}: the model's head size {head_size} is not supported on CPU "
             f"(supported: {supported})"
         )
+
+
+def check_maps(config: KVPolicyConfig, vllm_config) -> None:
+    """Refuse a learned-maps file fitted for another model than the one served (naming what
+    differs), and tensor parallelism, which would split the file's KV heads across workers."""
+    from retentivekv_vllm.learned_maps import MapsFileError, check_maps_for_model
+
+    option = f"--kv-maps {config.maps}"
+    tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
+    if tensor_parallel > 1:
+        raise ConfigError(
+            f"{option}: learned maps need --tensor-parallel-size 1 (got {tensor_parallel})"
+        )
+    try:
+        check_maps_for_model(config.maps, vllm_config.model_config.model)
+    except MapsFileError as error:
+        raise ConfigError(f"{option}: {error}") from None

@@ -84,8 +84,10 @@ class KVPolicy(ABC):
         keys: torch.Tensor,
         values: torch.Tensor,
         scale: float,
+        layer: int | None = None,
     ) -> list[RecurrentState]:
-        """Fold the tokens marked in `folded` [Hkv, n] into the states; eviction drops them."""
+        """Fold the tokens marked in `folded` [Hkv, n] into the states of layer `layer` (its index
+        in the model, for per-layer feature maps); eviction drops them."""
         return states
 
     def merge(

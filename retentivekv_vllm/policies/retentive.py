@@ -8,8 +8,10 @@ neighbourhood is remembered best.  ``single`` folds every token into one state i
 order; ``none`` drops folded tokens (eviction by the retention score).  ``--kv-state-query
 fixed`` reads the states with the zero query instead of each query's own (the ablation of
 query-conditioned retrieval); ``--kv-state-readout normalised`` and ``--kv-state-log-gain``
-rescale what a state returns (method.md section 6).  Scoring is the same in
-every mode: entropy within each modality, 1-D pooling over text, 2-D pooling over each image.
+rescale what a state returns (method.md section 6).  ``--kv-feature-map learned`` folds and
+reads each layer's states with that layer's maps from ``--kv-maps`` (``calibrate``).  Scoring
+is the same in every mode: entropy within each modality, 1-D pooling over text, 2-D pooling
+over each image.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from retentivekv_vllm.policies.base import KVPolicy, Observation, register_polic
 @dataclass
 class RetentivePolicy(KVPolicy):
     name = "retentive"
-    _feature_maps: dict[tuple[int, float], FeatureMap] = field(
+    _feature_maps: dict[tuple[int, float, int | None], FeatureMap] = field(
         default_factory=dict, init=False, repr=False
     )
 
@@ -50,11 +52,16 @@ class RetentivePolicy(KVPolicy):
     def num_states(self, has_images: bool) -> int:
         return {"none": 0, "single": 1, "dual": 2 if has_images else 1}[self.config.states]
 
-    def feature_map(self, head_dim: int, scale: float) -> FeatureMap:
-        key = (head_dim, scale)
+    def feature_map(self, head_dim: int, scale: float, layer: int | None = None) -> FeatureMap:
+        """The map layer `layer` (its index in the model) folds and reads its states with; every
+        layer shares one map except with ``--kv-feature-map learned``, where `layer` is required."""
+        c = self.config
+        key = (head_dim, scale, layer if c.feature_map == "learned" else None)
         if key not in self._feature_maps:
-            c = self.config
-            feature_map = make_feature_map(c.feature_map, head_dim, c.state_rank, scale, c.seed)
+            if c.feature_map == "learned":
+                feature_map = self._learned_map(head_dim, layer)
+            else:
+                feature_map = make_feature_map(c.feature_map, head_dim, c.state_rank, scale, c.seed)
             if c.state_query == "fixed":
                 feature_map = FixedQuery(feature_map)
             if c.state_readout == "normalised" or c.state_log_gain != 0:
@@ -63,6 +70,26 @@ class RetentivePolicy(KVPolicy):
                 )
             self._feature_maps[key] = feature_map
         return self._feature_maps[key]
+
+    def state_rank(self, head_dim: int) -> int:
+        """Features per state, r of a state's r·(d_v + 1) numbers: the same in every layer, so
+        memory can be planned without a layer index."""
+        if self.config.feature_map == "learned":
+            from retentivekv_vllm.learned_maps import load_maps
+
+            return load_maps(self.config.maps).rank
+        return self.feature_map(head_dim, 1.0).rank
+
+    def _learned_map(self, head_dim: int, layer: int | None) -> FeatureMap:
+        from retentivekv_vllm.learned_maps import load_maps
+
+        feature_map = load_maps(self.config.maps).layer(layer)
+        if feature_map.head_dim != head_dim:
+            raise ValueError(
+                f"--kv-maps {self.config.maps}: maps for head size {feature_map.head_dim}, "
+                f"the model's is {head_dim}"
+            )
+        return feature_map
 
     def score(self, obs: Observation) -> torch.Tensor:
         c = self.config
@@ -82,19 +109,19 @@ class RetentivePolicy(KVPolicy):
         # The same number of tokens is folded in every head; nonzero() lists them in
         # slot order, which is position order (oldest first).
         index = folded.nonzero()[:, 1].view(folded.shape[0], int(folded[0].sum()))
-        take = lambda x: x.gather(1, index)  # noqa: E731
+        take = lambda x: x.gather(1, index)
         entropy_hat = normalize_by_max(obs.entropy, obs.candidates)
         gamma = retention_from_entropy(take(entropy_hat), c.gamma0)
         alpha = obs.alpha
         absorption = absorption_from_attention(take(alpha), c.absorption_min, c.absorption_max)
         return index, gamma, absorption
 
-    def absorb(self, states, obs, folded, keys, values, scale):
+    def absorb(self, states, obs, folded, keys, values, scale, layer=None):
         num_heads, _, head_dim = keys.shape
         if not folded[0].any() or not self.keeps_state:
             return states
         index, gamma, absorption = self.fold_gates(obs, folded)
-        phi = self.feature_map(head_dim, scale)
+        phi = self.feature_map(head_dim, scale, layer)
         phi_k = phi.features(gather_tokens(keys, index))
         v = gather_tokens(values, index).float()
         num_states = self.num_states(obs.layout is not None)
@@ -110,7 +137,7 @@ class RetentivePolicy(KVPolicy):
             states[0], phi_k, v, torch.where(visual, 1.0, gamma), torch.where(visual, 0.0, absorption)
         )
         plan = visual_fold_plan(index, obs.layout, self.score(obs))
-        order = lambda x: x.gather(1, plan.order)  # noqa: E731
+        order = lambda x: x.gather(1, plan.order)
         ring_gamma = order(gamma).pow(plan.decay_steps)
         visual_state = fold(
             states[1],
