@@ -88,7 +88,7 @@ def grid(task, labels: list[str], budgets: list[float]) -> list[Cell]:
 def run_cell(task, cell: Cell, items, calibration: Path | None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    from retentivekv_vllm.engine.memory import worker_stats
+    from retentivekv_vllm.engine.worker import worker_stats
 
     config = dict(cell.config)
     if calibration is not None and config["kv_policy"] == "retentive":

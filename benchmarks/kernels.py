@@ -1,4 +1,4 @@
-"""The Triton kernels at torch level: achieved bandwidth, the fold against torch, a decode step.
+"""The Triton kernels at torch level: achieved bandwidth and a decode step.
 
     python -m benchmarks.kernels            # on a CUDA GPU: the measurements below
     python -m benchmarks.kernels --smoke    # anywhere: toy shapes (on CPU through Triton's
@@ -11,8 +11,6 @@ Measured in one process, on one device:
 * each kernel's achieved bandwidth: the bytes it must move at least (inputs read once,
   outputs written once, as counted per kernel below) over its time, also as a share of the
   copy peak;
-* the fold: ``fold_chunked`` against its torch twin ``core.state.fold`` (features computed by
-  torch for the twin, inside the kernel for ``fold_chunked``), same inputs;
 * a decode step at LLaVA-1.5-7B shapes (32 layers, 32 KV heads, head dim 128, fp16, a
   4.5k-token context, one request): the attention of every layer over the kept cache merged
   with the states' readout (``decode_attention``), at budgets 1.0/0.5/0.2/0.05, with the KV
@@ -65,18 +63,16 @@ class Shapes:
     block_size: int
     state_rank: int
     observation_rows: int
-    fold_tokens: int  # tokens folded at once by the chunked fold
-    recurrent_tokens: int  # tokens folded by the fused recurrent fold
     repeats: int
 
 
 FULL = Shapes(
     copy_bytes=1 << 30, layers=32, kv_heads=32, group=1, head_dim=128, context=4500, block_size=16,
-    state_rank=64, observation_rows=32, fold_tokens=4096, recurrent_tokens=8, repeats=20,
+    state_rank=64, observation_rows=32, repeats=20,
 )
 SMOKE = Shapes(
     copy_bytes=1 << 20, layers=2, kv_heads=2, group=2, head_dim=32, context=96, block_size=16,
-    state_rank=16, observation_rows=4, fold_tokens=40, recurrent_tokens=3, repeats=1,
+    state_rank=16, observation_rows=4, repeats=1,
 )
 
 
@@ -149,16 +145,15 @@ def paged_cache(shapes: Shapes, tokens: int, dtype, device, gen):
 def run(shapes: Shapes, smoke: bool) -> dict:
     import triton
 
-    from retentivekv_vllm.core import PositiveRandomFeatures, RecurrentState, fold
+    from retentivekv_vllm.core import PositiveRandomFeatures
     from retentivekv_vllm.kernels import (
         PagedStates,
-        compact_slots,
         cuda_extension,
         decode_attention,
-        fold_chunked,
-        fold_fused_recurrent,
+        gather_slots,
         merge_with_state,
         observation_scores,
+        write_slots,
     )
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,47 +187,27 @@ def run(shapes: Shapes, smoke: bool) -> dict:
     ms = timer(lambda: observation_scores(queries, starts, q_positions, key_cache, block_table, live_start, seq_lens, scale))
     kernels.append(bandwidth("observation_scores", 2 * H * n * d * elt + 2 * H * n * 4, ms, peak))
 
-    # Folds: keys and values read once, the state read and written once.
-    def fold_inputs(tokens):
-        x = torch.randn(H, tokens, d, generator=gen, device=device).to(dtype)
-        v = torch.randn(H, tokens, d, generator=gen, device=device).to(dtype)
-        gamma = torch.rand(H, tokens, generator=gen, device=device) * 0.1 + 0.9
-        absorption = torch.rand(H, tokens, generator=gen, device=device) + 0.5
-        return x, v, gamma, absorption
-
-    state_bytes = 2 * H * r * (d + 1) * 4
-    fold_comparison = {}
-    for name, launch, tokens in (
-        ("fold_chunked", fold_chunked, shapes.fold_tokens),
-        ("fold_fused_recurrent", fold_fused_recurrent, shapes.recurrent_tokens),
-    ):
-        x, v, gamma, absorption = fold_inputs(tokens)
-        state = RecurrentState.zeros(H, r, d, device=device)
-        ms = timer(lambda: launch(state, x, v, gamma, absorption, feature_map))
-        kernels.append(bandwidth(name, H * tokens * 2 * d * elt + H * tokens * 2 * 4 + state_bytes, ms, peak))
-        if launch is fold_chunked:
-            torch_ms = timer(lambda: fold(state, feature_map.features(x), v, gamma, absorption))
-            fold_comparison = {
-                "tokens": tokens, "kernel_ms": ms, "torch_ms": torch_ms, "speedup": torch_ms / ms,
-                "torch_baseline": "core.state.fold with core feature_maps (float32, features in torch)",
-            }
-
     # Decode over the whole cache with one state: K and V read once, the state read once.
     states = PagedStates(
         S=torch.rand(1, H, r, d, generator=gen, device=device), z=torch.rand(1, H, r, generator=gen, device=device) + 1,
-        index=torch.zeros(1, 1, dtype=torch.int32, device=device), gains=[1.0],
+        index=torch.zeros(1, 1, dtype=torch.int32, device=device),
     )
     query = torch.randn(1, num_q_heads, d, generator=gen, device=device).to(dtype)
     ms = timer(lambda: decode_attention(query, key_cache, value_cache, block_table, live_start, seq_lens, scale, states, feature_map))
     kernels.append(bandwidth("decode_attention", H * n * 2 * d * elt + H * r * (d + 1) * 4, ms, peak))
 
-    # Compaction of half the slots onto the newest half: read into a buffer and back, twice each.
+    # A compression's packing: half the slots read into a buffer, written onto the newest half.
     kept = n // 2
     slots = (torch.arange(kept, device=device) * 2).expand(H, -1)[None].contiguous()
     counts = torch.tensor([kept], device=device)
     fold_to = seq_lens - kept
-    ms = timer(lambda: compact_slots(key_cache, value_cache, block_table, slots, counts, fold_to))
-    kernels.append(bandwidth("compact_slots", 4 * H * kept * 2 * d * elt, ms, peak))
+
+    def pack():
+        keys, values = gather_slots(key_cache, value_cache, block_table, slots, counts)
+        write_slots(key_cache, value_cache, block_table, keys, values, fold_to, counts)
+
+    ms = timer(pack)
+    kernels.append(bandwidth("gather_slots + write_slots", 4 * H * kept * 2 * d * elt, ms, peak))
 
     # The merge (the CUDA extension where it builds, its torch twin otherwise).
     rows = num_q_heads * shapes.observation_rows
@@ -255,7 +230,6 @@ def run(shapes: Shapes, smoke: bool) -> dict:
         "shapes": asdict(shapes),
         "copy_peak_gb_per_s": peak,
         "kernels": kernels,
-        "fold_vs_torch": fold_comparison,
         "decode_step": decode_step(shapes, dtype, device, gen, timer, feature_map),
     }
 
@@ -280,7 +254,7 @@ def decode_step(shapes: Shapes, dtype, device, gen, timer, feature_map) -> list[
                 states = PagedStates(
                     S=torch.rand(1, H, r, d, generator=gen, device=device),
                     z=torch.rand(1, H, r, generator=gen, device=device) + 1,
-                    index=torch.zeros(1, 1, dtype=torch.int32, device=device), gains=[1.0],
+                    index=torch.zeros(1, 1, dtype=torch.int32, device=device),
                 )
             layers.append((kv_cache, key_cache, value_cache, block_table, states))
         # Measured from the allocator on a GPU; on CPU the same bytes, counted from the tensors.

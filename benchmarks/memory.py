@@ -109,7 +109,7 @@ def run_config(
 ) -> dict:
     from vllm import LLM, SamplingParams
 
-    from retentivekv_vllm.engine.memory import worker_stats
+    from retentivekv_vllm.engine.worker import worker_stats
 
     prompt_tokens, max_tokens = settings["prompt_tokens"], settings["max_tokens"]
     kwargs = {} if additional_config is None else {"additional_config": additional_config}

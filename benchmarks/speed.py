@@ -178,9 +178,9 @@ def run_one(spec: dict) -> dict:
     latency = measure_latency(spec["model_dir"], spec["additional_config"], prompt, spec["latency_tokens"])
     stats = {}
     if spec["additional_config"] is not None:
-        from retentivekv_vllm.engine.memory import REGISTRY
+        from retentivekv_vllm.engine.worker import WORKER
 
-        stats["compress_seconds_latency_run"] = round(REGISTRY.compress_seconds, 4)
+        stats["compress_seconds_latency_run"] = round(WORKER.memories.compress_seconds, 4)
 
     settings = spec["throughput"]
     prompts = [torch.randint(5, 2000, (settings["prompt_tokens"],), generator=generator).tolist()

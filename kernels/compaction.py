@@ -1,15 +1,14 @@
 """Moving kept tokens within a request's blocks, per KV head.
 
-Naive twin: the packing step of `retentivekv_vllm.engine.cpu_backend` (`_compress`: each head's
-kept keys and values gathered in slot order, then written to slots fold_to, fold_to + 1, ...);
-in torch, on a dense [Hkv, n, d] view of one request, `k[h, fold_to + i] = k_old[h, slots[h, i]]`.
+Naive twin: the packing step of `retentivekv_vllm.engine.executor.compress` (each head's kept
+keys and values gathered in slot order, then written to slots fold_to, fold_to + 1, ...); in
+torch, on a dense [Hkv, n, d] view of one request, `k[h, fold_to + i] = k_old[h, slots[h, i]]`.
 
-Overlap: the kept slots and their destinations usually overlap (kept tokens are packed below the
-newest one), so `compact_slots` first gathers every source into a temporary buffer and only then,
-in a second launch, writes the destinations; the launch boundary orders every read before every
-write, whatever the order of the source slots. `gather_slots` alone is the read half, also what
-a fold needs to read the keys and values it folds; `write_slots` is the write half, also what
-writes tokens packed elsewhere back into a contiguous range of slots.
+`gather_slots` reads slots into dense tensors (the GPU backend reads a request's live slots with
+it); `write_slots` writes tokens into a contiguous range of slots (the packed tokens). The kept
+slots and their destinations usually overlap (kept tokens are packed below the newest one): a
+compaction gathers every source first and writes in a second launch, whose boundary orders every
+read before every write, whatever the order of the source slots.
 """
 
 import torch
@@ -182,22 +181,3 @@ def write_slots(
         key_cache, value_cache, block_table, as_index(first_slot), counts, keys, values, keys.shape[2],
         *strides, **shapes,
     )
-
-
-def compact_slots(
-    key_cache: Tensor,
-    value_cache: Tensor,
-    block_table: Tensor,
-    slots: Tensor,
-    counts: Tensor,
-    fold_to: Tensor,
-) -> None:
-    """Move each head's kept tokens to the slots fold_to[r] : fold_to[r] + counts[r], in place.
-
-    Request r's head h moves slots[r, h, i] to slot fold_to[r] + i for i < counts[r] (arguments as
-    `gather_slots`; fold_to [R]). Sources and destinations may overlap: all sources are read
-    (into a temporary buffer) before any destination is written. Slots outside the destination
-    ranges are left as they were.
-    """
-    keys, values = gather_slots(key_cache, value_cache, block_table, slots, counts)
-    write_slots(key_cache, value_cache, block_table, keys, values, fold_to, counts)

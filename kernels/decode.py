@@ -12,7 +12,6 @@ features do not underflow (`merge_with_state_readouts` does the same), reads eve
 request with φ' and merges in log space with lse − c.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,14 +34,12 @@ class PagedStates:
     """Recurrent states held in a pool, read per request by index.
 
     S [num_slots, Hkv, r, dv] and z [num_slots, Hkv, r] float32 contiguous; index [R, K] int32:
-    request r's k-th state (e.g. k = 0 visual, 1 text) is pool slot index[r, k], -1 for none;
-    gains: K floats, g_k of `merge_with_states`.
+    request r's k-th state (e.g. k = 0 visual, 1 text) is pool slot index[r, k], -1 for none.
     """
 
     S: Tensor
     z: Tensor
     index: Tensor
-    gains: Sequence[float]
 
 
 @triton.jit
@@ -140,7 +137,6 @@ def _decode_merge_kernel(
     state_S_ptr,
     state_z_ptr,
     state_index_ptr,
-    gains_ptr,
     weight_ptr,
     out_ptr,
     lse_ptr,
@@ -218,7 +214,6 @@ def _decode_merge_kernel(
             )
             for k in tl.static_range(NUM_STATES):
                 slot = tl.load(state_index_ptr + req * NUM_STATES + k)
-                gain = tl.load(gains_ptr + k)
                 state = (tl.maximum(slot, 0).to(tl.int64) * NUM_KV_HEADS + kv_head) * RANK
                 # An absent state (slot -1) reads no rank: its S and z load as 0. (The bound is
                 # folded into the index compare because Triton's interpreter rejects a scalar
@@ -230,8 +225,8 @@ def _decode_merge_kernel(
                     other=0.0,
                 )
                 z = tl.load(state_z_ptr + state + rank_offs, mask=rank_present, other=0.0)
-                numerator += gain * tl.dot(phi_q, S, input_precision="ieee")
-                denominator += gain * tl.sum(phi_q * z[None, :], 1)
+                numerator += tl.dot(phi_q, S, input_precision="ieee")
+                denominator += tl.sum(phi_q * z[None, :], 1)
         # As merge_with_states of lse_local − c: the states as a second normalised partial
         # output, lse = log den (of φ').
         has_state = denominator > 0
@@ -315,18 +310,16 @@ def decode_attention(
     if states is None:
         num_states = 0
         placeholder = torch.zeros(1, dtype=torch.float32, device=device)
-        S, z, index, gains, features = placeholder, placeholder, as_index(placeholder), placeholder, feature_args(
-            None, head_dim, device
-        )
+        S, z, index = placeholder, placeholder, as_index(placeholder)
+        features = feature_args(None, head_dim, device)
     else:
         if feature_map is None:
             raise ValueError("reading states needs the feature map they were folded with")
         num_states = states.index.shape[1]
         features = feature_args(feature_map, head_dim, device)
         S, z, index = states.S.contiguous(), states.z.contiguous(), as_index(states.index)
-        gains = torch.tensor(list(states.gains), dtype=torch.float32, device=device)
     _decode_merge_kernel[(num_requests, num_kv_heads)](
-        query, split_out, split_lse, S, z, index, gains, features.weight, out, lse,
+        query, split_out, split_lse, S, z, index, features.weight, out, lse,
         features.sqrt_scale, *query.stride(), *out.stride(),
         NUM_KV_HEADS=num_kv_heads, NUM_STATES=num_states, FEATURE=features.kind, RANK=features.rank,
         BLOCK_R=BLOCK_R, **shapes,

@@ -4,7 +4,7 @@ It is built with torch's JIT loader only where a CUDA device and the CUDA toolki
 everywhere else, and if the build fails, the operations fall back to their plain-torch twins,
 so the package installs and runs without a compiler.
 
-* `merge_with_state`: the log-space merge of local attention with one (gain-summed) state
+* `merge_with_state`: the log-space merge of local attention with the states' summed
   readout; twin `retentivekv_vllm.core.merge.merge_with_states`.
 """
 
@@ -30,7 +30,7 @@ def cuda_extension() -> Extension:
 
 def merge_with_state(out_local: Tensor, lse_local: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     """Merge local attention out_local [..., dv] (lse_local [...]) with a state readout
-    (numerator [..., dv], denominator [...], gains already applied) -> [..., dv] in
+    (numerator [..., dv], denominator [...], summed over states) -> [..., dv] in
     out_local's dtype; rows with denominator 0 are out_local unchanged."""
     module = cuda_extension().module if out_local.is_cuda else None
     if module is not None:

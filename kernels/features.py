@@ -58,29 +58,6 @@ def feature_args(feature_map: FeatureMap | None, input_dim: int, device: torch.d
 
 
 @triton.jit
-def feature_tile(
-    row_ptrs,
-    row_valid,
-    stride_dim,
-    weight_ptr,
-    rank_offs,
-    sqrt_scale,
-    FEATURE: tl.constexpr,
-    INPUT_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    RANK: tl.constexpr,
-):
-    """φ of N input rows (pointers row_ptrs [N] to each row's first element) at feature indices
-    rank_offs [BLOCK_R] -> [N, BLOCK_R] float32, 0 for invalid rows and indices >= RANK: the exp of
-    `log_feature_tile`, as `FeatureMap.features` is the exp of `log_features`."""
-    return tl.exp(
-        log_feature_tile(
-            row_ptrs, row_valid, stride_dim, weight_ptr, rank_offs, sqrt_scale, FEATURE, INPUT_DIM, D_PAD, RANK
-        )
-    )
-
-
-@triton.jit
 def log_feature_tile(
     row_ptrs,
     row_valid,
@@ -94,9 +71,9 @@ def log_feature_tile(
     RANK: tl.constexpr,
 ):
     """log φ of N input rows at feature indices rank_offs [BLOCK_R] -> [N, BLOCK_R] float32,
-    -inf for invalid rows and indices >= RANK (`FeatureMap.log_features`; exp of it is
-    `feature_tile`). A readout subtracts each row's maximum before exponentiating, so a
-    large-norm query's features do not underflow to 0 together."""
+    -inf for invalid rows and indices >= RANK (`FeatureMap.log_features`). A readout subtracts
+    each row's maximum before exponentiating, so a large-norm query's features do not underflow
+    to 0 together."""
     rank_valid = rank_offs < RANK
     if FEATURE == PRF:
         dims = tl.arange(0, D_PAD)
@@ -123,37 +100,3 @@ def log_feature_tile(
         else:
             log_phi = tl.log(x)
     return tl.where(row_valid[:, None] & rank_valid[None, :], log_phi, float("-inf"))
-
-
-@triton.jit
-def feature_vector(
-    row_ptr,
-    stride_dim,
-    weight_ptr,
-    rank_offs,
-    sqrt_scale,
-    FEATURE: tl.constexpr,
-    INPUT_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    RANK: tl.constexpr,
-):
-    """φ of one input row at feature indices rank_offs [BLOCK_R] -> [BLOCK_R] float32 (0 past RANK);
-    `feature_tile` for a single row, without tl.dot (which needs 16 rows)."""
-    rank_valid = rank_offs < RANK
-    if FEATURE == PRF:
-        dims = tl.arange(0, D_PAD)
-        x = tl.load(row_ptr + dims * stride_dim, mask=dims < INPUT_DIM, other=0.0).to(tl.float32) * sqrt_scale
-        w = tl.load(
-            weight_ptr + rank_offs[:, None] * INPUT_DIM + dims[None, :],
-            mask=rank_valid[:, None] & (dims[None, :] < INPUT_DIM),
-            other=0.0,
-        )
-        projection = tl.sum(w * x[None, :], 1)
-        phi = tl.exp(projection - 0.5 * tl.sum(x * x, 0) - 0.5 * tl.log(RANK * 1.0))
-    else:
-        x = tl.load(row_ptr + rank_offs * stride_dim, mask=rank_valid, other=0.0).to(tl.float32)
-        if FEATURE == ELU:
-            phi = tl.where(x < 0, tl.exp(x), x + 1.0)
-        else:
-            phi = x
-    return tl.where(rank_valid, phi, 0.0)

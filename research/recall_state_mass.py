@@ -1,7 +1,7 @@
 """How much of the folded tokens' softmax mass the retentive state carries on the recall model.
 
-    python -m benchmarks.recall_state_mass [--items 50] [--budgets 0.1 0.2] [--ranks 64 256 1024 4096]
-    python -m benchmarks.recall_state_mass --sweep [--items 100] ...   # simulated accuracy of state knobs
+    python -m research.recall_state_mass [--items 50] [--budgets 0.1 0.2] [--ranks 64 256 1024 4096]
+    python -m research.recall_state_mass --sweep [--items 100] ...   # simulated accuracy of state knobs
 
 The shipped recall model runs in transformers with an attention function that compresses the
 prompt as the engine does on the recall task: the context arrives in two 128-token chunks, each

@@ -1,6 +1,6 @@
 """Why the state does or does not bring a folded pair back, on the recall model, in plain torch.
 
-    python -m benchmarks.recall_state_probe [--items 50] [--ranks 64 256 1024]
+    python -m research.recall_state_probe [--items 50] [--ranks 64 256 1024]
 
 For each item: the shipped recall model runs in transformers with the full cache; in its second
 layer (where the question's key is matched against the context) the answer's value token is
@@ -12,7 +12,7 @@ to any other value in the context (the state's recall), and the range of the que
 log-feature (float32 features underflow to 0 below about -87); then the same readout in log space
 in float64, i.e. what the state would give if the readout did not underflow. (The engine's readout
 is now in log space, method.md section 6, so "mean_state_share" shows what the float32 readout of
-φ(q) gave before; `benchmarks.recall_state_mass` measures every head on the engine's own fold.)
+φ(q) gave before; `research.recall_state_mass` measures every head on the engine's own fold.)
 """
 
 from __future__ import annotations

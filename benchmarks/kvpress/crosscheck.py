@@ -37,8 +37,8 @@ import torch
 
 from benchmarks.fidelity import REPO
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.core import accumulated_attention, attention_probs
-from retentivekv_vllm.policies import Observation, make_policy
+from retentivekv_vllm.engine.executor import compress_tensors
+from retentivekv_vllm.policies import make_policy
 
 PROMPT_LENGTH = 300
 COMPRESSION_RATIO = 0.8  # kvpress's ratio removed; budget 0.2 here
@@ -50,27 +50,20 @@ PRESSES = {
 }
 
 
-def group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """[Hq, T, d] -> [Hkv, g*T, d]: query head h reads KV head h // g."""
-    hq, t, d = q.shape
-    return q.reshape(num_kv_heads, (hq // num_kv_heads) * t, d)
-
-
 def project_policy_scores(name: str, queries, keys, scale, observation_window: int, sinks: int, window: int):
-    """The project's scores, candidates and kept mask for one layer (sinks and window kept)."""
+    """The project's scores and kept mask for one layer (sinks and window kept), from the engine's
+    own compression (`executor.compress`) of the layer's queries [Hq, n, d] and keys [Hkv, n, d]."""
     num_kv, n, _ = keys.shape
-    g = queries.shape[0] // num_kv
     config = KVPolicyConfig(policy=name, sinks=sinks, window=window,
                             observation_window=observation_window, pool_kernel=SNAP_KERNEL)
-    positions = torch.arange(n)
-    rows = group(queries[:, n - observation_window :], num_kv)
-    probs = attention_probs(rows, keys, scale, torch.arange(n - observation_window, n).repeat(g), positions)
-    candidates = ((positions >= sinks) & (positions < n - window)).expand(num_kv, -1)
-    obs = Observation(probs, positions.expand(num_kv, -1), candidates, accumulated_attention(probs))
     policy = make_policy(config)
-    n_kept = int(n * (1 - COMPRESSION_RATIO))
-    kept = ~candidates | policy.select(obs, n_kept - sinks - window)
-    return policy.score(obs), kept, g
+    # kvpress's share of the prompt, or the sinks and window alone where they are more (snapkv's
+    # 64-token window over a budget of 60: the window is kept, nothing else).
+    budget = max(int(n * (1 - COMPRESSION_RATIO)), sinks + window)
+    # The dump has no values; these policies do not read them.
+    rows = queries.transpose(0, 1)
+    _, _, obs, kept = compress_tensors(policy, rows, keys, keys, scale, budget, 0)
+    return policy.score(obs), kept, queries.shape[0] // num_kv
 
 
 def overlap(kept_mask: torch.Tensor, kvpress_kept: torch.Tensor) -> float:

@@ -1,10 +1,10 @@
 """Local softmax attention over the retained cache, and its merge with the readouts of folded-token states.
 
-o = (e^{lse}·o_L + Σ_X g_X·num_X) / (e^{lse} + Σ_X g_X·den_X), evaluated as a merge of two normalised
+o = (e^{lse}·o_L + Σ_X num_X) / (e^{lse} + Σ_X den_X), evaluated as a merge of two normalised
 partial outputs in log space, like FlashAttention's merge_attn_states.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,20 +37,18 @@ def merge_with_states(
     lse_local: Tensor,
     numerators: Sequence[Tensor],
     denominators: Sequence[Tensor],
-    gains: Sequence[float] | None = None,
 ) -> Tensor:
     """Merge local attention out_local [H, m, dv] (lse_local [H, m]) with state readouts -> [H, m, dv].
 
-    numerators [H, m, dv] and denominators [H, m] come one per state from `state.readout`; gains, one
-    float per state, default 1. Rows whose states hold no mass (empty list, zero denominators) return
+    numerators [H, m, dv] and denominators [H, m] come one per state from `state.readout`. Rows
+    whose states hold no mass (empty list, zero denominators) return
     out_local unchanged, bit for bit, so a cache that folded nothing is exactly full attention.
     """
     out_local = out_local.float()
     if not numerators:
         return out_local
-    gains = [1.0] * len(numerators) if gains is None else gains
-    num = sum(g * n.float() for g, n in zip(gains, numerators, strict=True))
-    den = sum(g * d.float() for g, d in zip(gains, denominators, strict=True))
+    num = sum(n.float() for n in numerators)
+    den = sum(d.float() for d in denominators)
     has_state = den > 0
     # The state as a second normalised partial output: o_S = num/den with lse_S = log den.
     out_state = num / torch.where(has_state, den, 1.0)[..., None]
@@ -71,7 +69,7 @@ def merge_with_state_readouts(
     q: Tensor,
     states: Sequence[RecurrentState],
     feature_map: FeatureMap | None,
-    gains: Sequence[float] | None = None,
+    merge: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Local attention out_local [..., H, m, dv] (lse_local [..., H, m]) of queries q [..., H, m, d]
     merged with what every state returns to those queries -> [..., H, m, dv] float32; out_local
@@ -79,9 +77,11 @@ def merge_with_state_readouts(
 
     The readout is exact in log space: φ(q) = e^c·φ'(q) with c = max_r log φ_r(q) per row, so
     φ'(q) has largest entry 1 and never underflows as a whole, and the merge
-    (e^lse·o_L + e^c·Σ g·φ'ᵀS) / (e^lse + e^c·Σ g·φ'ᵀz) is evaluated as `merge_with_states` of
-    lse − c with the readouts of φ'. (A sharp query's log φ(q) reaches −500 with ``prf``, where
-    φ(q) itself is 0 in float32 and the state would silently weigh nothing.)
+    (e^lse·o_L + e^c·Σ φ'ᵀS) / (e^lse + e^c·Σ φ'ᵀz) is evaluated as `merge_with_states` of
+    lse − c with the readouts of φ', summed over states. (A sharp query's log φ(q) reaches −500
+    with ``prf``, where φ(q) itself is 0 in float32 and the state would silently weigh nothing.)
+    `merge` (out_local, lse, numerator, denominator) replaces that last step where a kernel does
+    it (the CUDA extension's `kernels.merge_with_state`, its twin).
     """
     if not states:
         return out_local.float()
@@ -90,6 +90,8 @@ def merge_with_state_readouts(
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
     phi_q = (log_phi_q - shift[..., None]).exp()
     readouts = [readout(state, phi_q) for state in states]
-    return merge_with_states(
-        out_local, lse_local.float() - shift, [num for num, _ in readouts], [den for _, den in readouts], gains
-    )
+    numerator = sum(num.float() for num, _ in readouts)
+    denominator = sum(den.float() for _, den in readouts)
+    if merge is None:
+        return merge_with_states(out_local, lse_local.float() - shift, [numerator], [denominator])
+    return merge(out_local, lse_local.float() - shift, numerator, denominator).float()

@@ -19,7 +19,6 @@ def compressed_attention(
     keep_mask: Tensor,
     states: Sequence[RecurrentState],
     feature_map: FeatureMap | None,
-    gains: Sequence[float] | None = None,
 ) -> Tensor:
     """Attention of q [H, m, d] (GQA rows grouped per KV head) over the kept part of k, v [H, n, d(v)]
     (keep_mask [H, n] bool, causal by position) plus every state's readout, merged -> [H, m, dv] float32.
@@ -29,4 +28,4 @@ def compressed_attention(
     `feature_map` may be None.
     """
     out_local, lse_local = local_attention(q, k, v, scale, q_positions, k_positions, key_mask=keep_mask)
-    return merge_with_state_readouts(out_local, lse_local, q, states, feature_map, gains)
+    return merge_with_state_readouts(out_local, lse_local, q, states, feature_map)

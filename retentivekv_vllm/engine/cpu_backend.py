@@ -26,69 +26,29 @@ from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backend import AttentionType
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from retentivekv_vllm.core import (
-    RecurrentState,
-    accumulated_attention,
-    attention_probs,
-    compressed_attention,
-    gather_tokens,
-    merge_with_state_readouts,
-)
-from retentivekv_vllm.engine import batch
-from retentivekv_vllm.budget import folded_after_step
-from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts, observation_statistics
+from retentivekv_vllm.core import RecurrentState, merge_with_state_readouts
+from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts
 from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots
-from retentivekv_vllm.engine.memory import REGISTRY, LayerMemory, RequestMemory, log_memory_plan, logger
-from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
-from retentivekv_vllm.engine.settings import (
-    loaded_policy,
-    policy_from_vllm_config,
-    record_loaded_policy,
-    refuse_unsupported_layer,
-    request_policy,
+from retentivekv_vllm.engine.executor import (
+    RequestPlan,
+    compress,
+    group_queries,
+    layer_index,
+    ungroup_rows,
 )
-from retentivekv_vllm.policies import KVPolicy, Observation
-
-
-@dataclass
-class RequestPlan:
-    """What every layer does for one request in this step."""
-
-    memory: RequestMemory
-    policy: KVPolicy  # the request's own (vllm_xargs.kv_policy / kv_budget) or the server's
-    row: int
-    query_start: int
-    query_end: int
-    seq_len: int
-    live_start: int  # tokens folded before this step: live slots are [live_start, seq_len)
-    fold_to: int  # tokens folded after this step
-    sinks: int
-    window: int
-
-    @property
-    def compress(self) -> bool:
-        return self.fold_to != self.live_start
-
-    @property
-    def recomputed(self) -> bool:
-        """Its rows are computed in torch: it has folded tokens."""
-        return self.live_start > 0
-
-    @property
-    def decodes(self) -> bool:
-        return self.query_end - self.query_start == 1
-
-    @property
-    def budget(self) -> int:
-        return self.seq_len - self.fold_to
+from retentivekv_vllm.engine.memory import log_memory_plan
+from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
+from retentivekv_vllm.engine.settings import policy_from_vllm_config, refuse_unsupported_layer
+from retentivekv_vllm.engine.worker import WORKER
+from retentivekv_vllm.policies import KVPolicy
 
 
 @dataclass
@@ -104,49 +64,6 @@ class RetentiveCPUMetadata(CPUAttentionMetadata):
     decode_batch: DecodeBatch | None = None
 
 
-def plan_request(
-    policy: KVPolicy, memory: RequestMemory, row: int, start: int, end: int, seq_len: int, block_size: int
-) -> RequestPlan:
-    c = policy.config
-    sinks = min(c.sinks, memory.budget)
-    plan = RequestPlan(
-        memory=memory,
-        policy=policy,
-        row=row,
-        query_start=start,
-        query_end=end,
-        seq_len=seq_len,
-        live_start=memory.num_folded,
-        fold_to=folded_after_step(
-            c, memory.num_prompt_tokens, memory.num_folded, seq_len - (end - start), seq_len, block_size
-        ),
-        sinks=sinks,
-        window=min(c.window, memory.budget - sinks),
-    )
-    memory.num_cached = seq_len
-    if plan.compress:
-        memory.num_folded = plan.fold_to
-        memory.num_compressions += 1
-        memory.kept_after_compression = max(memory.kept_after_compression, plan.budget)
-    return plan
-
-
-def request_token_layout(view: batch.BatchView, req_id: str, num_prompt_tokens: int):
-    """Where the request's image tokens sit, from the runner's multimodal features; None for a
-    text-only request, and for inputs the policy cannot place (scored as text, with a warning)."""
-    state = view.requests.get(req_id)
-    features = getattr(state, "mm_features", None)
-    if not features:
-        return None
-    from retentivekv_vllm.multimodal import UnsupportedMultimodalInput, layout_from_mm_features
-
-    try:
-        return layout_from_mm_features(features, view.hf_config, num_prompt_tokens)
-    except UnsupportedMultimodalInput as error:
-        logger.warning("retentivekv: request %s is scored as text only: %s", req_id, error)
-        return None
-
-
 class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -158,7 +75,7 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if self.policy is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        plans = self._plan(common_attn_metadata)
+        plans = WORKER.plan(self.policy, common_attn_metadata, self.kv_cache_spec.block_size)
         block_table = common_attn_metadata.block_table_tensor  # every request's row, for the plans
         recomputed = {plan.row for plan in plans if plan.recomputed}
         kept = [row for row in range(common_attn_metadata.num_reqs) if row not in recomputed]
@@ -212,29 +129,6 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
         return narrowed, token_rows
 
-    def _plan(self, cm) -> list[RequestPlan]:
-        view = batch.current()
-        starts = cm.query_start_loc_cpu.tolist()
-        seq_lens = cm.seq_lens.tolist()
-        plans = []
-        for row in range(min(cm.num_reqs, len(view.req_ids))):
-            req_id = view.req_ids[row]
-            start, end = starts[row], starts[row + 1]
-            if req_id is None or end == start:
-                continue
-            seq_len = seq_lens[row]
-            if seq_len == end - start:
-                # A request's first step, or a preempted one recomputing its prompt.
-                REGISTRY.restart(req_id)
-            num_prompt = view.num_prompt_tokens[row]
-            policy = request_policy(self.policy, view.requests.get(req_id))
-            memory = REGISTRY.live.get(req_id) or REGISTRY.get_or_create(
-                req_id, num_prompt, policy.config.budget_tokens(num_prompt),
-                request_token_layout(view, req_id, num_prompt),
-            )
-            plans.append(plan_request(policy, memory, row, start, end, seq_len, self.kv_cache_spec.block_size))
-        return plans
-
 
 def layer_policy(impl, sliding_window: bool) -> KVPolicy | None:
     """The policy of the model whose attention layer `impl` (vLLM's impl, just built under the
@@ -244,7 +138,7 @@ def layer_policy(impl, sliding_window: bool) -> KVPolicy | None:
 
     vllm_config = get_current_vllm_config()
     policy = policy_from_vllm_config(vllm_config)
-    record_loaded_policy(policy, vllm_config)
+    WORKER.record_loaded_policy(policy, vllm_config)
     if policy is not None:
         install_worker_hooks()
     refuse_unsupported_layer(
@@ -303,7 +197,9 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         in_kernel = decode_extension().module is not None
         for members in groups.values():
             states = [memories[i].states for i in members]
-            feature_map = plans[members[0]].policy.feature_map(self.head_size, self.scale)
+            feature_map = plans[members[0]].policy.feature_map(
+                self.head_size, self.scale, layer_index(layer.layer_name)
+            )
             rows_of = torch.tensor(members)
             if in_kernel:  # reads each state where it is; no stacked copy
                 merge_state_readouts(out, lse, feature_map.query_log_features(q[rows_of]), rows_of, states)
@@ -325,76 +221,19 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             memory.remember_queries(q[-window:].clone(), n - min(window, q.shape[0]), window)
         if chunk or plan.compress:
             slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
+        index = layer_index(layer.layer_name)
         if chunk:
-            out = self._attend_chunk(q, slots, memory, plan.policy)
+            grouped = group_queries(q, self.num_kv_heads)
+            out, lse = slots.attend_chunk(grouped, q.shape[0], self.scale)
+            if memory.states:
+                feature_map = plan.policy.feature_map(self.head_size, self.scale, index)
+                out = merge_with_state_readouts(out, lse, grouped, memory.states, feature_map)
+            out = ungroup_rows(out, self.num_heads, q.shape[0])
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         if plan.compress:
             started = time.perf_counter()
-            keys, values = slots.read()
-            key_positions = memory.positions[:, plan.live_start : n]
-            self._compress(plan, memory, slots, keys, values, key_positions)
-            REGISTRY.compress_seconds += time.perf_counter() - started
-
-    def _group(self, q: torch.Tensor) -> torch.Tensor:
-        """[T, Hq, d] -> [Hkv, g*T, d]: query head h reads KV head h // g."""
-        t, hq, d = q.shape
-        return q.permute(1, 0, 2).reshape(self.num_kv_heads, (hq // self.num_kv_heads) * t, d)
-
-    def _attend_chunk(self, q, slots: RequestSlots, memory: LayerMemory, policy):
-        """Attention of a chunk's queries q [T, Hq, d] over the live slots, merged with the states."""
-        grouped = self._group(q)
-        out, lse = slots.attend_chunk(grouped, q.shape[0], self.scale)
-        feature_map = policy.feature_map(self.head_size, self.scale) if memory.states else None
-        out = merge_with_state_readouts(out, lse, grouped, memory.states, feature_map)
-        # [Hkv, g*T, dv] -> [T, Hq, dv]
-        return out.view(self.num_heads, q.shape[0], -1).permute(1, 0, 2)
-
-    def _attend(self, q, q_positions, keys, values, key_positions, memory: LayerMemory, policy):
-        """Attention over keys and values already read (the GPU backend's prefill rows)."""
-        grouped = self._group(q)
-        feature_map = policy.feature_map(self.head_size, self.scale) if memory.states else None
-        out = compressed_attention(
-            grouped, keys, values, self.scale, q_positions.repeat(self.num_queries_per_kv),
-            key_positions, None, memory.states, feature_map,
-        )
-        # [Hkv, g*T, dv] -> [T, Hq, dv]
-        return out.view(self.num_heads, q.shape[0], -1).permute(1, 0, 2)
-
-    def _compress(self, plan: RequestPlan, memory: LayerMemory, slots, keys, values, positions):
-        """Fold down to the budget and pack each head's kept tokens below the newest slot."""
-        n, live = plan.seq_len, slice(plan.live_start, plan.seq_len)
-        candidates = (positions >= plan.sinks) & (positions < n - plan.window)
-        recent, recent_positions = memory.observation_queries(plan.policy.config.observation_window)
-        queries = self._group(recent)
-        q_positions = recent_positions.repeat(self.num_queries_per_kv)
-        layout = plan.memory.patch_layout(positions)
-        if keys.device.type == "cpu" and decode_extension().module is not None:
-            probs = None
-            statistics = observation_statistics(queries, keys, self.scale, q_positions, positions, layout)
-            alpha = statistics[0]
-        else:
-            probs, statistics = attention_probs(queries, keys, self.scale, q_positions, positions), None
-            alpha = accumulated_attention(probs)
-        accumulated = memory.accumulated[:, live] + alpha
-        obs = Observation(probs, positions, candidates, accumulated, layout, statistics, keys)
-        keep_top = plan.budget - plan.sinks - plan.window
-        kept = ~candidates | plan.policy.select(obs, keep_top)
-        if obs.layout is not None:
-            plan.memory.visual_slots_folded += int((obs.layout.visual & ~kept).sum())
-        if plan.policy.keeps_state:
-            memory.states = plan.policy.absorb(
-                memory.states, obs, ~kept, keys, values, self.scale
-            )
-        # Merging policies (lookm) return the kept tokens' new keys and values; the rest as read.
-        keys, values = self.policy.merge(obs, kept, keys, values)
-        # Each head keeps the same number of tokens; nonzero() lists them in slot
-        # order, which is position order.
-        index = kept.nonzero()[:, 1].view(self.num_kv_heads, plan.budget)
-        packed = slice(plan.fold_to, n)
-        memory.positions[:, packed] = positions.gather(1, index)
-        memory.accumulated[:, packed] = accumulated.gather(1, index)
-        memory.accumulated[:, live.start : plan.fold_to] = 0.0
-        slots.write(plan.fold_to, *(gather_tokens(x, index, token_major=True) for x in (keys, values)))
+            compress(plan, memory, slots, self.scale, index)
+            WORKER.memories.compress_seconds += time.perf_counter() - started
 
 
 class RetentiveCPUAttentionBackend(CPUAttentionBackend):
@@ -405,7 +244,7 @@ class RetentiveCPUAttentionBackend(CPUAttentionBackend):
         """Full attention under a compressing policy gets the spec whose KV manager
         frees the blocks of folded tokens."""
         spec = super().customize_spec(spec)
-        loaded = loaded_policy()
+        loaded = WORKER.loaded
         if loaded is None or not loaded.policy.compresses or type(spec) is not FullAttentionSpec:
             return spec
         from retentivekv_vllm.engine.kv_manager import RetentiveAttentionSpec

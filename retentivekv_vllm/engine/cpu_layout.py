@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 from vllm import _custom_ops as ops
 
-from retentivekv_vllm.engine.cpu_kernel import decode_extension, paged_decode_attention
+from retentivekv_vllm.engine.cpu_kernel import (
+    decode_extension,
+    observation_statistics,
+    paged_decode_attention,
+)
+from retentivekv_vllm.engine.slots import Slots
 
 DIGIT = 16
 TOKEN_MAJOR, DIM_MAJOR = "token-major", "dim-major"
@@ -81,7 +86,7 @@ def block_orders(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
     return tuple(order(o) for o in block_layout(isa, block_size, head_size, dtype))
 
 
-class RequestSlots:
+class RequestSlots(Slots):
     """The cache blocks of one request covering slots [start, end), in token order."""
 
     def __init__(self, kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int, isa: str):
@@ -152,6 +157,12 @@ class RequestSlots:
         if self._tokens is None:
             self._tokens = tuple(x[:, self.span].float() for x in self._read())
         return self._tokens
+
+    def observe(self, queries, keys, scale, q_positions, positions, layout):
+        """The C++ kernel's statistics (no probabilities formed) where it is built."""
+        if decode_extension().module is None:
+            return super().observe(queries, keys, scale, q_positions, positions, layout)
+        return None, observation_statistics(queries, keys, scale, q_positions, positions, layout)
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite slots [start, start + m) (inside the span) with [Hkv, m, d] keys and values,

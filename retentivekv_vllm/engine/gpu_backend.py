@@ -1,20 +1,21 @@
 """The GPU attention backend with a KV policy: vLLM's Triton attention trio, extended.
 
 Registered for ``--attention-backend CUSTOM`` (``patches.py``), which ``--kv-policy`` selects on
-a CUDA platform when no backend is named. It follows the CPU backend (``cpu_backend.py``) and
-shares its per-request logic: the builder plans each step with the CPU builder's planner
-(``RequestPlan``, the same folding rule the KV manager applies), layers keep their memory in
-the same ``RequestMemory`` registry (on the GPU), and compression runs the CPU impl's
-``_compress`` (scores, selection and fold in torch, on the device). What differs is the access
-to the cache and the attention of requests with folded tokens:
+a CUDA platform when no backend is named. Like the CPU backend (``cpu_backend.py``), its builder
+plans each step through the worker (``worker.WorkerState.plan``), its layers keep their memory
+in the request memories (on the GPU) and compression is the executor's (``executor.compress``).
+What is its own is the access to the paged cache, through the project's Triton kernels:
 
 * vLLM's unified Triton attention runs over the whole batch first (exact for requests with
   nothing folded);
 * decode rows of requests with folded tokens are recomputed in one ``decode_attention`` launch
   over their live slots, with their states read out and merged in the kernel;
 * other rows of such requests (a prompt chunk after a fold, or states whose feature map has no
-  kernel) read their live slots with ``gather_slots`` and take the CPU impl's torch path;
-* packed tokens are written back with ``write_slots``.
+  kernel) read their live slots with ``gather_slots`` and attend in torch
+  (``executor.attend_live``), merged with the states by the CUDA extension's
+  ``merge_with_state`` where it is built;
+* a compression reads the live slots with ``gather_slots``, scores them with
+  ``observation_scores`` and writes the packed tokens back with ``write_slots`` (``PagedSlots``).
 
 Not yet run on a GPU: its kernels are tested under Triton's interpreter only.
 """
@@ -34,16 +35,18 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from retentivekv_vllm.engine.cpu_backend import (
+from retentivekv_vllm.engine.cpu_backend import RetentiveCPUAttentionBackend, layer_policy
+from retentivekv_vllm.engine.executor import (
     RequestPlan,
-    RetentiveCPUAttentionBackend,
-    RetentiveCPUAttentionImpl,
-    RetentiveCPUMetadataBuilder,
-    layer_policy,
+    attend_live,
+    compress,
+    layer_index,
 )
 from retentivekv_vllm.engine.memory import log_memory_plan
 from retentivekv_vllm.engine.patches import install_runner_hooks
 from retentivekv_vllm.engine.settings import policy_from_vllm_config
+from retentivekv_vllm.engine.slots import Slots
+from retentivekv_vllm.engine.worker import WORKER
 
 
 @dataclass
@@ -68,31 +71,50 @@ class RetentiveTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         if self.policy is None:
             return metadata
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
-        return RetentiveTritonMetadata(**fields, plans=self._plan(common_attn_metadata))
-
-    # The CPU builder's planner: it reads only the policy, the step's batch view and the
-    # memory registry, none of them backend-specific.
-    _plan = RetentiveCPUMetadataBuilder._plan
+        plans = WORKER.plan(self.policy, common_attn_metadata, self.kv_cache_spec.block_size)
+        return RetentiveTritonMetadata(**fields, plans=plans)
 
 
-class PagedRequestSlots:
-    """One request's slots [start, end) in this layer's paged GPU cache, read and written by the
-    kernels; the interface of ``cpu_layout.RequestSlots``, which the shared ``_compress`` uses."""
+class PagedSlots(Slots):
+    """One request's slots [start, end) in this layer's paged GPU cache, read, scored and written
+    by the project's Triton kernels."""
 
     def __init__(self, key_cache, value_cache, block_row, start: int, end: int):
         self.key_cache, self.value_cache = key_cache, value_cache
         self.block_table = block_row[None]
         self.start, self.end = start, end
+        self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the slots, [Hkv, end - start, d] float32."""
+        """Keys and values of the slots, [Hkv, end - start, d] float32 (read once a step)."""
         from retentivekv_vllm.kernels import gather_slots
 
-        heads, device = self.key_cache.shape[2], self.key_cache.device
-        slots = torch.arange(self.start, self.end, device=device).expand(heads, -1)[None]
-        count = torch.tensor([self.end - self.start], device=device)
-        keys, values = gather_slots(self.key_cache, self.value_cache, self.block_table, slots, count)
-        return keys[0].float(), values[0].float()
+        if self._tokens is None:
+            heads, device = self.key_cache.shape[2], self.key_cache.device
+            slots = torch.arange(self.start, self.end, device=device).expand(heads, -1)[None]
+            count = torch.tensor([self.end - self.start], device=device)
+            caches = self.key_cache, self.value_cache
+            keys, values = gather_slots(*caches, self.block_table, slots, count)
+            self._tokens = keys[0].float(), values[0].float()
+        return self._tokens
+
+    def observe(self, queries, keys, scale, q_positions, positions, layout):
+        """α and H from `observation_scores` over the paged keys; an image request's entropy is
+        per modality, which the kernel does not split, so it is scored in torch."""
+        if layout is not None:
+            return super().observe(queries, keys, scale, q_positions, positions, layout)
+        from retentivekv_vllm.kernels import observation_scores
+
+        # The grouped rows [Hkv, g·T, d] passed as g·T tokens of Hkv query heads: each KV head
+        # reads the same rows either way, and α and H are sums over rows.
+        rows, device = queries.shape[1], keys.device
+        alpha, entropy = observation_scores(
+            queries.transpose(0, 1), torch.tensor([0, rows], device=device), q_positions,
+            self.key_cache, self.block_table,
+            torch.tensor([self.start], device=device), torch.tensor([self.end], device=device),
+            scale, key_positions=positions[None],
+        )
+        return None, (alpha[0], entropy[0])
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite slots [start, start + m) with [Hkv, m, d] keys and values."""
@@ -103,17 +125,13 @@ class PagedRequestSlots:
             self.key_cache, self.value_cache, self.block_table, keys[None], values[None],
             torch.tensor([start], device=device), torch.tensor([keys.shape[1]], device=device),
         )
+        self._tokens = None
 
 
 class RetentiveTritonAttentionImpl(TritonAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.policy = layer_policy(self, sliding_window=self.sliding_window != (-1, -1))
-
-    # One definition of the policy steps for both backends.
-    _group = RetentiveCPUAttentionImpl._group
-    _attend = RetentiveCPUAttentionImpl._attend
-    _compress = RetentiveCPUAttentionImpl._compress
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(
@@ -127,12 +145,14 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         caches = split_kv_cache(kv_cache, self.head_size)
         rows = output.view(output.shape[0], self.num_heads, self.head_size)
         block_table = attn_metadata.block_table
-        decoded = self._decode(layer, plans, query, caches, block_table, rows)
+        index = layer_index(layer.layer_name)
+        decoded = self._decode(layer, index, plans, query, caches, block_table, rows)
         for plan in plans:
-            self._run_plan(layer, plan, query, caches, block_table, rows, attended=plan.row in decoded)
+            attended = plan.row in decoded
+            self._run_plan(layer, index, plan, query, caches, block_table, rows, attended)
         return output
 
-    def _decode(self, layer, plans, query, caches, block_table, rows) -> set[int]:
+    def _decode(self, layer, index: int, plans, query, caches, block_table, rows) -> set[int]:
         """Recompute the decode rows of requests with folded tokens with `decode_attention`, one
         launch per feature map their states are read with (one, unless requests chose their own
         policies); returns the batch rows served. Requests whose feature map has no kernel are
@@ -141,10 +161,12 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
 
         groups: dict[int, tuple] = {}
         for plan in plans:
-            if plan.live_start == 0 or plan.query_end - plan.query_start != 1:
+            if not (plan.recomputed and plan.decodes):
                 continue
             memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len, query.device)
-            feature_map = plan.policy.feature_map(self.head_size, self.scale) if memory.states else None
+            feature_map = None
+            if memory.states:
+                feature_map = plan.policy.feature_map(self.head_size, self.scale, index)
             if feature_map is None or supports_feature_map(feature_map):
                 groups.setdefault(id(feature_map), (feature_map, []))[1].append((plan, memory))
         for feature_map, members in groups.values():
@@ -167,7 +189,7 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
                     pool.append(state)
             states = PagedStates(
                 S=torch.stack([s.S for s in pool]), z=torch.stack([s.z for s in pool]),
-                index=index.to(device), gains=[1.0] * index.shape[1],
+                index=index.to(device),
             )
         tokens = torch.tensor([p.query_start for p in plans], device=device)
         out, _ = decode_attention(
@@ -178,25 +200,24 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         )
         rows[tokens] = out.to(rows.dtype)
 
-    def _run_plan(self, layer, plan: RequestPlan, query, caches, block_table, rows, attended: bool) -> None:
-        """The CPU impl's step for one request, on the paged GPU cache; `attended`: its rows
-        were already recomputed by `_decode`."""
+    def _run_plan(
+        self, layer, index: int, plan: RequestPlan, query, caches, block_table, rows, attended: bool
+    ) -> None:
+        """One request's rows that `_decode` did not recompute, and its compression."""
+        from retentivekv_vllm.kernels import merge_with_state
+
         n = plan.seq_len
         q = query[plan.query_start : plan.query_end].float()
-        q_positions = torch.arange(n - q.shape[0], n, device=q.device)
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n, q.device)
-        attend = plan.live_start > 0 and not attended
-        if attend or plan.compress:
-            slots = PagedRequestSlots(*caches, block_table[plan.row], plan.live_start, n)
-            keys, values = slots.read()
-            key_positions = memory.positions[:, plan.live_start : n]
+        attend = plan.recomputed and not attended
+        slots = PagedSlots(*caches, block_table[plan.row], plan.live_start, n)
         if attend:
-            out = self._attend(q, q_positions, keys, values, key_positions, memory, plan.policy)
+            out = attend_live(plan, memory, q, *slots.read(), self.scale, index, merge_with_state)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         window = plan.policy.config.observation_window
         memory.remember_queries(q[-window:].clone(), n - min(window, q.shape[0]), window)
         if plan.compress:
-            self._compress(plan, memory, slots, keys, values, key_positions)
+            compress(plan, memory, slots, self.scale, index)
 
 
 class RetentiveTritonAttentionBackend(TritonAttentionBackend):

@@ -92,8 +92,8 @@ class RequestMemory:
     num_prompt_tokens: int
     budget: int
     layers: dict[str, LayerMemory] = field(default_factory=dict)
-    # Tokens folded per KV head, equal in every layer and head.  The builder sets it
-    # when it plans a compression; every layer's forward of that step makes it true.
+    # Tokens folded per KV head, equal in every layer and head; set when a step that
+    # compressed has run in every layer (worker.WorkerState.commit).
     num_folded: int = 0
     num_cached: int = 0  # tokens written to the cache so far (folded ones included)
     num_compressions: int = 0
@@ -139,6 +139,7 @@ class RequestMemory:
             "kept_after_compression": self.kept_after_compression,
             "compressions": self.num_compressions,
             "state_elements": state_elements,
+            "state_bytes": self.state_bytes,
             "images": 0 if self.token_layout is None else len(self.token_layout.grids),
             "visual_slots_folded": self.visual_slots_folded,
         }
@@ -236,9 +237,6 @@ class MemoryRegistry:
         }
 
 
-REGISTRY = MemoryRegistry()
-
-
 def state_bytes_per_request(policy, vllm_config) -> int:
     """Most bytes the float32 recurrent states of one request take in this worker (its share of
     the KV heads); an image request's for a multimodal model, 0 for eviction policies."""
@@ -319,13 +317,3 @@ def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None
         stock / ours, capacity,
     )
 
-
-def worker_stats(worker=None) -> dict:
-    """Stats of this worker's requests; usable as ``llm.collective_rpc(worker_stats)``."""
-    return REGISTRY.snapshot()
-
-
-def worker_metrics(worker=None) -> dict:
-    """This worker's totals and gauges; a worker method (``collective_rpc("retentivekv_metrics")``,
-    engine/serving.py)."""
-    return REGISTRY.metrics()

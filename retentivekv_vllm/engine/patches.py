@@ -42,7 +42,9 @@ symbol                                                                      why
                                                                             KV manager (installed with a policy only)
 ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids, prompt lengths and
                                                                             multimodal features of the step
-                                                                            (``engine/batch.py``)
+                                                                            (``engine/worker.py``)
+``vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model``            commits the folds the step planned, once
+                                                                            its forward has run
 ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``            releases the memory of finished, aborted
                                                                             and preempted requests
 ``vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory``          reserves the recurrent states of
@@ -255,7 +257,7 @@ def _add_worker_methods() -> None:
     # vLLM's insecure serialization); the worker wrapper resolves them on the worker.
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from retentivekv_vllm.engine.memory import worker_metrics, worker_stats
+    from retentivekv_vllm.engine.worker import worker_metrics, worker_stats
 
     WorkerBase.retentivekv_metrics = worker_metrics
     WorkerBase.retentivekv_stats = worker_stats
@@ -309,28 +311,31 @@ def install_runner_hooks() -> None:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from retentivekv_vllm.engine import batch
-    from retentivekv_vllm.engine.memory import REGISTRY
+    from retentivekv_vllm.engine.worker import WORKER
 
     original_build = GPUModelRunner._build_attention_metadata
 
     @functools.wraps(original_build)
     def build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
-        REGISTRY.bind(self)
-        input_batch = self.input_batch
-        batch.record(
-            input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs],
-            self.requests, self.model_config.hf_config,
-        )
+        WORKER.record_batch(self, num_reqs)
         return original_build(self, num_tokens, num_reqs, *args, **kwargs)
 
     original_update = GPUModelRunner._update_states
 
     @functools.wraps(original_update)
     def update_states(self, scheduler_output):
-        REGISTRY.release(scheduler_output.finished_req_ids)
-        REGISTRY.release(scheduler_output.preempted_req_ids or ())
+        WORKER.memories.release(scheduler_output.finished_req_ids)
+        WORKER.memories.release(scheduler_output.preempted_req_ids or ())
         return original_update(self, scheduler_output)
+
+    original_execute = GPUModelRunner.execute_model
+
+    @functools.wraps(original_execute)
+    def execute_model(self, *args, **kwargs):
+        output = original_execute(self, *args, **kwargs)
+        WORKER.commit()  # the step's forward has run every layer
+        return output
 
     GPUModelRunner._build_attention_metadata = build_attention_metadata
     GPUModelRunner._update_states = update_states
+    GPUModelRunner.execute_model = execute_model

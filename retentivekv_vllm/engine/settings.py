@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from retentivekv_vllm.config import KEY_PREFIX, ConfigError, KVPolicyConfig, request_config
@@ -40,29 +39,6 @@ def request_policy(server: KVPolicy, request_state) -> KVPolicy:
 def _request_policy(server: KVPolicyConfig, ours: tuple) -> KVPolicy:
     # Validated by the API server already; cached because the builder asks every step.
     return _policy(request_config(server, dict(ours)))
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedPolicy:
-    policy: KVPolicy
-    # Upper bound on the tokens a request adds to its cache in one step (vLLM's
-    # max_in_flight_tokens): what a request may hold beyond its budget before it folds.
-    max_step_tokens: int
-
-
-# vLLM asks the backend class for the KV-cache spec (customize_spec) without a
-# config.  The attention impls, built under vLLM's config context while the model
-# loads, record the policy of the model this worker serves before that happens.
-_loaded: LoadedPolicy | None = None
-
-
-def record_loaded_policy(policy: KVPolicy | None, vllm_config) -> None:
-    global _loaded
-    _loaded = None if policy is None else LoadedPolicy(policy, vllm_config.max_in_flight_tokens)
-
-
-def loaded_policy() -> LoadedPolicy | None:
-    return _loaded
 
 
 # vLLM option -> why the policy cannot serve it ("" when the option is not in use).

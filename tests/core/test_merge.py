@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -73,10 +71,10 @@ def random_merge_inputs(seed, lse, den):
     return out_local, numerator
 
 
-def direct_merge_float64(out_local, lse, numerators, denominators, gains):
+def direct_merge_float64(out_local, lse, numerators, denominators):
     weight = lse.double().exp()[..., None]
-    num = sum(g * n.double() for g, n in zip(gains, numerators))
-    den = sum(g * d.double() for g, d in zip(gains, denominators))
+    num = sum(n.double() for n in numerators)
+    den = sum(d.double() for d in denominators)
     return (weight * out_local.double() + num) / (weight + den[..., None])
 
 
@@ -85,17 +83,17 @@ def test_merge_with_one_state_equals_direct_formula():
     den = torch.tensor([[1.0, 0.1, 5.0, 20.0], [3.0, 0.5, 1.0, 2.0]])
     out_local, numerator = random_merge_inputs(2, lse, den)
     merged = merge_with_states(out_local, lse, [numerator], [den])
-    expected = direct_merge_float64(out_local, lse, [numerator], [den], [1.0])
+    expected = direct_merge_float64(out_local, lse, [numerator], [den])
     torch.testing.assert_close(merged.double(), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_merge_with_two_states_and_gains_equals_direct_formula():
+def test_merge_with_two_states_equals_direct_formula():
     lse = torch.tensor([[0.0, 1.5], [0.5, -1.0]])
     dens = [torch.tensor([[1.0, 0.1], [3.0, 0.5]]), torch.tensor([[2.0, 4.0], [0.2, 0.0]])]
     out_local, num_a = random_merge_inputs(3, lse, dens[0])
     _, num_b = random_merge_inputs(4, lse, dens[1])
-    merged = merge_with_states(out_local, lse, [num_a, num_b], dens, gains=[0.5, 2.0])
-    expected = direct_merge_float64(out_local, lse, [num_a, num_b], dens, [0.5, 2.0])
+    merged = merge_with_states(out_local, lse, [num_a, num_b], dens)
+    expected = direct_merge_float64(out_local, lse, [num_a, num_b], dens)
     torch.testing.assert_close(merged.double(), expected, atol=1e-6, rtol=1e-5)
 
 
@@ -106,7 +104,7 @@ def test_merge_does_not_overflow_for_large_lse():
     out_local, numerator = random_merge_inputs(5, lse, den)
     merged = merge_with_states(out_local, lse, [numerator], [den])
     assert torch.isfinite(merged).all()
-    expected = direct_merge_float64(out_local, lse, [numerator], [den], [1.0])
+    expected = direct_merge_float64(out_local, lse, [numerator], [den])
     torch.testing.assert_close(merged.double(), expected, atol=1e-6, rtol=1e-5)
 
 
@@ -152,15 +150,14 @@ def test_sharp_query_readout_is_exact_in_log_space():
     folded = fold(RecurrentState.zeros(batch * heads, rank, d), feature_map.features(flat(k_folded)),
                   flat(v_folded), ones, ones)
     state = RecurrentState(folded.S.view(batch, heads, rank, d), folded.z.view(batch, heads, rank))
-    gain = 0.7
     log_phi_q = feature_map.log_features(q).double()
     log_phi_k = feature_map.log_features(k_folded).double()
-    log_kernel = torch.logsumexp(log_phi_q[..., :, None, :] + log_phi_k[..., None, :, :], -1) + math.log(gain)
+    log_kernel = torch.logsumexp(log_phi_q[..., :, None, :] + log_phi_k[..., None, :, :], -1)
     log_den = torch.logsumexp(log_kernel, -1)  # [B, H, m], around −250
     assert (log_den < -100).all()
     lse = (log_den + 2 * torch.rand(batch, heads, m, generator=gen, dtype=torch.float64) - 1).float()
     out_local = torch.randn(batch, heads, m, d, generator=gen)
-    got = merge_with_state_readouts(out_local, lse, q, [state], feature_map, [gain])
+    got = merge_with_state_readouts(out_local, lse, q, [state], feature_map)
 
     out_state = torch.softmax(log_kernel, -1) @ v_folded.double()
     state_share = torch.sigmoid(log_den - lse.double())[..., None]

@@ -2,11 +2,13 @@
 
 transformers runs the same tiny model with an attention function that applies the
 policy the way docs/method.md defines it: prompt rows attend causally to everything;
-at the end of the prompt the last `observation_window` queries score the prompt,
-each head keeps sinks + the recent window + its top-k, the rest is folded (or
-dropped); every later row attends to the kept prompt tokens and all generated
-tokens, plus the states.  Greedy decoding recomputes the whole sequence each step,
-which is exact because nothing before the prompt's end depends on later tokens.
+at the end of the prompt the engine's own compression (``executor.compress``, over plain
+tensors) scores the prompt with the last `observation_window` queries, keeps sinks + the
+recent window + each head's top-k and folds the rest (or drops it, or merges it into the
+kept tokens for ``lookm``); every later row attends to the kept prompt tokens, as the
+compression left them, and all generated tokens, plus the states. Greedy decoding recomputes
+the whole sequence each step, which is exact because nothing before the prompt's end depends
+on later tokens.
 For an image request the processor's outputs go to the vision-language model at every
 step, and the prompt's image layout goes to the policy (the vision tower keeps
 transformers' own attention).
@@ -18,49 +20,26 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.core import (
-    PatchLayout,
-    accumulated_attention,
-    attention_probs,
-    compressed_attention,
-    local_attention,
-)
+from retentivekv_vllm.core import compressed_attention, local_attention
+from retentivekv_vllm.engine.executor import compress_tensors
 from retentivekv_vllm.multimodal import TokenLayout
-from retentivekv_vllm.policies import Observation, make_policy
+from retentivekv_vllm.policies import make_policy
 
 NAME = "retentivekv_reference"
 
 
-def _patch_layout(layout: TokenLayout | None, heads: int) -> PatchLayout | None:
-    if layout is None:
-        return None
-    per_head = lambda x: x.expand(heads, -1)  # noqa: E731
-    return PatchLayout(per_head(layout.image), per_head(layout.row), per_head(layout.col), layout.grids)
-
-
-def _compress_prompt(policy, k, v, grouped_prompt_q, scale, g, layout):
-    """Keep mask [Hkv, P] and states after compressing a prompt of P tokens."""
-    c = policy.config
+def _compress_prompt(policy, q, k, v, scale, layer, layout):
+    """The prompt's keys, values and positions [Hkv, b] after compressing its P tokens (q
+    [Hq, P, d], k, v [Hkv, P, d]) to its budget b, and the states of layer `layer`."""
     heads, num_prompt, _ = k.shape
-    budget = c.budget_tokens(num_prompt)
+    budget = policy.config.budget_tokens(num_prompt)
     if num_prompt <= budget:
-        return torch.ones(heads, num_prompt, dtype=torch.bool), []
-    sinks = min(c.sinks, budget)
-    window = min(c.window, budget - sinks)
-    first_obs = max(0, num_prompt - c.observation_window)
-    obs_q = grouped_prompt_q[:, :, first_obs:].reshape(heads, -1, k.shape[-1])
-    positions = torch.arange(num_prompt)
-    probs = attention_probs(
-        obs_q, k, scale, torch.arange(first_obs, num_prompt).repeat(g), positions
+        return k, v, torch.arange(num_prompt).expand(heads, -1), []
+    slots, memory, _, _ = compress_tensors(
+        policy, q.transpose(0, 1), k, v, scale, budget, layer, token_layout=layout
     )
-    candidates = ((positions >= sinks) & (positions < num_prompt - window)).expand(heads, -1)
-    obs = Observation(
-        probs, positions.expand(heads, -1), candidates, accumulated_attention(probs),
-        _patch_layout(layout, heads),
-    )
-    folded = candidates & ~policy.select(obs, budget - sinks - window)
-    states = policy.absorb([], obs, folded, k, v, scale) if policy.keeps_state else []
-    return ~folded, states
+    kept = slice(num_prompt - budget, num_prompt)
+    return slots.keys[:, kept], slots.values[:, kept], memory.positions[:, kept], memory.states
 
 
 def _per_token_padded(mm_inputs: dict | None, length: int) -> dict:
@@ -102,14 +81,17 @@ def reference_greedy(
         )
         out[:, :, prompt] = prompt_out.view(heads, g, num_prompt, -1)
         if length > num_prompt:
-            keep, states = _compress_prompt(
-                policy, k[:, prompt], v[:, prompt], grouped[:, :, prompt], scaling, g, layout
+            kept_k, kept_v, kept_positions, states = _compress_prompt(
+                policy, q[:, prompt], k[:, prompt], v[:, prompt], scaling, module.layer_idx, layout
             )
-            keep = torch.cat([keep, torch.ones(heads, length - num_prompt, dtype=torch.bool)], 1)
-            feature_map = policy.feature_map(dim, scaling) if states else None
+            generated = slice(num_prompt, length)
+            feature_map = policy.feature_map(dim, scaling, module.layer_idx) if states else None
             decode_out = compressed_attention(
-                grouped[:, :, num_prompt:].reshape(heads, -1, dim), k, v, scaling,
-                positions[num_prompt:].repeat(g), positions, keep, states, feature_map,
+                grouped[:, :, generated].reshape(heads, -1, dim),
+                torch.cat([kept_k, k[:, generated]], 1), torch.cat([kept_v, v[:, generated]], 1),
+                scaling, positions[generated].repeat(g),
+                torch.cat([kept_positions, positions[generated].expand(heads, -1)], 1), None,
+                states, feature_map,
             )
             out[:, :, num_prompt:] = decode_out.view(heads, g, length - num_prompt, -1)
         attn = out.reshape(num_q_heads, length, -1).transpose(0, 1).unsqueeze(0)

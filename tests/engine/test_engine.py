@@ -13,7 +13,7 @@ import torch
 from vllm import LLM, SamplingParams
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.engine.memory import worker_stats
+from retentivekv_vllm.engine.worker import worker_stats
 from retentivekv_vllm.fixtures import build_tiny_model
 
 from .hf_reference import reference_greedy
@@ -85,7 +85,7 @@ def test_no_compression_gives_stock_tokens(model_dir, prompts, stock_tokens, pol
     assert [s["tokens_folded"] for s in stats] == [0] * len(prompts)
 
 
-@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "retentive"])
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "lookm", "retentive"])
 def test_compressed_generation_matches_reference(model_dir, prompts, policy):
     """At budget 0.2 the engine folds each prompt to its budget and generates exactly
     what a plain transformers run of the same policy generates."""

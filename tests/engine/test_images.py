@@ -11,7 +11,7 @@ import pytest
 from vllm import LLM, SamplingParams
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.engine.memory import REGISTRY, worker_stats
+from retentivekv_vllm.engine.worker import WORKER, worker_stats
 from retentivekv_vllm.engine.memory import logger as plugin_logger
 from retentivekv_vllm.fixtures import IMAGE_MARKUP, VLM_ARCHS, build_tiny_vlm
 
@@ -127,14 +127,14 @@ def test_folded_image_blocks_return_to_the_pool(vlm):
         prompt = {"prompt": text, "multi_modal_data": {"image": [decode(PNGS[i]) for i in images]}}
         engine.engine.add_request("r", prompt, SamplingParams(max_tokens=4, ignore_eos=True))
         engine.engine.step()  # the whole prompt, folded down to the budget
-        (memory,) = REGISTRY.live.values()
+        (memory,) = WORKER.memories.live.values()
         n = memory.num_prompt_tokens
         folded = n - math.ceil(0.2 * n)
         assert memory.num_folded == folded and folded >= 2 * engine.block_size
         engine.engine.step()  # frees the folded blocks before allocating the next slot
         assert engine.held_blocks() == math.ceil((n + 1) / engine.block_size) - folded // engine.block_size
         engine.drain()
-        assert engine.held_blocks() == 0 and not REGISTRY.live
+        assert engine.held_blocks() == 0 and not WORKER.memories.live
     finally:
         engine.close()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-from retentivekv_vllm.engine.memory import REGISTRY, worker_stats
+from retentivekv_vllm.engine.worker import WORKER, worker_stats
 from retentivekv_vllm.fixtures import build_tiny_model
 
 from .test_engine import ENGINE
@@ -81,7 +81,7 @@ def test_request_holds_the_blocks_of_its_live_slots(model_dir, make_engine, budg
         assert expected < math.ceil(slots / engine.block_size)
     engine.drain()
     assert engine.held_blocks() == 0
-    assert not REGISTRY.live
+    assert not WORKER.memories.live
 
 
 def test_stock_run_holds_every_block(model_dir, make_engine):
@@ -142,7 +142,7 @@ def test_aborts_and_preemption_return_every_block_and_state(model_dir, make_engi
     assert preemptions > 0, "the pool was meant to be too small to avoid preemption"
     assert engine.held_blocks() == 0
     assert not engine.manager.progress
-    assert not REGISTRY.live
+    assert not WORKER.memories.live
 
 
 def max_running(engine, prompts: list[dict], max_tokens: int) -> int:

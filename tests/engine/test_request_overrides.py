@@ -10,9 +10,9 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from retentivekv_vllm.engine.memory import REGISTRY, worker_stats
+from retentivekv_vllm.engine.worker import WORKER, worker_stats
 
-from .test_engine import ENGINE
+from .test_engine import ENGINE, MAX_TOKENS, prompts  # noqa: F401  (prompts is a fixture)
 
 SERVER = {"kv_policy": "retentive", "kv_budget": 0.2}
 
@@ -61,7 +61,7 @@ def test_scheduler_and_worker_fold_each_request_by_its_own_budget(llm):
     for _ in range(4):  # the prompts (folded at their end), then decode steps below the interval
         engine.step()
     scheduled = {rid.split("-")[0]: rid for rid in manager.progress}
-    worker = {rid.split("-")[0]: m for rid, m in REGISTRY.live.items()}
+    worker = {rid.split("-")[0]: m for rid, m in WORKER.memories.live.items()}
     assert set(budgets) <= set(scheduled) and set(budgets) <= set(worker)
     for name, budget in budgets.items():
         rid, memory = scheduled[name], worker[name]
@@ -90,6 +90,41 @@ def test_a_request_choosing_a_policy_generates_what_that_server_generates(llm, m
         del other
         gc.collect()
     assert tokens[1] == expected[0]
+
+
+@pytest.fixture(scope="module")
+def merging_servers(model_dir, prompts):
+    """Tokens of servers started with retentive, lookm and snapkv (budget 0.2), each also running
+    requests that choose another policy. lookm merges the tokens it folds into the kept ones;
+    retentive and snapkv do not merge. (One engine at a time: vLLM's in-process engine cannot
+    step once another one in the process has shut down.)"""
+    runs = {"retentive": ["lookm"], "lookm": [None, "snapkv"], "snapkv": [None]}
+    tokens = {}
+    for server, requested in runs.items():
+        other = make_llm(model_dir, {"kv_policy": server, "kv_budget": 0.2})
+        try:
+            for policy in requested:
+                own = {} if policy is None else {"kv_policy": policy}
+                tokens[policy or server, server], stats = generate(
+                    other, prompts, greedy(MAX_TOKENS, **own)
+                )
+                folded = [len(p) - math.ceil(0.2 * len(p)) for p in prompts]
+                assert [s["tokens_folded"] for s in stats] == folded
+        finally:
+            del other
+            gc.collect()
+    # On these prompts merging changes what is generated, so a step that merged by the server's
+    # policy instead of the request's would generate other tokens.
+    assert tokens["lookm", "lookm"] != tokens["snapkv", "snapkv"]
+    return tokens
+
+
+def test_a_lookm_request_on_a_retentive_server_generates_what_a_lookm_server_does(merging_servers):
+    assert merging_servers["lookm", "retentive"] == merging_servers["lookm", "lookm"]
+
+
+def test_a_snapkv_request_on_a_lookm_server_generates_what_a_snapkv_server_does(merging_servers):
+    assert merging_servers["snapkv", "lookm"] == merging_servers["snapkv", "snapkv"]
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Per-head gathering and compaction against plain torch indexing of the same paged cache.
 
-The twin is the packing step of the CPU backend: head h of request r moves its kept slots
+The twin is the packing step of a compression (`executor.compress`): head h of request r moves
+its kept slots
 slots[r, h, :count], in slot order, to fold_to, fold_to + 1, ... with fold_to = seq_len − count,
 so sources and destinations overlap. These kernels copy, so the results must be bit-exact.
 """
@@ -8,7 +9,7 @@ so sources and destinations overlap. These kernels copy, so the results must be 
 import pytest
 import torch
 
-from retentivekv_vllm.kernels import compact_slots, gather_slots
+from retentivekv_vllm.kernels import gather_slots, write_slots
 
 from .paged_batch import DEVICE, DTYPES, make_paged_batch
 
@@ -53,8 +54,10 @@ def test_compaction_equals_torch_indexing(dtype, block_size, slot_major):
             assert torch.equal(keys[r, h, :count], cache_rows(key_before, batch.block_table, r, src, h))
             assert torch.equal(values[r, h, :count], cache_rows(value_before, batch.block_table, r, src, h))
 
-    compact_slots(
-        batch.key_cache, batch.value_cache, batch.block_table, slots.to(DEVICE), counts.to(DEVICE), fold_to.to(DEVICE)
+    # Every source is read (above) before any destination is written.
+    write_slots(
+        batch.key_cache, batch.value_cache, batch.block_table, keys, values, fold_to.to(DEVICE),
+        counts.to(DEVICE),
     )
 
     expected_key, expected_value = key_before.clone(), value_before.clone()

@@ -25,7 +25,6 @@ LIVE_START = [5, 0, 40, 3]
 PRF_RANK = 24
 # Request r reads pool slots STATE_INDEX[r] (-1: none); pool slot 2 holds an empty state.
 STATE_INDEX = [[0, 1], [-1, 2], [1, -1], [0, 1]]
-GAINS = [1.0, 0.6]
 POOL_SLOTS = 3
 
 FEATURE_MAPS = {
@@ -75,7 +74,6 @@ def test_decode_equals_naive_twin(dtype, feature, head_dim, group, block_size, s
             S=torch.stack([s.S for s in pool]).to(DEVICE),
             z=torch.stack([s.z for s in pool]).to(DEVICE),
             index=torch.tensor(STATE_INDEX, device=DEVICE),
-            gains=GAINS,
         )
 
     out, lse = decode_attention(
@@ -89,10 +87,10 @@ def test_decode_equals_naive_twin(dtype, feature, head_dim, group, block_size, s
         q = grouped_rows(query[r : r + 1].float(), NUM_KV_HEADS)
         q_positions = torch.full((group,), n - 1)
         keys, values, k_positions = batch.keys[r][:, s:n], batch.values[r][:, s:n], torch.arange(s, n)
-        present = [k for k in range(len(GAINS)) if feature_map is not None and STATE_INDEX[r][k] >= 0]
+        present = [k for k, slot in enumerate(STATE_INDEX[r]) if feature_map is not None and slot >= 0]
         expected = compressed_attention(
             q, keys, values, scale, q_positions, k_positions, None,
-            [pool[STATE_INDEX[r][k]] for k in present], feature_map, [GAINS[k] for k in present],
+            [pool[STATE_INDEX[r][k]] for k in present], feature_map,
         ).reshape(num_q_heads, head_dim)
         expected_lse = local_attention(q, keys, values, scale, q_positions, k_positions)[1].reshape(num_q_heads)
         reduction = n - s + head_dim + (0 if feature_map is None else feature_map.rank)
@@ -107,7 +105,7 @@ def test_states_need_their_feature_map():
     batch = make_paged_batch([5], NUM_KV_HEADS, 32, 16, torch.float32, seed=0)
     states = PagedStates(
         S=torch.zeros(1, NUM_KV_HEADS, 32, 32, device=DEVICE), z=torch.zeros(1, NUM_KV_HEADS, 32, device=DEVICE),
-        index=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), gains=[1.0],
+        index=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
     )
     with pytest.raises(ValueError, match="feature map"):
         decode_attention(
@@ -148,7 +146,7 @@ def test_decode_reads_states_of_sharp_queries_in_log_space():
     batch.key_cache[blocks.to(DEVICE), (slots % 4).to(DEVICE)] = live_keys.transpose(0, 1).to(DEVICE)
     batch.keys[0][:, live_start:n] = live_keys
     paged = PagedStates(S=state.S[None].to(DEVICE), z=state.z[None].to(DEVICE),
-                        index=torch.tensor([[0]], device=DEVICE), gains=[1.0])
+                        index=torch.tensor([[0]], device=DEVICE))
 
     out, _ = decode_attention(
         query.to(DEVICE), batch.key_cache, batch.value_cache, batch.block_table,

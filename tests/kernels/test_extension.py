@@ -5,7 +5,13 @@ machine and must give the twin's result."""
 import pytest
 import torch
 
-from retentivekv_vllm.core import merge_with_states
+from retentivekv_vllm.core import (
+    RecurrentState,
+    fold,
+    make_feature_map,
+    merge_with_state_readouts,
+    merge_with_states,
+)
 from retentivekv_vllm.kernels import cuda_extension, merge_with_state
 
 from .paged_batch import DEVICE, DTYPES, assert_close_scaled, tolerance
@@ -41,3 +47,23 @@ def test_merge_equals_twin(dtype):
     assert merged.dtype == dtype and merged.shape == out_local.shape
     assert_close_scaled(merged, expected, tolerance(dtype, 2))
     assert torch.equal(merged[1].cpu(), out_local[1])
+
+
+def test_readout_merge_through_the_extension_equals_the_torch_merge():
+    """The GPU backend's torch rows (`executor.attend_live`) merge the states' summed readout
+    with `merge_with_state`: the same result as `merge_with_state_readouts`' own merge."""
+    gen = torch.Generator().manual_seed(3)
+    heads, rows, dim = 2, 4, 16
+    feature_map = make_feature_map("prf", dim, 32, dim**-0.5)
+    phi_k = feature_map.features(torch.randn(heads, 9, dim, generator=gen))
+    ones = torch.ones(heads, 9)
+    values = [torch.randn(heads, 9, dim, generator=gen) for _ in range(2)]
+    states = [fold(RecurrentState.zeros(heads, 32, dim), phi_k, v, ones, ones) for v in values]
+    q = torch.randn(heads, rows, dim, generator=gen)
+    out_local = torch.randn(heads, rows, dim, generator=gen)
+    lse = torch.randn(heads, rows, generator=gen)
+
+    merged = merge_with_state_readouts(out_local, lse, q, states, feature_map, merge_with_state)
+
+    expected = merge_with_state_readouts(out_local, lse, q, states, feature_map)
+    torch.testing.assert_close(merged, expected)

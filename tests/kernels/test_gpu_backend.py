@@ -1,6 +1,6 @@
 """The GPU backend, as far as it runs without a GPU: its registration for CUSTOM, its place in
-vLLM's Triton backend hierarchy, the planner it shares with the CPU backend, and its cache access
-and decode path on CPU tensors through Triton's interpreter, against the CPU backend's torch path.
+vLLM's Triton backend hierarchy, and its cache access, compression and decode path on CPU tensors
+through Triton's interpreter, against the executor's torch path on plain tensors.
 (vLLM's own unified Triton attention, which its forward calls first, needs a GPU.)"""
 
 import pytest
@@ -18,17 +18,17 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 import retentivekv_vllm
 from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import RecurrentState, fold, retention_from_entropy
-from retentivekv_vllm.engine.cpu_backend import RequestPlan, RetentiveCPUMetadataBuilder
+from retentivekv_vllm.engine.executor import RequestPlan, attend_live, compress
 from retentivekv_vllm.engine.gpu_backend import (
-    PagedRequestSlots,
+    PagedSlots,
     RetentiveTritonAttentionBackend,
     RetentiveTritonAttentionImpl,
     RetentiveTritonMetadata,
     RetentiveTritonMetadataBuilder,
 )
-from retentivekv_vllm.engine.memory import RequestMemory
-from retentivekv_vllm.engine import settings as engine_settings
-from retentivekv_vllm.engine.settings import record_loaded_policy
+from retentivekv_vllm.engine.memory import LayerMemory, RequestMemory
+from retentivekv_vllm.engine.slots import DenseSlots
+from retentivekv_vllm.engine.worker import WORKER
 from retentivekv_vllm.policies import make_policy
 
 from .paged_batch import DEVICE, assert_close_scaled, make_paged_batch, tolerance
@@ -51,20 +51,18 @@ def test_extends_the_triton_backend():
     assert backend.get_builder_cls() is RetentiveTritonMetadataBuilder
     assert issubclass(RetentiveTritonMetadataBuilder, TritonAttentionMetadataBuilder)
     assert issubclass(RetentiveTritonMetadata, TritonAttentionMetadata)
-    # One planner for both backends.
-    assert RetentiveTritonMetadataBuilder._plan is RetentiveCPUMetadataBuilder._plan
 
 
 def test_spec_is_tritons_without_a_loaded_policy(monkeypatch):
     # An engine started earlier in this process records its policy; this worker has none.
-    monkeypatch.setattr(engine_settings, "_loaded", None)
+    monkeypatch.setattr(WORKER, "loaded", None)
     spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16)
     assert RetentiveTritonAttentionBackend.customize_spec(spec) == TritonAttentionBackend.customize_spec(spec)
 
 
 def test_request_slots_read_and_write_the_paged_cache():
     batch = make_paged_batch([40], NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float16, seed=3)
-    slots = PagedRequestSlots(batch.key_cache, batch.value_cache, batch.block_table[0], 7, 40)
+    slots = PagedSlots(batch.key_cache, batch.value_cache, batch.block_table[0], 7, 40)
     keys, values = slots.read()
     assert torch.equal(keys.cpu(), batch.keys[0][:, 7:40]) and torch.equal(values.cpu(), batch.values[0][:, 7:40])
 
@@ -100,7 +98,7 @@ def test_decode_rows_equal_the_cpu_path(feature_map):
     plans = []
     for row, (n, s) in enumerate(zip(seq_lens, live_start)):
         memory = RequestMemory(f"request-{row}", n - 1, budget=n - s)
-        plans.append(RequestPlan(memory, policy, row, row, row + 1, n, s, s, sinks=0, window=0))
+        plans.append(RequestPlan(memory, policy, row, row, row + 1, n, s, s))
         if row in with_state:
             folded = torch.randn(NUM_KV_HEADS, s, HEAD_DIM, generator=gen)
             gamma = retention_from_entropy(torch.rand(NUM_KV_HEADS, s, generator=gen), 0.9)
@@ -112,7 +110,8 @@ def test_decode_rows_equal_the_cpu_path(feature_map):
             ]
     rows = torch.full((len(seq_lens), NUM_KV_HEADS * GROUP, HEAD_DIM), float("nan"), device=DEVICE)
 
-    served = impl._decode(Layer(), plans, query, (batch.key_cache, batch.value_cache), batch.block_table, rows)
+    caches = (batch.key_cache, batch.value_cache)
+    served = impl._decode(Layer(), 0, plans, query, caches, batch.block_table, rows)
 
     assert served == {0, 2, 3}
     assert rows[1].isnan().all()
@@ -120,9 +119,9 @@ def test_decode_rows_equal_the_cpu_path(feature_map):
         n, s = seq_lens[row], live_start[row]
         memory = plans[row].memory.layer(Layer.layer_name, NUM_KV_HEADS, n, DEVICE)
         assert len(memory.states) == (row in with_state)
-        expected = impl._attend(
-            query[row : row + 1].float().cpu(), torch.tensor([n - 1]), batch.keys[row][:, s:n],
-            batch.values[row][:, s:n], torch.arange(s, n).expand(NUM_KV_HEADS, -1), on_cpu(memory), policy,
+        expected = attend_live(
+            plans[row], on_cpu(memory), query[row : row + 1].float().cpu(), batch.keys[row][:, s:n],
+            batch.values[row][:, s:n], impl.scale, 0,
         )[0]
         reduction = n - s + HEAD_DIM + phi.rank
         assert_close_scaled(rows[row], expected, tolerance(torch.float32, reduction))
@@ -144,6 +143,56 @@ def test_layers_the_policy_cannot_serve_are_refused():
         with set_current_vllm_config(config), pytest.raises(ValueError, match="--kv-policy retentive: models with sliding window"):
             impl_class(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto")
     finally:
-        record_loaded_policy(None, config)
+        WORKER.record_loaded_policy(None, config)
     with set_current_vllm_config(VllmConfig()):
         assert impl_class(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto").policy is None
+
+
+@pytest.mark.parametrize("policy_name", ["retentive", "lookm"])
+def test_compression_on_the_paged_cache_equals_the_dense_one(policy_name):
+    """`executor.compress` through `PagedSlots` (scores from `observation_scores`, tokens read with
+    `gather_slots` and packed with `write_slots`) folds what it folds through `DenseSlots` (scores
+    in torch): the same kept tokens, positions and states, and the cache holds the packed tokens."""
+    n, live_start, window = 70, 6, 8
+    batch = make_paged_batch([n], NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float32, seed=8)
+    gen = torch.Generator().manual_seed(5)
+    queries = torch.randn(window, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen)
+    config = KVPolicyConfig(
+        policy=policy_name, budget=0.5, sinks=2, window=4, observation_window=window, state_rank=16
+    )
+    policy = make_policy(config)
+    # After an earlier fold each head's live slots hold the sinks and a different set of tokens.
+    earlier = [
+        torch.randperm(n - 6, generator=gen)[: n - live_start - 6] + 2 for _ in range(NUM_KV_HEADS)
+    ]
+    live_positions = torch.stack([
+        torch.cat([torch.arange(2), kept.sort().values, torch.arange(n - 4, n)]) for kept in earlier
+    ])
+    results = []
+    for paged in (True, False):
+        memory = LayerMemory.empty(NUM_KV_HEADS, n)
+        memory.positions[:, live_start:n] = live_positions
+        memory.remember_queries(queries, n - window, window)
+        request = RequestMemory("request", n, budget=32)
+        plan = RequestPlan(request, policy, 0, 0, 1, n, live_start, n - 32)
+        if paged:
+            caches = batch.key_cache, batch.value_cache
+            slots = PagedSlots(*caches, batch.block_table[0], live_start, n)
+        else:
+            live = slice(live_start, n)
+            slots = DenseSlots(batch.keys[0][:, live], batch.values[0][:, live], live_start)
+        _, kept = compress(plan, memory, slots, HEAD_DIM**-0.5, 0)
+        results.append((kept, memory, slots))
+    (kept, memory, _), (dense_kept, dense_memory, dense_slots) = results
+    assert torch.equal(kept, dense_kept)
+    assert torch.equal(memory.positions[:, :n], dense_memory.positions[:, :n])
+    torch.testing.assert_close(memory.accumulated[:, :n], dense_memory.accumulated[:, :n])
+    assert len(memory.states) == len(dense_memory.states) == (policy_name == "retentive")
+    for state, dense_state in zip(memory.states, dense_memory.states):
+        torch.testing.assert_close(state.S, dense_state.S, rtol=1e-4, atol=1e-5)
+    packed = slice(n - 32 - live_start, n - live_start)
+    after_keys, after_values = PagedSlots(
+        batch.key_cache, batch.value_cache, batch.block_table[0], live_start, n
+    ).read()
+    torch.testing.assert_close(after_keys[:, packed], dense_slots.keys[:, packed])
+    torch.testing.assert_close(after_values[:, packed], dense_slots.values[:, packed])
