@@ -207,3 +207,25 @@ def test_small_run_on_a_tiny_fixture_writes_paired_per_item_results(tmp_path):
     assert len(retentive["items"]) == 4 and len(retentive["loglik"]["nll_per_item"]) == 2
     pairs = {(c["a"], c["b"], c["protocol"]) for c in report["comparisons"]}
     assert ("snapkv (equal memory)", "retentive", "agnostic") in pairs
+
+
+def test_kept_answer_measures_on_constructed_masks():
+    import torch
+
+    from benchmarks.real_model_kept import answer_kept, copies, kept_mask
+    from retentivekv_vllm.config import KVPolicyConfig
+    from retentivekv_vllm.policies import make_policy
+
+    prompt = [5, 1, 2, 3, 9, 1, 2, 3, 7]
+    assert copies(prompt, [1, 2, 3]) == [range(1, 4), range(5, 8)]
+    places = [copies(prompt, [1, 2, 3]), copies(prompt, [7])]
+    mask = torch.zeros(3, len(prompt), dtype=torch.bool)
+    mask[0, [1, 2, 3, 8]] = True  # one whole copy and the second answer
+    mask[1, [1, 2, 6, 7, 8]] = True  # no whole copy of the first answer
+    share, whole = answer_kept(mask, places)
+    assert share == pytest.approx((4 + 5) / 21) and whole == pytest.approx(1 / 3)
+    # The policy keeps exactly the budget of the whole prompt, sinks and window included.
+    policy = make_policy(KVPolicyConfig(policy="snapkv", budget=0.2))
+    q, k = torch.randn(6, 300, 16), torch.randn(2, 300, 16)
+    kept = kept_mask(policy, q, k, 0.25, cut=300, num_prompt_tokens=320)
+    assert kept.sum(1).tolist() == [64, 64] and kept[:, :4].all() and kept[:, -32:].all()
