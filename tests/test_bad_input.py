@@ -60,6 +60,8 @@ BAD_FLAG_VALUES = [
     ("pool-kernel-even", "llama", (*POLICY, "--kv-pool-kernel", "4"), "--kv-pool-kernel"),
     ("pool-kernel-zero", "llama", (*POLICY, "--kv-pool-kernel", "0"), "--kv-pool-kernel"),
     ("feature-map-unknown", "llama", (*POLICY, "--kv-feature-map", "cos"), "--kv-feature-map"),
+    ("maps-missing-file", "llama",
+     (*POLICY, "--kv-feature-map", "learned", "--kv-maps", "no-such-maps.safetensors"), "--kv-maps"),
     ("state-rank-zero", "llama", (*POLICY, "--kv-state-rank", "0"), "--kv-state-rank"),
     ("gamma0-zero", "llama", (*POLICY, "--kv-gamma0", "0"), "--kv-gamma0"),
     ("gamma0-over-one", "llama", (*POLICY, "--kv-gamma0", "1.5"), "--kv-gamma0"),
