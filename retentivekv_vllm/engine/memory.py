@@ -244,7 +244,7 @@ def state_bytes_per_request(policy, vllm_config) -> int:
         return 0
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     head_size = model.get_head_size()
-    rank = policy.feature_map(head_size, 1.0).rank
+    rank = policy.state_rank(head_size)
     num_states = policy.num_states(has_images=model.is_multimodal_model)
     num_kv_heads = model.get_num_kv_heads(parallel)
     return model.get_num_layers(parallel) * num_states * num_kv_heads * rank * (head_size + 1) * 4
