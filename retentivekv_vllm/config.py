@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retentivekv_vllm.policy_facts import FEATURE_MAP_NAMES, POLICY_NAMES, keeps_state
+
 KEY_PREFIX = "kv_"
 STATE_MODES = ("dual", "single", "none")
 STATE_QUERIES = ("query", "fixed")
@@ -216,15 +218,13 @@ class KVPolicyConfig:
         return {self.key(f): getattr(self, f.name) for f in self.knobs()}
 
     def validate(self) -> None:
-        from retentivekv_vllm.policies import POLICIES
-        from retentivekv_vllm.core import FEATURE_MAPS
-
         def fail(name: str, why: str) -> None:
             raise KnobError(name, why)
 
-        if self.policy not in POLICIES:
+        if self.policy not in POLICY_NAMES:
             fail(
-                "policy", f"unknown policy {shown(self.policy)}; choose one of {sorted(POLICIES)}"
+                "policy",
+                f"unknown policy {shown(self.policy)}; choose one of {sorted(POLICY_NAMES)}",
             )
         if not (0 < self.budget <= 1 or (self.budget > 1 and self.budget == int(self.budget))):
             fail(
@@ -248,11 +248,11 @@ class KVPolicyConfig:
             fail("lambda", f"must lie in [0, 1], got {self.lambda_}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             fail("pool_kernel", f"must be a positive odd number, got {self.pool_kernel}")
-        if self.feature_map not in (*FEATURE_MAPS, "learned"):
+        if self.feature_map not in FEATURE_MAP_NAMES:
             fail(
                 "feature_map",
-                f"unknown feature map {self.feature_map!r}; choose one of "
-                f"{sorted([*FEATURE_MAPS, 'learned'])}",
+                f"unknown feature map {shown(self.feature_map)}; choose one of "
+                f"{sorted(FEATURE_MAP_NAMES)}",
             )
         if self.feature_map == "learned" and not self.maps:
             fail(
@@ -266,6 +266,7 @@ class KVPolicyConfig:
                 f"a maps file is read with --kv-feature-map learned only, got {self.feature_map}",
             )
         if self.maps:
+            # Not at the top: reading maps needs torch, which the flags' parsing does not.
             from retentivekv_vllm.learned_maps import MapsFileError, load_maps
 
             try:
@@ -342,9 +343,7 @@ def request_config(
             config.check_model_length(max_model_len)
     except KnobError as error:
         raise RequestConfigError(f"vllm_xargs.{KEY_PREFIX}{error.knob}", error.why) from None
-    from retentivekv_vllm.policies import make_policy
-
-    if make_policy(config).keeps_state and not make_policy(server).keeps_state:
+    if keeps_state(config.policy, config.states) and not keeps_state(server.policy, server.states):
         raise RequestConfigError(
             "vllm_xargs.kv_policy",
             f"{config.policy!r} folds tokens into recurrent states, and this server's policy "

@@ -150,3 +150,29 @@ def test_bad_request_settings_name_the_field(server, extra_args, field):
 def test_request_overrides_default_to_allow():
     assert parse(policy="retentive").request_overrides == "allow"
     assert parse(policy="retentive", request_overrides=" DENY ").request_overrides == "deny"
+
+
+def test_the_settings_facts_about_policies_are_the_policies_own():
+    """config.py validates with policy_facts (importing the policies would be a cycle)."""
+    from retentivekv_vllm.core import FEATURE_MAPS
+    from retentivekv_vllm.policies import POLICIES, make_policy
+    from retentivekv_vllm.policy_facts import FEATURE_MAP_NAMES, POLICY_NAMES, keeps_state
+
+    assert set(POLICY_NAMES) == set(POLICIES)
+    assert set(FEATURE_MAP_NAMES) == {*FEATURE_MAPS, "learned"}
+    for policy in POLICY_NAMES:
+        for states in ("dual", "single", "none"):
+            config = KVPolicyConfig(policy=policy, states=states)
+            assert make_policy(config).keeps_state == keeps_state(policy, states), (policy, states)
+
+
+def test_the_settings_import_no_policy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, retentivekv_vllm.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('retentivekv_vllm.policies')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -18,7 +18,14 @@ from typing import ClassVar
 import torch
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.core import PatchLayout, RecurrentState, accumulated_attention, modality_entropy, select_topk
+from retentivekv_vllm.core import (
+    PatchLayout,
+    RecurrentState,
+    accumulated_attention,
+    modality_entropy,
+    select_topk,
+)
+from retentivekv_vllm.policy_facts import POLICY_NAMES
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ POLICIES: dict[str, type[KVPolicy]] = {}
 
 
 def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
+    # The settings validate names against policy_facts, which cannot import this registry.
+    assert cls.name in POLICY_NAMES, f"add {cls.name!r} to policy_facts.POLICY_NAMES"
     POLICIES[cls.name] = cls
     return cls
 

@@ -35,6 +35,7 @@ from retentivekv_vllm.core import (
     visual_fold_plan,
 )
 from retentivekv_vllm.policies.base import KVPolicy, Observation, register_policy
+from retentivekv_vllm.policy_facts import keeps_state
 
 
 @register_policy
@@ -47,7 +48,7 @@ class RetentivePolicy(KVPolicy):
 
     @property
     def keeps_state(self) -> bool:
-        return self.config.states != "none"
+        return keeps_state(self.name, self.config.states)
 
     def num_states(self, has_images: bool) -> int:
         return {"none": 0, "single": 1, "dual": 2 if has_images else 1}[self.config.states]
