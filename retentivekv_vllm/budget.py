@@ -60,7 +60,9 @@ def live_tokens_after_step(config: KVPolicyConfig, num_tokens: int, block_size: 
     return min(num_tokens, config.budget_tokens(num_tokens) + slack)
 
 
-def peak_live_tokens(config: KVPolicyConfig, num_tokens: int, max_step_tokens: int, block_size: int) -> int:
+def peak_live_tokens(
+    config: KVPolicyConfig, num_tokens: int, max_step_tokens: int, block_size: int
+) -> int:
     """Most cache slots a request of num_tokens ever holds at once under `folded_after_step`,
     while a step runs: a step of up to max_step_tokens (one prefill chunk, or a recomputed span
     after preemption) starts from at most the budget, a decode step of one token from at most

@@ -41,7 +41,8 @@ FIXED_SIZE_TOWERS = frozenset({"clip_vision_model", "siglip_vision_model"})
 
 
 class UnsupportedMultimodalInput(ValueError):
-    """An input whose per-token image layout cannot be derived (another modality, an unknown model)."""
+    """An input whose per-token image layout cannot be derived (another modality, an unknown
+    model)."""
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,19 @@ def token_layout(num_tokens: int, placeholders: Sequence[ImagePlaceholder]) -> T
         if p.is_embed is not None:
             if p.is_embed.shape != (p.length,):
                 raise UnsupportedMultimodalInput(
-                    f"image {index}: is_embed has shape {tuple(p.is_embed.shape)}, not ({p.length},)"
+                    f"image {index}: is_embed has shape {tuple(p.is_embed.shape)}, "
+                    f"not ({p.length},)"
                 )
             slots = slots[p.is_embed.bool()]
         if len(slots) != p.rows * p.cols:
             raise UnsupportedMultimodalInput(
-                f"image {index} has {len(slots)} embedding positions, not its {p.rows}x{p.cols} grid"
+                f"image {index} has {len(slots)} embedding positions, "
+                f"not its {p.rows}x{p.cols} grid"
             )
         if p.offset < 0 or p.offset + p.length > num_tokens:
             raise UnsupportedMultimodalInput(
-                f"image {index} at [{p.offset}, {p.offset + p.length}) lies outside the prompt's {num_tokens} tokens"
+                f"image {index} at [{p.offset}, {p.offset + p.length}) lies outside the "
+                f"prompt's {num_tokens} tokens"
             )
         if (image[slots] >= 0).any():
             raise UnsupportedMultimodalInput(f"image {index} overlaps an earlier image")
@@ -109,7 +113,9 @@ def _image_grid(feature: Any, hf_config: Any) -> tuple[int, int]:
         return side, side
     if model_type in QWEN_VL_TYPES:
         if feature.data is None or "image_grid_thw" not in feature.data:
-            raise UnsupportedMultimodalInput("an image without image_grid_thw in the runner's features")
+            raise UnsupportedMultimodalInput(
+                "an image without image_grid_thw in the runner's features"
+            )
         t, h, w = (int(x) for x in feature.data["image_grid_thw"].data.reshape(-1).tolist())
         if t != 1:
             raise UnsupportedMultimodalInput(f"an image with {t} temporal patches")
@@ -121,7 +127,9 @@ def _image_grid(feature: Any, hf_config: Any) -> tuple[int, int]:
     )
 
 
-def layout_from_mm_features(mm_features: Sequence[Any], hf_config: Any, num_tokens: int) -> TokenLayout:
+def layout_from_mm_features(
+    mm_features: Sequence[Any], hf_config: Any, num_tokens: int
+) -> TokenLayout:
     """The layout of one request from the model runner's ``CachedRequestState.mm_features``.
 
     ``hf_config`` is the model's Hugging Face config (``model_config.hf_config``),
@@ -135,5 +143,7 @@ def layout_from_mm_features(mm_features: Sequence[Any], hf_config: Any, num_toke
             )
         position = feature.mm_position
         rows, cols = _image_grid(feature, hf_config)
-        placeholders.append(ImagePlaceholder(position.offset, position.length, position.is_embed, rows, cols))
+        placeholders.append(
+            ImagePlaceholder(position.offset, position.length, position.is_embed, rows, cols)
+        )
     return token_layout(num_tokens, placeholders)

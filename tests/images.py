@@ -15,7 +15,9 @@ def png_bytes(rows: int, cols: int, cell: int, seed: int) -> bytes:
     """A PNG of rows x cols random-coloured squares of cell pixels."""
     colours = np.random.default_rng(seed).integers(0, 256, (rows, cols, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(np.kron(colours, np.ones((cell, cell, 1), dtype=np.uint8))).save(buffer, format="PNG")
+    Image.fromarray(np.kron(colours, np.ones((cell, cell, 1), dtype=np.uint8))).save(
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
@@ -37,7 +39,9 @@ def processor_layout(processor, arch: str, inputs) -> TokenLayout:
     else:
         merge = processor.image_processor.merge_size
         grids = [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
-    positions = (ids == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[arch])).nonzero().squeeze(1)
+    positions = (
+        (ids == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[arch])).nonzero().squeeze(1)
+    )
     image, row, col = (torch.full(ids.shape, -1, dtype=torch.long) for _ in range(3))
     start = 0
     for index, (rows, cols) in enumerate(grids):

@@ -18,8 +18,13 @@ from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.fixtures import TOKENIZER_DIR, model_config
 
 ENGINE_FLAGS = (
-    "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-    "--kv-cache-memory-bytes", str(64 * 2**20),
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "2048",
+    "--kv-cache-memory-bytes",
+    str(64 * 2**20),
 )
 POLICY = ("--kv-policy", "retentive")
 
@@ -30,10 +35,18 @@ MODELS = {
     "head-size-48": model_config("llama", head_dim=48),
     "mla": {
         **model_config("llama"),
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "kv_lora_rank": 64, "q_lora_rank": None, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32,
-        "v_head_dim": 64, "n_routed_experts": 4, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 64, "n_shared_experts": 1, "first_k_dense_replace": 4,
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "kv_lora_rank": 64,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 4,
     },
 }
 
@@ -55,47 +68,112 @@ BAD_FLAG_VALUES = [
     ("sinks-negative", "llama", (*POLICY, "--kv-sinks", "-1"), "--kv-sinks"),
     ("sinks-fraction", "llama", (*POLICY, "--kv-sinks", "2.5"), "--kv-sinks"),
     ("window-negative", "llama", (*POLICY, "--kv-window", "-1"), "--kv-window"),
-    ("observation-window-zero", "llama", (*POLICY, "--kv-observation-window", "0"), "--kv-observation-window"),
+    (
+        "observation-window-zero",
+        "llama",
+        (*POLICY, "--kv-observation-window", "0"),
+        "--kv-observation-window",
+    ),
     ("lambda-over-one", "llama", (*POLICY, "--kv-lambda", "1.5"), "--kv-lambda"),
     ("pool-kernel-even", "llama", (*POLICY, "--kv-pool-kernel", "4"), "--kv-pool-kernel"),
     ("pool-kernel-zero", "llama", (*POLICY, "--kv-pool-kernel", "0"), "--kv-pool-kernel"),
     ("feature-map-unknown", "llama", (*POLICY, "--kv-feature-map", "cos"), "--kv-feature-map"),
-    ("maps-missing-file", "llama",
-     (*POLICY, "--kv-feature-map", "learned", "--kv-maps", "no-such-maps.safetensors"), "--kv-maps"),
+    (
+        "maps-missing-file",
+        "llama",
+        (*POLICY, "--kv-feature-map", "learned", "--kv-maps", "no-such-maps.safetensors"),
+        "--kv-maps",
+    ),
     ("state-rank-zero", "llama", (*POLICY, "--kv-state-rank", "0"), "--kv-state-rank"),
     ("gamma0-zero", "llama", (*POLICY, "--kv-gamma0", "0"), "--kv-gamma0"),
     ("gamma0-over-one", "llama", (*POLICY, "--kv-gamma0", "1.5"), "--kv-gamma0"),
-    ("absorption-min-over-max", "llama", (*POLICY, "--kv-absorption-min", "3"), "--kv-absorption-min"),
-    ("absorption-max-under-min", "llama", (*POLICY, "--kv-absorption-max", "0.1"), "--kv-absorption-max"),
-    ("decode-interval-zero", "llama", (*POLICY, "--kv-decode-interval", "0"), "--kv-decode-interval"),
+    (
+        "absorption-min-over-max",
+        "llama",
+        (*POLICY, "--kv-absorption-min", "3"),
+        "--kv-absorption-min",
+    ),
+    (
+        "absorption-max-under-min",
+        "llama",
+        (*POLICY, "--kv-absorption-max", "0.1"),
+        "--kv-absorption-max",
+    ),
+    (
+        "decode-interval-zero",
+        "llama",
+        (*POLICY, "--kv-decode-interval", "0"),
+        "--kv-decode-interval",
+    ),
     ("seed-text", "llama", (*POLICY, "--kv-seed", "abc"), "--kv-seed"),
     ("states-unknown", "llama", (*POLICY, "--kv-states", "many"), "--kv-states"),
     ("state-query-unknown", "llama", (*POLICY, "--kv-state-query", "key"), "--kv-state-query"),
-    ("state-readout-unknown", "llama", (*POLICY, "--kv-state-readout", "exact"), "--kv-state-readout"),
-    ("state-log-gain-infinite", "llama", (*POLICY, "--kv-state-log-gain", "inf"), "--kv-state-log-gain"),
-    ("request-overrides-unknown", "llama", (*POLICY, "--kv-request-overrides", "maybe"), "--kv-request-overrides"),
+    (
+        "state-readout-unknown",
+        "llama",
+        (*POLICY, "--kv-state-readout", "exact"),
+        "--kv-state-readout",
+    ),
+    (
+        "state-log-gain-infinite",
+        "llama",
+        (*POLICY, "--kv-state-log-gain", "inf"),
+        "--kv-state-log-gain",
+    ),
+    (
+        "request-overrides-unknown",
+        "llama",
+        (*POLICY, "--kv-request-overrides", "maybe"),
+        "--kv-request-overrides",
+    ),
     ("option-unknown", "llama", (*POLICY, "--additional-config.kv_bogus", "1"), "kv_bogus"),
     ("option-without-policy", "llama", ("--kv-budget", "0.5"), "--kv-policy"),
-    ("flag-conflicts-with-additional-config", "llama",
-     ("--kv-policy", "h2o", "--additional-config.kv_policy", "snapkv"), "--kv-policy"),
+    (
+        "flag-conflicts-with-additional-config",
+        "llama",
+        ("--kv-policy", "h2o", "--additional-config.kv_policy", "snapkv"),
+        "--kv-policy",
+    ),
 ]
 
 UNSUPPORTED_COMBINATIONS = [
     ("prefix-caching", "llama", (*POLICY, "--enable-prefix-caching"), "--no-enable-prefix-caching"),
     ("fp8-kv-cache", "llama", (*POLICY, "--kv-cache-dtype", "fp8"), "--kv-cache-dtype"),
-    ("speculative-decoding", "llama",
-     (*POLICY, "--speculative-config",
-      json.dumps({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})),
-     "--speculative-config"),
-    ("pipeline-parallel", "llama", (*POLICY, "--pipeline-parallel-size", "2"), "--pipeline-parallel-size"),
-    ("kv-connector", "llama",
-     (*POLICY, "--kv-transfer-config", json.dumps({"kv_connector": "ExampleConnector", "kv_role": "kv_both"})),
-     "--kv-transfer-config"),
+    (
+        "speculative-decoding",
+        "llama",
+        (
+            *POLICY,
+            "--speculative-config",
+            json.dumps({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+        ),
+        "--speculative-config",
+    ),
+    (
+        "pipeline-parallel",
+        "llama",
+        (*POLICY, "--pipeline-parallel-size", "2"),
+        "--pipeline-parallel-size",
+    ),
+    (
+        "kv-connector",
+        "llama",
+        (
+            *POLICY,
+            "--kv-transfer-config",
+            json.dumps({"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+        ),
+        "--kv-transfer-config",
+    ),
     ("sliding-window-model", "sliding-window", POLICY, "sliding-window models"),
     ("mla-model", "mla", POLICY, "MLA models"),
     ("head-size", "head-size-48", POLICY, "head size 48"),
-    ("states-outgrow-kv-memory", "llama",
-     (*POLICY, "--max-num-seqs", "256", "--kv-cache-memory-bytes", str(8 * 2**20)), "--max-num-seqs"),
+    (
+        "states-outgrow-kv-memory",
+        "llama",
+        (*POLICY, "--max-num-seqs", "256", "--kv-cache-memory-bytes", str(8 * 2**20)),
+        "--max-num-seqs",
+    ),
 ]
 
 MATRIX = BAD_FLAG_VALUES + UNSUPPORTED_COMBINATIONS
@@ -139,7 +217,9 @@ def test_a_valid_start_up_passes(model_dirs):
     start_up(model_dirs / "llama", (*POLICY, "--kv-budget", "0.3"))
 
 
-@pytest.mark.parametrize("model, flags, option", [row[1:] for row in MATRIX], ids=[row[0] for row in MATRIX])
+@pytest.mark.parametrize(
+    "model, flags, option", [row[1:] for row in MATRIX], ids=[row[0] for row in MATRIX]
+)
 def test_start_up_refuses_naming_the_option(model_dirs, model, flags, option):
     with pytest.raises((ValueError, SystemExit)) as refused:
         start_up(model_dirs / model, flags)

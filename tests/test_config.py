@@ -21,7 +21,14 @@ def test_no_policy_means_inactive():
 
 @pytest.mark.parametrize(
     "budget, prompt, expected",
-    [(0.2, 300, 60), (0.2, 7, 2), (1.0, 300, 300), (1, 300, 300), (2048, 300, 2048), ("512", 9000, 512)],
+    [
+        (0.2, 300, 60),
+        (0.2, 7, 2),
+        (1.0, 300, 300),
+        (1, 300, 300),
+        (2048, 300, 2048),
+        ("512", 9000, 512),
+    ],
 )
 def test_budget_is_a_ratio_or_a_token_count(budget, prompt, expected):
     config = parse(policy="retentive", budget=budget)
@@ -80,7 +87,9 @@ def flags_parser():
 
 
 def test_flags_land_in_additional_config():
-    args = flags_parser().parse_args(["--kv-policy", "h2o", "--kv-budget", "0.5", "--kv-lambda", "0.3"])
+    args = flags_parser().parse_args(
+        ["--kv-policy", "h2o", "--kv-budget", "0.5", "--kv-lambda", "0.3"]
+    )
     merge_kv_arguments(args)
     assert args.additional_config == {"kv_policy": "h2o", "kv_budget": "0.5", "kv_lambda": "0.3"}
     config = KVPolicyConfig.from_additional_config(args.additional_config)
@@ -130,8 +139,16 @@ def test_a_request_may_choose_its_policy_and_budget():
         ({"policy": "retentive", "states": "none"}, {"kv_policy": "retentive"}, None),
         (None, {"kv_budget": 0.5}, "vllm_xargs.kv_budget"),
         # A server that denies overrides refuses them, even values it would accept.
-        ({"policy": "retentive", "request_overrides": "deny"}, {"kv_budget": 0.5}, "vllm_xargs.kv_budget"),
-        ({"policy": "retentive", "request_overrides": "deny"}, {"kv_policy": "h2o"}, "vllm_xargs.kv_policy"),
+        (
+            {"policy": "retentive", "request_overrides": "deny"},
+            {"kv_budget": 0.5},
+            "vllm_xargs.kv_budget",
+        ),
+        (
+            {"policy": "retentive", "request_overrides": "deny"},
+            {"kv_policy": "h2o"},
+            "vllm_xargs.kv_policy",
+        ),
         ({"policy": "retentive", "request_overrides": "deny"}, {"session_id": "abc"}, None),
     ],
 )

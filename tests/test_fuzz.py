@@ -29,23 +29,63 @@ MAX_MODEL_LEN = 2048
 SERVER = KVPolicyConfig(policy="retentive", budget=0.2)
 # Deterministic in CI: the same examples each run (a failure reproduces as it was seen).
 FUZZ = settings(
-    max_examples=300, deadline=None, derandomize=True, database=None,
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
 NUMBER_TEXT = st.from_regex(r"\A[ ]?-?[0-9]{0,25}(\.[0-9]{0,5})?([eE][-+]?[0-9]{1,3})?[ ]?\Z")
-EXTREMES = st.sampled_from([
-    "inf", "-inf", "Infinity", "nan", "NaN", "1e20", "1e308", "1e309", "-0", "0.0", "1", "1.0",
-    "2", "2048", "2049", " 0.5 ", "0x10", "1_000", "", " ", "true", "None", 2**64, -(2**63),
-    10**400, 1e-320, 5e-324, 2.0**53, 2.0**53 + 2, float("inf"), float("nan"),
-])
+EXTREMES = st.sampled_from(
+    [
+        "inf",
+        "-inf",
+        "Infinity",
+        "nan",
+        "NaN",
+        "1e20",
+        "1e308",
+        "1e309",
+        "-0",
+        "0.0",
+        "1",
+        "1.0",
+        "2",
+        "2048",
+        "2049",
+        " 0.5 ",
+        "0x10",
+        "1_000",
+        "",
+        " ",
+        "true",
+        "None",
+        2**64,
+        -(2**63),
+        10**400,
+        1e-320,
+        5e-324,
+        2.0**53,
+        2.0**53 + 2,
+        float("inf"),
+        float("nan"),
+    ]
+)
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=60), NUMBER_TEXT,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=60),
+    NUMBER_TEXT,
     EXTREMES,
 )
 JSON_VALUES = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 KV_KEYS = st.one_of(

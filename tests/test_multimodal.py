@@ -22,21 +22,30 @@ from .images import decode, png_bytes, processor_layout
 
 def feature(modality, offset, length, is_embed=None, grid_thw=None):
     """A stand-in for vLLM's MultiModalFeatureSpec (only the fields the adapter reads)."""
-    data = None if grid_thw is None else {"image_grid_thw": SimpleNamespace(data=torch.tensor(grid_thw))}
+    data = (
+        None
+        if grid_thw is None
+        else {"image_grid_thw": SimpleNamespace(data=torch.tensor(grid_thw))}
+    )
     position = SimpleNamespace(offset=offset, length=length, is_embed=is_embed)
     return SimpleNamespace(modality=modality, mm_position=position, data=data)
 
 
 LLAVA = SimpleNamespace(
-    model_type="llava", vision_config=SimpleNamespace(model_type="clip_vision_model", image_size=56, patch_size=14)
+    model_type="llava",
+    vision_config=SimpleNamespace(model_type="clip_vision_model", image_size=56, patch_size=14),
 )
-QWEN2_VL = SimpleNamespace(model_type="qwen2_vl", vision_config=SimpleNamespace(spatial_merge_size=2))
+QWEN2_VL = SimpleNamespace(
+    model_type="qwen2_vl", vision_config=SimpleNamespace(spatial_merge_size=2)
+)
 
 
 def test_two_images_with_text_between_and_marker_tokens():
     # Image 0: a 2x3 grid at 2..7; image 1: a 2x2 grid inside 10..15 with start/end markers.
     marked = torch.tensor([False, True, True, True, True, False])
-    layout = token_layout(18, [ImagePlaceholder(2, 6, None, 2, 3), ImagePlaceholder(10, 6, marked, 2, 2)])
+    layout = token_layout(
+        18, [ImagePlaceholder(2, 6, None, 2, 3), ImagePlaceholder(10, 6, marked, 2, 2)]
+    )
     assert layout.image.tolist() == [-1, -1] + [0] * 6 + [-1] * 3 + [1] * 4 + [-1] * 3
     assert layout.row.tolist()[2:8] == [0, 0, 0, 1, 1, 1]
     assert layout.col.tolist()[2:8] == [0, 1, 2, 0, 1, 2]
@@ -63,7 +72,9 @@ def test_llava_grid_comes_from_the_vision_config():
     assert layout.grids == ((4, 4),)
     assert layout.row[5:21].tolist() == [r for r in range(4) for _ in range(4)]
     # With the "full" feature strategy LLaVA adds CLIP's CLS token: 17 positions, refused.
-    with pytest.raises(UnsupportedMultimodalInput, match="17 embedding positions, not its 4x4 grid"):
+    with pytest.raises(
+        UnsupportedMultimodalInput, match="17 embedding positions, not its 4x4 grid"
+    ):
         layout_from_mm_features([feature("image", 5, 17)], LLAVA, 30)
 
 
@@ -84,7 +95,11 @@ def test_images_without_a_known_grid_are_refused():
         layout_from_mm_features([feature("image", 0, 4)], gemma, 10)
     pixtral_tower = SimpleNamespace(model_type="pixtral", image_size=56, patch_size=14)
     with pytest.raises(UnsupportedMultimodalInput, match="'pixtral'"):
-        layout_from_mm_features([feature("image", 0, 16)], SimpleNamespace(model_type="llava", vision_config=pixtral_tower), 20)
+        layout_from_mm_features(
+            [feature("image", 0, 16)],
+            SimpleNamespace(model_type="llava", vision_config=pixtral_tower),
+            20,
+        )
 
 
 @pytest.mark.parametrize(
@@ -103,7 +118,13 @@ def test_malformed_placeholders_are_refused(placeholders, match):
 
 # ---------------------------------------------------------------- the adapter inside vLLM
 
-ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, kv_cache_memory_bytes=64 * 2**20, seed=0)
+ENGINE = dict(
+    dtype="float32",
+    enforce_eager=True,
+    max_model_len=1024,
+    kv_cache_memory_bytes=64 * 2**20,
+    seed=0,
+)
 
 
 # Different sizes, one not a multiple of Qwen's 28-pixel merged patch: different Qwen grids.
@@ -146,7 +167,11 @@ def runner_request_state(llm, req_id: str, prompt: str, images: list):
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    engine.add_request(req_id, {"prompt": prompt, "multi_modal_data": {"image": images}}, SamplingParams(max_tokens=1))
+    engine.add_request(
+        req_id,
+        {"prompt": prompt, "multi_modal_data": {"image": images}},
+        SamplingParams(max_tokens=1),
+    )
     engine.step()  # the prompt fits one step's token budget: the runner now holds the request
     runner = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     # vLLM appends "-<8 random characters>" to the caller's request id.
@@ -170,7 +195,9 @@ def test_layout_from_vllm_request_state_matches_the_processor(vlm, case):
     assert list(state.prompt_token_ids) == inputs["input_ids"][0].tolist()
     assert layout.grids == truth.grids
     if vlm.arch != "llava":
-        assert len(set(truth.grids)) == len(truth.grids)  # the two images really have different grids
+        assert len(set(truth.grids)) == len(
+            truth.grids
+        )  # the two images really have different grids
     assert torch.equal(layout.image, truth.image)
     assert torch.equal(layout.row, truth.row) and torch.equal(layout.col, truth.col)
     assert torch.equal(layout.visual, truth.image >= 0)

@@ -1,4 +1,5 @@
-"""Write the image-grid circuit into a fresh grid LLaVA (``python -m training.grid_vlm --init circuit``).
+"""Write the image-grid circuit into a fresh grid LLaVA (``python -m training.grid_vlm --init
+circuit``).
 
 Training the grid model from random weights on two CPU cores plateaued at the answer prior
 (docs/results.md), so, as for the recall fixture, the circuit that answers the three kinds of
@@ -63,7 +64,9 @@ TEXT_CONFIG = dict(
     rope_theta=ROPE_THETA,
     rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
 )
-VISION_CONFIG = dict(hidden_size=VISION_HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+VISION_CONFIG = dict(
+    hidden_size=VISION_HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+)
 
 LABELS = grid.LABELS
 N = len(LABELS)  # 16 hex values: glyphs, rows, columns
@@ -77,7 +80,11 @@ PREV_ROW, PREV_COL, PREV_THE, PREV_MANY, PREV_COMMA = range(9, 14)
 ARG, KIND_LOOKUP, KIND_WHERE, KIND_COUNT = range(14, 18)
 SINK_VALUE, LOOK_SINK, OUT_COMMA = range(18, 21)
 HEX = slice(32, 48)  # " 0" ... " F"
-Q_ROW, Q_COL, Q_GLYPH = slice(48, 64), slice(64, 80), slice(80, 96)  # the question (gathered in place)
+Q_ROW, Q_COL, Q_GLYPH = (
+    slice(48, 64),
+    slice(64, 80),
+    slice(80, 96),
+)  # the question (gathered in place)
 IMG_GLYPH, IMG_ROW, IMG_COL = slice(96, 112), slice(112, 128), slice(128, 144)
 LOOK_GLYPH, LOOK_ROW, LOOK_COL = slice(144, 160), slice(160, 176), slice(176, 192)
 OUT_HEX = slice(192, 208)
@@ -100,10 +107,18 @@ LOW_PAIRS = range(16, 32)  # rotary pairs with theta_i <= 1e8 ** -0.5 = 1e-4
 
 
 def token_ids(tokenizer) -> dict[str, int]:
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("nl", "Ċ"), ("comma", ","), ("row", "Ġrow"), ("column", "Ġcolumn"), ("the", "Ġthe"),
-        ("many", "Ġmany"), ("end", "<|im_end|>"),
-    )}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("nl", "Ċ"),
+            ("comma", ","),
+            ("row", "Ġrow"),
+            ("column", "Ġcolumn"),
+            ("the", "Ġthe"),
+            ("many", "Ġmany"),
+            ("end", "<|im_end|>"),
+        )
+    }
     ids["bos"] = tokenizer.bos_token_id
     for value, label in enumerate(LABELS):
         ids[f"hex{value}"] = tokenizer.convert_tokens_to_ids("Ġ" + label)
@@ -117,7 +132,10 @@ def _glyph_inks() -> np.ndarray:
     """[glyph, 14, 14] ink (1) of each glyph in its cell, as ``grid.render_board`` draws it."""
     inks = []
     for glyph in grid.GLYPHS:
-        board = tuple(glyph + grid.BLANK * (grid.GRID - 1) if r == 0 else grid.BLANK * grid.GRID for r in range(grid.GRID))
+        board = tuple(
+            glyph + grid.BLANK * (grid.GRID - 1) if r == 0 else grid.BLANK * grid.GRID
+            for r in range(grid.GRID)
+        )
         pixels = np.asarray(grid.render_board(board).convert("L"))[: grid.CELL, : grid.CELL]
         inks.append(pixels < 128)
     return np.stack(inks).astype(np.float64)
@@ -190,8 +208,15 @@ def _write_text(model, ids: dict[str, int]) -> None:
 
     embed = lm.embed_tokens.weight
     embed[:, BIAS] = M_TEXT
-    for name, dim in (("nl", TOK_NL), ("comma", TOK_COMMA), ("row", TOK_ROW), ("column", TOK_COL),
-                      ("the", TOK_THE), ("many", TOK_MANY), ("bos", TOK_BOS)):
+    for name, dim in (
+        ("nl", TOK_NL),
+        ("comma", TOK_COMMA),
+        ("row", TOK_ROW),
+        ("column", TOK_COL),
+        ("the", TOK_THE),
+        ("many", TOK_MANY),
+        ("bos", TOK_BOS),
+    ):
         embed[ids[name], dim] = 1.0
     embed[ids["bos"], SINK_VALUE] = 1.0
     for value in range(N):
@@ -213,8 +238,12 @@ def _write_text(model, ids: dict[str, int]) -> None:
         attn.o_proj.weight[prev, j] = 1.0
     # Its MLP: a hex value after a question word is an argument of that kind.
     mlp = lm.layers[0].mlp
-    roles = ((PREV_ROW, Q_ROW, KIND_LOOKUP), (PREV_COL, Q_COL, KIND_LOOKUP),
-             (PREV_THE, Q_GLYPH, KIND_WHERE), (PREV_MANY, Q_GLYPH, KIND_COUNT))
+    roles = (
+        (PREV_ROW, Q_ROW, KIND_LOOKUP),
+        (PREV_COL, Q_COL, KIND_LOOKUP),
+        (PREV_THE, Q_GLYPH, KIND_WHERE),
+        (PREV_MANY, Q_GLYPH, KIND_COUNT),
+    )
     on = 2 / GATE  # silu(GATE / 2) * on = 1
     neuron = 0
     for prev, target, kind in roles:
@@ -274,7 +303,9 @@ def _write_text(model, ids: dict[str, int]) -> None:
     mlp = lm.layers[2].mlp
     neuron = 0
 
-    def gated(conditions: dict[int, float], threshold: float, value: int | None, outputs: dict[int, float]):
+    def gated(
+        conditions: dict[int, float], threshold: float, value: int | None, outputs: dict[int, float]
+    ):
         """One neuron: silu(GATE * (sum(conditions) - threshold)) * (residual[value] or 1)."""
         nonlocal neuron
         for dim, weight in conditions.items():
@@ -303,7 +334,11 @@ def _write_text(model, ids: dict[str, int]) -> None:
         if n < grid.MAX_COUNT:
             outputs[OUT_HEX.start + n + 1] = -1.0
         for shift, sign in ((1.0, 1.0), (0.0, -1.0)):
-            for dim, weight in {LOOK_SINK: COUNT_SLOPE, TOK_NL: COUNT_SLOPE, KIND_COUNT: COUNT_SLOPE}.items():
+            for dim, weight in {
+                LOOK_SINK: COUNT_SLOPE,
+                TOK_NL: COUNT_SLOPE,
+                KIND_COUNT: COUNT_SLOPE,
+            }.items():
                 mlp.gate_proj.weight[neuron, dim] = weight
             mlp.gate_proj.weight[neuron, BIAS] = (shift - COUNT_SLOPE * (2 + t)) * unit
             mlp.up_proj.weight[neuron, BIAS] = unit
@@ -320,9 +355,14 @@ def _write_text(model, ids: dict[str, int]) -> None:
 
 
 def write_grid_circuit(model, processor) -> None:
-    """Overwrite every weight of ``model`` (``training.grid_vlm.make_model``'s layout) with the circuit."""
+    """Overwrite every weight of ``model`` (``training.grid_vlm.make_model``'s layout) with the
+    circuit."""
     cfg = model.config.text_config
-    assert cfg.hidden_size == HIDDEN and cfg.head_dim == HEAD_DIM and cfg.num_hidden_layers == NUM_LAYERS
+    assert (
+        cfg.hidden_size == HIDDEN
+        and cfg.head_dim == HEAD_DIM
+        and cfg.num_hidden_layers == NUM_LAYERS
+    )
     assert model.config.vision_config.hidden_size == VISION_HIDDEN
     _write_vision(model, processor)
     _write_text(model, token_ids(processor.tokenizer))

@@ -1,7 +1,9 @@
 """Build the image-grid fixture: a small LLaVA (CLIP tower, MLP projector, Llama), on CPU.
 
-    python -m training.grid_vlm --out retentivekv_vllm/fixtures/trained/grid_vlm                 # shipped
-    python -m training.grid_vlm --init random --steps 450 --out .cache/grid/scratch              # from scratch
+    python -m training.grid_vlm --out retentivekv_vllm/fixtures/trained/grid_vlm                 #
+    shipped
+    python -m training.grid_vlm --init random --steps 450 --out .cache/grid/scratch              #
+    from scratch
 
 ``--init circuit`` (the default, and the shipped model) writes the circuit that answers the
 three kinds of question into the weights (``training/grid_circuit.py``); training steps on top
@@ -73,7 +75,11 @@ def sample_dialogue(rng: random.Random, num_questions: int) -> tuple[tuple[str, 
     make the most of each pass over its 256 image tokens.
     """
     board = grid.sample_board(rng)
-    asked = [qa for qa in (grid.ask(rng, board, rng.choice(grid.KINDS)) for _ in range(num_questions)) if qa]
+    asked = [
+        qa
+        for qa in (grid.ask(rng, board, rng.choice(grid.KINDS)) for _ in range(num_questions))
+        if qa
+    ]
     turns = [(grid.FIRST_TURN, grid.ACKNOWLEDGEMENT)] if rng.random() < 0.5 else []
     messages = []
     for question, answer in turns + asked:
@@ -84,8 +90,11 @@ def sample_dialogue(rng: random.Random, num_questions: int) -> tuple[tuple[str, 
     return board, messages
 
 
-def batch(processor, dialogues: list[tuple[tuple[str, ...], list[dict]]]) -> dict[str, torch.Tensor]:
-    """Model inputs for whole chats, labels on each answer and its <|im_end|> (not the filler's reply)."""
+def batch(
+    processor, dialogues: list[tuple[tuple[str, ...], list[dict]]]
+) -> dict[str, torch.Tensor]:
+    """Model inputs for whole chats, labels on each answer and its <|im_end|> (not the filler's
+    reply)."""
     tokenizer = processor.tokenizer
     texts = [grid.chat_text(messages, add_generation_prompt=False) for _, messages in dialogues]
     images = [grid.render_board(board) for board, _ in dialogues]
@@ -97,12 +106,16 @@ def batch(processor, dialogues: list[tuple[tuple[str, ...], list[dict]]]) -> dic
             if message["role"] != "assistant" or message["content"] == grid.ACKNOWLEDGEMENT:
                 continue
             start = len(tokenizer(grid.chat_text(messages[:turn]))["input_ids"]) + image_expansion
-            answer = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            answer = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)[
+                "input_ids"
+            ]
             span = slice(start, start + len(answer))
             # Greedy decoding produces the answer token by token after its prompt: it must
             # tokenize there as it does on its own.
             if inputs["input_ids"][i, span].tolist() != answer:
-                raise RuntimeError(f"answer {message['content']!r} tokenizes differently after its prompt")
+                raise RuntimeError(
+                    f"answer {message['content']!r} tokenizes differently after its prompt"
+                )
             labels[i, span] = inputs["input_ids"][i, span]
     inputs["labels"] = labels
     return inputs
@@ -137,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory of the trained model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", choices=("circuit", "random"), default="circuit")
-    parser.add_argument("--steps", type=int, default=0, help="training steps (after the circuit, if any)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="training steps (after the circuit, if any)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="chats per step")
     parser.add_argument("--questions", type=int, default=8, help="questions per training chat")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -154,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         grid_circuit.write_grid_circuit(model, processor)
     rng = random.Random(args.seed)
     eval_items = grid.make_items(args.eval_items, seed=args.seed + 1_000_003)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
+    )
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -167,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        inputs = batch(processor, [sample_dialogue(rng, args.questions) for _ in range(args.batch_size)])
+        inputs = batch(
+            processor, [sample_dialogue(rng, args.questions) for _ in range(args.batch_size)]
+        )
         loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             scores = exact_match(model, processor, eval_items, args.batch_size)
-            history.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start), **scores})
+            history.append(
+                {"step": step, "loss": loss.item(), "seconds": round(time.time() - start), **scores}
+            )
             print(json.dumps(history[-1]), flush=True)
 
     if not history:  # the circuit as written
@@ -189,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     save_vlm(model.to(torch.float16), "llava", args.out, grid.IMAGE_SIZE)
     run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    (args.out / "training.json").write_text(json.dumps({"args": run, "history": history}, indent=2) + "\n")
+    (args.out / "training.json").write_text(
+        json.dumps({"args": run, "history": history}, indent=2) + "\n"
+    )
     print(f"saved to {args.out}")
     return 0
 

@@ -2,7 +2,8 @@
 of 64, tied embeddings) on CPU with plain torch + transformers.
 
     python -m training.recall --out retentivekv_vllm/fixtures/trained/recall               # shipped
-    python -m training.recall --init random --out .cache/recall/scratch --max-minutes 55   # from scratch
+    python -m training.recall --init random --out .cache/recall/scratch --max-minutes 55   # from
+    scratch
 
 ``--init induction`` (the default, and the shipped model) writes the two-layer recall circuit into
 the weights (``training/induction_init.py``) and fine-tunes it; ``--init random`` trains from
@@ -58,8 +59,13 @@ def make_model(seed: int, num_heads: int, num_layers: int):
     torch.manual_seed(seed)
     head_dim = MODEL_CONFIG["hidden_size"] // num_heads
     config = LlamaConfig(
-        **{**MODEL_CONFIG, "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
-           "head_dim": head_dim, "num_hidden_layers": num_layers},
+        **{
+            **MODEL_CONFIG,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+            "head_dim": head_dim,
+            "num_hidden_layers": num_layers,
+        },
         vocab_size=vocab_size(),
         bos_token_id=recall.BOS_ID,
         eos_token_id=recall.EOS_ID,
@@ -96,14 +102,25 @@ def evaluate(model, seed: int, num_pairs: int, sequences: int = 64) -> float:
 def write_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(recall.VOCAB)}, unk_token=recall.PAD))
+    tokenizer = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(recall.VOCAB)}, unk_token=recall.PAD)
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": recall.BOS, "eos_token": recall.EOS, "pad_token": recall.PAD,
-        "unk_token": recall.PAD, "model_max_length": MODEL_CONFIG["max_position_embeddings"],
-    }, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": recall.BOS,
+                "eos_token": recall.EOS,
+                "pad_token": recall.PAD,
+                "unk_token": recall.PAD,
+                "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def save(model, out: Path, meta: dict) -> None:
@@ -111,15 +128,25 @@ def save(model, out: Path, meta: dict) -> None:
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     (out / "model.safetensors").chmod(0o644)  # safetensors writes it owner-only
     model.to(torch.float32)
-    (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": recall.BOS_ID, "eos_token_id": recall.EOS_ID, "pad_token_id": recall.PAD_ID,
-    }, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": recall.BOS_ID,
+                "eos_token_id": recall.EOS_ID,
+                "pad_token_id": recall.PAD_ID,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     write_tokenizer(out)
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=recall.TRAINED_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20000, help="most optimiser steps")
@@ -130,15 +157,29 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--grow-at", type=float, default=0.9,
-                        help="training accuracy (running mean) at which the largest context grows by 25%%")
-    parser.add_argument("--target", type=float, default=0.99,
-                        help="stop once the evaluation at --max-pairs reaches this accuracy")
-    parser.add_argument("--heads", type=int, default=2, help="attention heads (head size 128 / heads)")
+    parser.add_argument(
+        "--grow-at",
+        type=float,
+        default=0.9,
+        help="training accuracy (running mean) at which the largest context grows by 25%%",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.99,
+        help="stop once the evaluation at --max-pairs reaches this accuracy",
+    )
+    parser.add_argument(
+        "--heads", type=int, default=2, help="attention heads (head size 128 / heads)"
+    )
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--init", choices=("random", "induction"), default="induction",
-                        help="random: from scratch; induction: the recall circuit written into the "
-                        "weights (training/induction_init.py), then fine-tuned")
+    parser.add_argument(
+        "--init",
+        choices=("random", "induction"),
+        default="induction",
+        help="random: from scratch; induction: the recall circuit written into the "
+        "weights (training/induction_init.py), then fine-tuned",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-minutes", type=float, default=55.0)
     args = parser.parse_args()
@@ -153,7 +194,9 @@ def main() -> None:
         # Fine-tuning starts at the full context range: the circuit already solves it.
         args.start_pairs = args.max_pairs
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98)
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps)
     )
@@ -177,8 +220,11 @@ def main() -> None:
             print(f"step {step}: contexts up to {cap} pairs", flush=True)
         minutes = (time.monotonic() - started) / 60
         if step % 50 == 0:
-            print(f"step {step} pairs {num_pairs} loss {loss.item():.3f} acc {accuracy.item():.3f} "
-                  f"running {running:.3f} {minutes:.1f} min", flush=True)
+            print(
+                f"step {step} pairs {num_pairs} loss {loss.item():.3f} acc {accuracy.item():.3f} "
+                f"running {running:.3f} {minutes:.1f} min",
+                flush=True,
+            )
         if cap == args.max_pairs and step % 100 == 99:
             score = evaluate(model, args.seed + 1, args.max_pairs)
             print(f"  eval@{args.max_pairs} pairs: {score:.3f}", flush=True)
@@ -189,12 +235,18 @@ def main() -> None:
             break
     final = evaluate(model, args.seed + 1, args.max_pairs, sequences=128)
     print(f"final teacher-forced accuracy at {args.max_pairs} pairs: {final:.4f}", flush=True)
-    save(model, args.out, {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
-        "steps_run": step + 1,
-        "minutes": round((time.monotonic() - started) / 60, 1),
-        "teacher_forced_accuracy": final,
-    })
+    save(
+        model,
+        args.out,
+        {
+            "args": {
+                k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
+            },
+            "steps_run": step + 1,
+            "minutes": round((time.monotonic() - started) / 60, 1),
+            "teacher_forced_accuracy": final,
+        },
+    )
 
 
 if __name__ == "__main__":

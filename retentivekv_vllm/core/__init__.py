@@ -1,4 +1,5 @@
-"""RetentiveKV's method in plain torch: scores, feature maps, the recurrent state, readout and merge."""
+"""RetentiveKV's method in plain torch: scores, feature maps, the recurrent state, readout and
+merge."""
 
 from .feature_maps import (
     FEATURE_MAPS,
@@ -14,21 +15,20 @@ from .merge import local_attention, merge_with_state_readouts, merge_with_states
 from .reference import compressed_attention
 from .scores import (
     PatchLayout,
-    modality_entropy,
-    pool_scores,
     accumulated_attention,
     attention_probs,
     entropy_potential,
     gather_tokens,
     masked_logits,
     masked_softmax,
+    modality_entropy,
     normalize_by_max,
     observation_statistics,
     pool1d,
+    pool_scores,
     retention_score,
     select_topk,
 )
-from .visual import VisualFoldPlan, root_patches, visual_fold_plan
 from .state import (
     RecurrentState,
     absorption_from_attention,
@@ -37,6 +37,7 @@ from .state import (
     readout,
     retention_from_entropy,
 )
+from .visual import VisualFoldPlan, root_patches, visual_fold_plan
 
 __all__ = [
     "FEATURE_MAPS",

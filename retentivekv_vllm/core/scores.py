@@ -15,13 +15,19 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def masked_logits(
-    q: Tensor, k: Tensor, scale: float, q_positions: Tensor, k_positions: Tensor, key_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """scale·q·kᵀ [H, m, n] float32, -inf where key j is hidden from row i.
 
     q [H, m, d], k [H, n, d], q_positions [m] and k_positions [n] or per head [H, n] long: key j is
     visible to row i iff k_positions[j] <= q_positions[i] and key_mask[h, j] (key_mask [H, n] bool,
-    None = all keys).  Per-head positions serve a compacted cache, where each head keeps other tokens.
+    None = all keys).  Per-head positions serve a compacted cache, where each head keeps other
+    tokens.
     """
     per_head = k_positions if k_positions.dim() == 2 else k_positions[None]
     hidden = per_head[:, None, :] > q_positions[None, :, None]  # [H or 1, m, n]
@@ -33,18 +39,25 @@ def masked_logits(
 
 
 def masked_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over the last dim and its log-normaliser; rows that are all -inf give probs 0, lse -inf.
+    """Softmax over the last dim and its log-normaliser; rows that are all -inf give probs 0, lse
+    -inf.
 
     logits [..., n] -> (probs [..., n], lse [...]).
     """
     lse = torch.logsumexp(logits, dim=-1)
-    # Subtracting lse = -inf would give NaN; every logit of such a row is -inf, so any finite shift yields 0.
+    # Subtracting lse = -inf would give NaN; every logit of such a row is -inf, so any finite shift
+    # yields 0.
     shift = lse.masked_fill(lse.isneginf(), 0.0)
     return torch.exp(logits - shift[..., None]), lse
 
 
 def attention_probs(
-    q: Tensor, k: Tensor, scale: float, q_positions: Tensor, k_positions: Tensor, key_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal softmax attention probabilities [H, m, n] float32; arguments as in `masked_logits`.
     One fused torch.softmax (`masked_softmax`'s log-normaliser would cost several more passes);
@@ -54,7 +67,8 @@ def attention_probs(
 
 
 def accumulated_attention(probs: Tensor) -> Tensor:
-    """α [H, n]: attention each key receives, summed over the observation rows of probs [H, m, n]."""
+    """α [H, n]: attention each key receives, summed over the observation rows of probs [H, m,
+    n]."""
     return probs.float().sum(-2)
 
 
@@ -63,11 +77,14 @@ def entropy_potential(probs: Tensor, subset: Tensor | None = None) -> Tensor:
 
     probs [H, m, n], softmax rows (each sums to one, or is all zero for a query that saw no key);
     subset bool [n] or [H, n], None = all keys. Each row is restricted to the subset and
-    renormalised to p_q(j); H_j = −Σ_q p_q(j) log p_q(j), divided by log(max(|subset|, 2)) so heads with
+    renormalised to p_q(j); H_j = −Σ_q p_q(j) log p_q(j), divided by log(max(|subset|, 2)) so heads
+    with
     different subset sizes are comparable. Zero outside the subset and for rows with no mass on it.
     """
     probs = probs.float()
-    if subset is None:  # restricted to every key, a softmax row is already p: no pass to renormalise
+    if (
+        subset is None
+    ):  # restricted to every key, a softmax row is already p: no pass to renormalise
         p, log_size = probs, math.log(max(probs.shape[-1], 2))
     else:
         subset = subset.expand(probs.shape[0], probs.shape[-1])
@@ -79,22 +96,29 @@ def entropy_potential(probs: Tensor, subset: Tensor | None = None) -> Tensor:
 
 
 def normalize_by_max(x: Tensor, candidates: Tensor) -> Tensor:
-    """x [H, n] / its max over candidates [H, n] or [n] bool, per head; 0 off candidates or if the max is <= 0."""
+    """x [H, n] / its max over candidates [H, n] or [n] bool, per head; 0 off candidates or if the
+    max is <= 0."""
     x = torch.where(candidates, x.float(), 0.0)
     peak = x.amax(-1, keepdim=True)
     return torch.where(peak > 0, x / peak.clamp(min=_TINY), 0.0)
 
 
 def pool1d(x: Tensor, kernel: int) -> Tensor:
-    """Average pooling over the last dim of x [..., n], same length; edges average only real neighbours.
+    """Average pooling over the last dim of x [..., n], same length; edges average only real
+    neighbours.
 
-    Smoothing keeps a token's neighbours with it, so kept spans stay contiguous (SnapKV's clustering).
+    Smoothing keeps a token's neighbours with it, so kept spans stay contiguous (SnapKV's
+    clustering).
     """
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"pool kernel must be a positive odd integer, got {kernel}")
     x = x.float()
     pooled = F.avg_pool1d(
-        x.reshape(-1, 1, x.shape[-1]), kernel, stride=1, padding=kernel // 2, count_include_pad=False
+        x.reshape(-1, 1, x.shape[-1]),
+        kernel,
+        stride=1,
+        padding=kernel // 2,
+        count_include_pad=False,
     )
     return pooled.reshape(x.shape)
 
@@ -124,11 +148,17 @@ def modality_entropy(probs: Tensor, layout: PatchLayout | None) -> Tensor:
 
 
 def observation_statistics(
-    q: Tensor, k: Tensor, scale: float, q_positions: Tensor, k_positions: Tensor, layout: PatchLayout | None
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    layout: PatchLayout | None,
 ) -> tuple[Tensor, Tensor]:
     """(α, H) [H, n]: the attention each key receives from the observation rows q [H, m, d]
     (`accumulated_attention`) and its entropy potential (`modality_entropy`), causal as in
-    `attention_probs`. The definition; the CPU backend's kernel computes both without the probabilities
+    `attention_probs`. The definition; the CPU backend's kernel computes both without the
+    probabilities
     (`engine.cpu_kernel.observation_statistics`)."""
     probs = attention_probs(q, k, scale, q_positions, k_positions)
     return accumulated_attention(probs), modality_entropy(probs, layout)
@@ -140,7 +170,9 @@ def _masked_pool1d(x: Tensor, mask: Tensor, kernel: int) -> Tensor:
     return pool1d(x * weight, kernel) / pool1d(weight, kernel).clamp(min=1e-30)
 
 
-def pool_scores(x: Tensor, layout: PatchLayout | None, kernel_1d: int, kernel_2d: int = 3) -> Tensor:
+def pool_scores(
+    x: Tensor, layout: PatchLayout | None, kernel_1d: int, kernel_2d: int = 3
+) -> Tensor:
     """Smooth per-token scores x [H, n]: 1-D over text tokens, 2-D over each image's patch grid.
 
     2-D pooling averages a patch with the present neighbours of its kernel_2d x kernel_2d grid
@@ -162,7 +194,9 @@ def pool_scores(x: Tensor, layout: PatchLayout | None, kernel_1d: int, kernel_2d
         present = x.new_zeros(heads, rows * cols)
         values[head, cell] = x[head, slot]
         present[head, cell] = 1.0
-        window = dict(kernel_size=kernel_2d, stride=1, padding=kernel_2d // 2, count_include_pad=True)
+        window = dict(
+            kernel_size=kernel_2d, stride=1, padding=kernel_2d // 2, count_include_pad=True
+        )
         total = F.avg_pool2d(values.view(heads, 1, rows, cols), **window).view(heads, -1)
         count = F.avg_pool2d(present.view(heads, 1, rows, cols), **window).view(heads, -1)
         pooled[head, slot] = (total / count.clamp(min=1e-30))[head, cell]
@@ -180,7 +214,8 @@ def retention_score(
     """R = λ·α̂ + (1−λ)·Ĥ [H, n]; α̂, Ĥ are pooled (`pool_scores`) then divided by their max over
     candidates. -inf off candidates.
 
-    alpha, entropy [H, n]; candidates bool [H, n] or [n] (tokens that may be folded: not sinks, not window).
+    alpha, entropy [H, n]; candidates bool [H, n] or [n] (tokens that may be folded: not sinks, not
+    window).
     """
     alpha_hat = normalize_by_max(pool_scores(alpha, layout, pool_kernel), candidates)
     entropy_hat = normalize_by_max(pool_scores(entropy, layout, pool_kernel), candidates)
@@ -191,7 +226,8 @@ def retention_score(
 def select_topk(scores: Tensor, k: int) -> Tensor:
     """Keep mask [H, n] bool: the k highest finite scores of each head.
 
-    Every head keeps the same count (a cache slot holds all heads, so equal counts let heads keep different
+    Every head keeps the same count (a cache slot holds all heads, so equal counts let heads keep
+    different
     tokens in the same slots); k is clamped to the smallest number of finite scores over heads.
     """
     k = max(0, min(k, int(torch.isfinite(scores).sum(-1).min())))

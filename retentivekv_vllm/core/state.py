@@ -1,6 +1,7 @@
 """The recurrent state that absorbs folded tokens, and the two per-token gates of a fold.
 
-S ← γ_i·S + a_i·φ(k_i) v_iᵀ,  z ← γ_i·z + a_i·φ(k_i)  — one state per KV head, size independent of the
+S ← γ_i·S + a_i·φ(k_i) v_iᵀ,  z ← γ_i·z + a_i·φ(k_i)  — one state per KV head, size independent of
+the
 number of tokens folded.
 """
 
@@ -39,7 +40,8 @@ def fold_sequential(
 ) -> RecurrentState:
     """The definition, one token at a time (the oracle for `fold`).
 
-    phi_k [H, n, r] features (not logs), v [H, n, dv], gamma [H, n] in (0, 1], absorption [H, n] >= 0.
+    phi_k [H, n, r] features (not logs), v [H, n, dv], gamma [H, n] in (0, 1], absorption [H, n] >=
+    0.
     """
     S, z = state.S.float(), state.z.float()
     phi_k, v, gamma, absorption = phi_k.float(), v.float(), gamma.float(), absorption.float()
@@ -50,7 +52,9 @@ def fold_sequential(
     return RecurrentState(S, z)
 
 
-def fold(state: RecurrentState, phi_k: Tensor, v: Tensor, gamma: Tensor, absorption: Tensor) -> RecurrentState:
+def fold(
+    state: RecurrentState, phi_k: Tensor, v: Tensor, gamma: Tensor, absorption: Tensor
+) -> RecurrentState:
     """`fold_sequential` in one batch; returns a new state.
 
     Unrolling the recurrence, token i is scaled by a_i·∏_{j>i} γ_j and the old state by ∏_j γ_j. The
@@ -72,14 +76,17 @@ def fold(state: RecurrentState, phi_k: Tensor, v: Tensor, gamma: Tensor, absorpt
 
 
 def readout(state: RecurrentState, phi_q: Tensor) -> tuple[Tensor, Tensor]:
-    """phi_q [..., H, m, r] (a KV head's query rows) -> numerator φ(q)ᵀS [..., H, m, dv], denominator
-    φ(q)ᵀz [..., H, m]; leading dims (a batch of requests) are shared by the state's S [..., H, r, dv]."""
+    """phi_q [..., H, m, r] (a KV head's query rows) -> numerator φ(q)ᵀS [..., H, m, dv],
+    denominator
+    φ(q)ᵀz [..., H, m]; leading dims (a batch of requests) are shared by the state's S [..., H, r,
+    dv]."""
     phi_q = phi_q.float()
     return phi_q @ state.S, (phi_q @ state.z.unsqueeze(-1)).squeeze(-1)
 
 
 def retention_from_entropy(entropy_hat: Tensor, gamma0: float) -> Tensor:
-    """γ = γ0^(1 − Ĥ): a token in diffuse attention (Ĥ → 1) barely decays what the state already holds.
+    """γ = γ0^(1 − Ĥ): a token in diffuse attention (Ĥ → 1) barely decays what the state already
+    holds.
 
     entropy_hat [...] in [0, 1] (clamped) -> γ [...] in [γ0, 1].
     """
@@ -87,7 +94,8 @@ def retention_from_entropy(entropy_hat: Tensor, gamma0: float) -> Tensor:
 
 
 def absorption_from_attention(alpha: Tensor, a_min: float, a_max: float) -> Tensor:
-    """a = clamp(α / mean(α), a_min, a_max) over the last dim; rows whose mean is 0 carry no signal -> 1.
+    """a = clamp(α / mean(α), a_min, a_max) over the last dim; rows whose mean is 0 carry no signal
+    -> 1.
 
     alpha [..., n] >= 0 -> a [..., n]. The caller picks the tokens the mean runs over.
     """

@@ -70,7 +70,11 @@ def visual_fold_plan(folded_index: Tensor, layout: PatchLayout, score: Tensor) -
     key = torch.where(member, safe_image, images) * span + (span - 1 - distance)
     key = key * f + rank
     order = key.argsort(dim=1, stable=True)
-    member, image, distance = member.gather(1, order), image.gather(1, order), distance.gather(1, order)
+    member, image, distance = (
+        member.gather(1, order),
+        image.gather(1, order),
+        distance.gather(1, order),
+    )
     previous_image = torch.cat([torch.full_like(image[:, :1], -1), image[:, :-1]], dim=1)
     previous_distance = torch.cat([distance[:, :1], distance[:, :-1]], dim=1)
     new_image = image != previous_image

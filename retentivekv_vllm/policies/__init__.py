@@ -1,12 +1,5 @@
 """KV policies behind a registry: one small file each."""
 
-from retentivekv_vllm.policies.base import (
-    POLICIES,
-    KVPolicy,
-    Observation,
-    make_policy,
-    register_policy,
-)
 from retentivekv_vllm.policies import (  # noqa: F401  (registration)
     full,
     h2o,
@@ -15,6 +8,13 @@ from retentivekv_vllm.policies import (  # noqa: F401  (registration)
     retentive,
     snapkv,
     streaming,
+)
+from retentivekv_vllm.policies.base import (
+    POLICIES,
+    KVPolicy,
+    Observation,
+    make_policy,
+    register_policy,
 )
 
 __all__ = ["POLICIES", "KVPolicy", "Observation", "make_policy", "register_policy"]

@@ -62,7 +62,11 @@ class Observation:
     @functools.cached_property
     def entropy(self) -> torch.Tensor:
         """[Hkv, n] entropy potential of each token, per modality (`core.modality_entropy`)."""
-        return modality_entropy(self.probs, self.layout) if self.statistics is None else self.statistics[1]
+        return (
+            modality_entropy(self.probs, self.layout)
+            if self.statistics is None
+            else self.statistics[1]
+        )
 
 
 @dataclass

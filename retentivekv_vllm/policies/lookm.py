@@ -29,10 +29,14 @@ def merge_into_most_similar(
     target = similarity.argmax(-1)  # [H, n]: for every token, its most similar kept token
     # A kept token is its own target; evicted tokens point at a kept one.
     target = torch.where(kept, torch.arange(k.shape[1], device=k.device).expand_as(target), target)
-    count = torch.zeros(kept.shape, device=k.device).scatter_add_(1, target, torch.ones_like(target, dtype=torch.float32))
-    merge = lambda x: torch.zeros_like(x).scatter_add_(  # noqa: E731
-        1, target[..., None].expand_as(x), x
-    ) / count.clamp(min=1)[..., None]
+    count = torch.zeros(kept.shape, device=k.device).scatter_add_(
+        1, target, torch.ones_like(target, dtype=torch.float32)
+    )
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        summed = torch.zeros_like(x).scatter_add_(1, target[..., None].expand_as(x), x)
+        return summed / count.clamp(min=1)[..., None]
+
     merged_k, merged_v = merge(k), merge(v)
     keep_rows = kept[..., None]
     return (

@@ -33,18 +33,24 @@ def test_prf_weights_are_fixed_by_seed():
 
 
 def test_prf_kernel_estimate_is_unbiased_within_three_standard_errors():
-    # φ(q)·φ(k) = mean over the r rows w of W of X_w = exp(w·(q̃+k̃) − ‖q̃‖²/2 − ‖k̃‖²/2), with E[X_w] = exp(scale·q·k).
-    # Dividing by the exact kernel and averaging over pairs gives one value Y_w per row of W; the Y_w are i.i.d.
-    # with mean 1, so their sample mean lies within 3 standard errors (std(Y)/√r) of 1 with probability ≈ 99.7%.
+    # φ(q)·φ(k) = mean over the r rows w of W of X_w = exp(w·(q̃+k̃) − ‖q̃‖²/2 − ‖k̃‖²/2), with
+    # E[X_w] = exp(scale·q·k).
+    # Dividing by the exact kernel and averaging over pairs gives one value Y_w per row of W; the
+    # Y_w are i.i.d.
+    # with mean 1, so their sample mean lies within 3 standard errors (std(Y)/√r) of 1 with
+    # probability ≈ 99.7%.
     d, r, pairs = 16, 4096, 256
     scale = d**-0.5
     feature_map = PositiveRandomFeatures(d, r, scale, seed=0)
     gen = torch.Generator().manual_seed(1)  # not W's seed, else q would copy rows of W
-    # Moderate norms keep the log-normal samples light-tailed enough for the sample std to be reliable.
+    # Moderate norms keep the log-normal samples light-tailed enough for the sample std to be
+    # reliable.
     q, k = 0.5 * torch.randn(pairs, d, generator=gen), 0.5 * torch.randn(pairs, d, generator=gen)
     samples = (r * feature_map.features(q) * feature_map.features(k)).double()  # [pairs, r]
     exact = torch.exp(scale * (q.double() * k.double()).sum(-1))
-    torch.testing.assert_close(samples.mean(-1), (feature_map.features(q) * feature_map.features(k)).sum(-1).double())
+    torch.testing.assert_close(
+        samples.mean(-1), (feature_map.features(q) * feature_map.features(k)).sum(-1).double()
+    )
     per_row = (samples / exact[:, None]).mean(0)
     standard_error = per_row.std() / math.sqrt(r)
     assert abs(per_row.mean() - 1) < 3 * standard_error

@@ -12,7 +12,8 @@ from retentivekv_vllm.core import (
 
 
 def full_attention_gqa(q, k, v, scale):
-    """Plain causal attention, one query head at a time: q [T, Hq, d], k/v [T, Hkv, d] -> [T, Hq, dv]."""
+    """Plain causal attention, one query head at a time: q [T, Hq, d], k/v [T, Hkv, d] -> [T, Hq,
+    dv]."""
     T, Hq, _ = q.shape
     group = Hq // k.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -20,7 +21,9 @@ def full_attention_gqa(q, k, v, scale):
     for head in range(Hq):
         kv_head = head // group
         logits = scale * q[:, head] @ k[:, kv_head].T
-        outs.append(torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1) @ v[:, kv_head])
+        outs.append(
+            torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1) @ v[:, kv_head]
+        )
     return torch.stack(outs, dim=1)
 
 
@@ -36,7 +39,11 @@ def test_nothing_folded_is_full_attention(states):
     q_rows = q.reshape(T, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * T, d)
     positions = torch.arange(T)
     feature_map = make_feature_map("prf", d, 32, scale)
-    state_list = [] if states == "none" else [RecurrentState.zeros(Hkv, 32, d), RecurrentState.zeros(Hkv, 32, d)]
+    state_list = (
+        []
+        if states == "none"
+        else [RecurrentState.zeros(Hkv, 32, d), RecurrentState.zeros(Hkv, 32, d)]
+    )
     out = compressed_attention(
         q_rows,
         k.transpose(0, 1),
@@ -58,13 +65,16 @@ def test_local_attention_lse_and_empty_rows():
     key_mask = torch.tensor([[True, True, True], [False, True, True]])
     out, lse = local_attention(q, k, v, 0.5, torch.arange(3), torch.arange(3), key_mask)
     logits = 0.5 * q[0] @ k[0].T
-    expected_lse = torch.logsumexp(logits.masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf")), -1)
+    expected_lse = torch.logsumexp(
+        logits.masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf")), -1
+    )
     torch.testing.assert_close(lse[0], expected_lse)
     assert lse[1, 0] == float("-inf") and torch.all(out[1, 0] == 0)
 
 
 def random_merge_inputs(seed, lse, den):
-    """out_local [2, m, 3] with the given lse [2, m]; one state whose readout has the given den [2, m]."""
+    """out_local [2, m, 3] with the given lse [2, m]; one state whose readout has the given den [2,
+    m]."""
     gen = torch.Generator().manual_seed(seed)
     out_local = torch.randn(*lse.shape, 3, generator=gen)
     numerator = den[..., None] * torch.randn(*lse.shape, 3, generator=gen)
@@ -98,7 +108,8 @@ def test_merge_with_two_states_equals_direct_formula():
 
 
 def test_merge_does_not_overflow_for_large_lse():
-    # e^200 overflows float32 (max ≈ e^88.7); float64 holds it, so the direct formula is the reference.
+    # e^200 overflows float32 (max ≈ e^88.7); float64 holds it, so the direct formula is the
+    # reference.
     lse = torch.tensor([[200.0, 200.0, 85.0, 69.0, -50.0]])
     den = torch.tensor([[1.0, 1e38, 1e37, 1e30, 1e-30]])
     out_local, numerator = random_merge_inputs(5, lse, den)
@@ -138,24 +149,35 @@ def test_sharp_query_readout_is_exact_in_log_space():
     gen = torch.Generator().manual_seed(4)
     batch, heads, m, d, rank, n_folded = 2, 2, 3, 16, 32, 7
     scale = d**-0.5
-    direction = torch.nn.functional.normalize(torch.randn(batch, heads, 1, d, generator=gen), dim=-1)
+    direction = torch.nn.functional.normalize(
+        torch.randn(batch, heads, 1, d, generator=gen), dim=-1
+    )
     q = (25.0 / scale**0.5) * direction + 0.3 * torch.randn(batch, heads, m, d, generator=gen)
-    k_folded = (2.0 / scale**0.5) * direction + 0.3 * torch.randn(batch, heads, n_folded, d, generator=gen)
+    k_folded = (2.0 / scale**0.5) * direction + 0.3 * torch.randn(
+        batch, heads, n_folded, d, generator=gen
+    )
     v_folded = torch.randn(batch, heads, n_folded, d, generator=gen)
     feature_map = make_feature_map("prf", d, rank, scale)
     assert (feature_map.query_features(q) == 0).all()  # the case the log-space readout exists for
 
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])  # noqa: E731
     ones = torch.ones(batch * heads, n_folded)
-    folded = fold(RecurrentState.zeros(batch * heads, rank, d), feature_map.features(flat(k_folded)),
-                  flat(v_folded), ones, ones)
+    folded = fold(
+        RecurrentState.zeros(batch * heads, rank, d),
+        feature_map.features(flat(k_folded)),
+        flat(v_folded),
+        ones,
+        ones,
+    )
     state = RecurrentState(folded.S.view(batch, heads, rank, d), folded.z.view(batch, heads, rank))
     log_phi_q = feature_map.log_features(q).double()
     log_phi_k = feature_map.log_features(k_folded).double()
     log_kernel = torch.logsumexp(log_phi_q[..., :, None, :] + log_phi_k[..., None, :, :], -1)
     log_den = torch.logsumexp(log_kernel, -1)  # [B, H, m], around −250
     assert (log_den < -100).all()
-    lse = (log_den + 2 * torch.rand(batch, heads, m, generator=gen, dtype=torch.float64) - 1).float()
+    lse = (
+        log_den + 2 * torch.rand(batch, heads, m, generator=gen, dtype=torch.float64) - 1
+    ).float()
     out_local = torch.randn(batch, heads, m, d, generator=gen)
     got = merge_with_state_readouts(out_local, lse, q, [state], feature_map)
 

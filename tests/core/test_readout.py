@@ -20,8 +20,10 @@ def test_readout_is_phi_q_times_state():
 
 
 def test_kept_keys_plus_folded_state_approximates_full_attention():
-    # With γ = a = 1 and unbiased random features the state estimates exactly the softmax terms of the
-    # folded keys, so the merged output must land far closer to full attention than eviction alone does.
+    # With γ = a = 1 and unbiased random features the state estimates exactly the softmax terms of
+    # the
+    # folded keys, so the merged output must land far closer to full attention than eviction alone
+    # does.
     gen = torch.Generator().manual_seed(1)
     H, n, m, d, rank = 2, 96, 8, 16, 4096
     scale = d**-0.5
@@ -30,21 +32,29 @@ def test_kept_keys_plus_folded_state_approximates_full_attention():
     # Queries aligned with the folded half make that half carry most of the attention mass.
     folded = torch.zeros(H, n, dtype=torch.bool)
     folded[:, torch.randperm(n, generator=gen)[: n // 2]] = True
-    q = 0.5 * torch.randn(H, m, d, generator=gen) + 2.0 * k[folded].reshape(H, n // 2, d).mean(1, keepdim=True)
+    q = 0.5 * torch.randn(H, m, d, generator=gen) + 2.0 * k[folded].reshape(H, n // 2, d).mean(
+        1, keepdim=True
+    )
     k_positions, q_positions = torch.arange(n), torch.arange(n, n + m)
 
     feature_map = PositiveRandomFeatures(d, rank, scale, seed=0)
     k_folded, v_folded = k[folded].reshape(H, n // 2, d), v[folded].reshape(H, n // 2, d)
     ones = torch.ones(H, n // 2)
-    state = fold(RecurrentState.zeros(H, rank, d), feature_map.features(k_folded), v_folded, ones, ones)
+    state = fold(
+        RecurrentState.zeros(H, rank, d), feature_map.features(k_folded), v_folded, ones, ones
+    )
 
     full, _ = local_attention(q, k, v, scale, q_positions, k_positions)
     evicted, _ = local_attention(q, k, v, scale, q_positions, k_positions, key_mask=~folded)
-    merged = compressed_attention(q, k, v, scale, q_positions, k_positions, ~folded, [state], feature_map)
+    merged = compressed_attention(
+        q, k, v, scale, q_positions, k_positions, ~folded, [state], feature_map
+    )
 
     merged_error = (merged - full).norm() / full.norm()
     eviction_error = (evicted - full).norm() / full.norm()
-    assert eviction_error > 0.3  # the folded half matters, so the test can tell a working state from none
+    assert (
+        eviction_error > 0.3
+    )  # the folded half matters, so the test can tell a working state from none
     assert merged_error < 0.2 * eviction_error
 
 
@@ -53,7 +63,13 @@ def test_fixed_query_readout_weighs_every_folded_token_alike():
     (for elu the all-ones vector), so with γ = a = 1 the merged output is
     (e^lse·o_L + Σ_i (1ᵀφ(k_i))·v_i) / (e^lse + Σ_i 1ᵀφ(k_i)) for every query, computed here
     directly in float64."""
-    from retentivekv_vllm.core import EluPlusOne, FixedQuery, RecurrentState, compressed_attention, fold
+    from retentivekv_vllm.core import (
+        EluPlusOne,
+        FixedQuery,
+        RecurrentState,
+        compressed_attention,
+        fold,
+    )
 
     generator = torch.Generator().manual_seed(3)
     heads, m, n, folded, d = 2, 5, 12, 9, 8
@@ -65,11 +81,21 @@ def test_fixed_query_readout_weighs_every_folded_token_alike():
     v_folded = torch.randn(heads, folded, d, generator=generator)
     feature_map = FixedQuery(EluPlusOne(d))
     ones = torch.ones(heads, folded)
-    state = fold(RecurrentState.zeros(heads, d, d), feature_map.features(k_folded), v_folded, ones, ones)
+    state = fold(
+        RecurrentState.zeros(heads, d, d), feature_map.features(k_folded), v_folded, ones, ones
+    )
     positions = torch.arange(n)
     q_positions = torch.full((m,), n)
     got = compressed_attention(
-        q, k, v, scale, q_positions, positions, torch.ones(heads, n, dtype=torch.bool), [state], feature_map
+        q,
+        k,
+        v,
+        scale,
+        q_positions,
+        positions,
+        torch.ones(heads, n, dtype=torch.bool),
+        [state],
+        feature_map,
     )
     logits = scale * q.double() @ k.double().transpose(1, 2)  # [H, m, n]
     weight_folded = (torch.nn.functional.elu(k_folded.double()) + 1).sum(-1)  # [H, folded]
@@ -93,7 +119,13 @@ def test_scaled_readout_divides_by_the_maps_estimate_of_one_and_applies_the_gain
     k = torch.randn(heads, n, d, generator=gen)
     feature_map = ScaledReadout(inner, log_gain=2.5, normalise=True)
     ones = torch.ones(heads, n)
-    state = fold(RecurrentState.zeros(heads, rank, d), feature_map.features(k), torch.randn(heads, n, d), ones, ones)
+    state = fold(
+        RecurrentState.zeros(heads, rank, d),
+        feature_map.features(k),
+        torch.randn(heads, n, d),
+        ones,
+        ones,
+    )
     _, den = readout(state, feature_map.query_features(q))
     phi_q, phi_k = inner.features(q).double(), inner.features(k).double()
     phi_zero = inner.features(torch.zeros(d)).double()
@@ -119,7 +151,9 @@ def test_normalised_readout_keeps_a_sharp_query_on_scale():
     k = (2.3 / scale**0.5) * direction  # an aligned key: scale·q·k = 64.4
     log_true = scale * (q * k).sum(-1)
     unbiased = torch.logsumexp(inner.log_features(q) + inner.log_features(k), -1)
-    ratio = torch.logsumexp(ScaledReadout(inner, normalise=True).query_log_features(q) + inner.log_features(k), -1)
+    ratio = torch.logsumexp(
+        ScaledReadout(inner, normalise=True).query_log_features(q) + inner.log_features(k), -1
+    )
     assert (unbiased - log_true).median() < -200
     assert (ratio - log_true).abs().median() < 80
     assert ((ratio - log_true).abs() < (unbiased - log_true).abs()).all()

@@ -62,7 +62,9 @@ def test_attention_probs_matches_loop_with_causality_and_mask():
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs.double(), expected, atol=1e-6, rtol=1e-5)
     assert torch.all(probs[1, 0] == 0)
-    torch.testing.assert_close(accumulated_attention(probs).double(), expected.sum(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        accumulated_attention(probs).double(), expected.sum(1), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("subset_kind", ["none", "shared", "per_head"])
@@ -76,13 +78,17 @@ def test_entropy_potential_matches_loop(subset_kind):
         "shared": torch.rand(n, generator=gen) > 0.4,
         "per_head": torch.rand(H, n, generator=gen) > 0.4,
     }[subset_kind]
-    if subset_kind == "per_head":  # one- and two-key subsets, where the log(max(|subset|, 2)) floor applies
+    if (
+        subset_kind == "per_head"
+    ):  # one- and two-key subsets, where the log(max(|subset|, 2)) floor applies
         subset[1:] = False
         subset[1, [2, 5]] = True
         subset[2, 7] = True
     full_subset = torch.ones(H, n, dtype=torch.bool) if subset is None else subset.expand(H, n)
     result = entropy_potential(probs, subset)
-    torch.testing.assert_close(result.double(), naive_entropy_potential(probs, full_subset), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        result.double(), naive_entropy_potential(probs, full_subset), atol=1e-6, rtol=1e-5
+    )
     assert torch.all(result[~full_subset] == 0)
 
 

@@ -63,7 +63,9 @@ def test_retention_from_entropy_limits():
 def test_absorption_from_attention_clamps_and_handles_zero_mean():
     alpha = torch.tensor([[0.0, 1.0, 2.0, 100.0], [3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
     a = absorption_from_attention(alpha, 0.5, 2.0)
-    torch.testing.assert_close(a, torch.tensor([[0.5, 0.5, 0.5, 2.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(
+        a, torch.tensor([[0.5, 0.5, 0.5, 2.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    )
 
 
 @pytest.mark.parametrize("a_min, a_max", [(0.5, 2.0), (0.1, 10.0)])

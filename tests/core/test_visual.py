@@ -72,13 +72,16 @@ def test_pooling_is_2d_within_each_image_and_1d_among_text():
                 continue
             if layout.image[h, j] >= 0:
                 neighbours = [
-                    i for i in range(24)
+                    i
+                    for i in range(24)
                     if layout.image[h, i] == layout.image[h, j]
                     and abs(int(layout.row[h, i] - layout.row[h, j])) <= 1
                     and abs(int(layout.col[h, i] - layout.col[h, j])) <= 1
                 ]
             else:
-                neighbours = [i for i in range(max(0, j - 1), min(24, j + 2)) if layout.image[h, i] == -1]
+                neighbours = [
+                    i for i in range(max(0, j - 1), min(24, j + 2)) if layout.image[h, i] == -1
+                ]
             assert pooled[h, j] == pytest.approx(float(x[h, neighbours].mean()), rel=1e-5), (h, j)
 
 
@@ -90,7 +93,9 @@ def naive_visual_order(folded: list[int], layout: PatchLayout, score: torch.Tens
         root = max(mine, key=lambda i: (float(score[h, i]), -i))
         for i in folded:
             if layout.image[h, i] == image:
-                d = abs(int(layout.row[h, i] - layout.row[h, root])) + abs(int(layout.col[h, i] - layout.col[h, root]))
+                d = abs(int(layout.row[h, i] - layout.row[h, root])) + abs(
+                    int(layout.col[h, i] - layout.col[h, root])
+                )
                 entries.append((image, -d, i, d))
     entries.sort()
     return [(i, image, d) for image, _, i, d in entries]
@@ -100,7 +105,9 @@ def test_fold_plan_runs_from_the_farthest_ring_to_the_root():
     torch.manual_seed(2)
     layout = make_layout()
     score = torch.rand(2, 24)
-    folded = torch.tensor([[0, 3, 4, 5, 8, 10, 13, 14, 16, 17, 19, 21], [1, 3, 6, 7, 9, 12, 14, 15, 17, 18, 19, 20]])
+    folded = torch.tensor(
+        [[0, 3, 4, 5, 8, 10, 13, 14, 16, 17, 19, 21], [1, 3, 6, 7, 9, 12, 14, 15, 17, 18, 19, 20]]
+    )
     plan = visual_fold_plan(folded, layout, score)
     for h in range(2):
         expected = naive_visual_order(folded[h].tolist(), layout, score, h)
@@ -131,7 +138,10 @@ def test_each_state_receives_exactly_its_modality_in_its_order(states):
     layout = make_layout()
     obs = observation(layout)
     generator = torch.Generator().manual_seed(4)
-    keys, values = torch.randn(2, 24, 8, generator=generator), torch.randn(2, 24, 8, generator=generator)
+    keys, values = (
+        torch.randn(2, 24, 8, generator=generator),
+        torch.randn(2, 24, 8, generator=generator),
+    )
     folded = torch.zeros(2, 24, dtype=torch.bool)
     folded[0, [2, 3, 5, 6, 9, 12, 15, 17, 20, 22]] = True
     folded[1, [4, 7, 8, 10, 11, 14, 16, 18, 19, 23]] = True
@@ -141,7 +151,11 @@ def test_each_state_receives_exactly_its_modality_in_its_order(states):
         return
     assert len(result) == (2 if states == "dual" else 1)
 
-    from retentivekv_vllm.core import absorption_from_attention, normalize_by_max, retention_from_entropy
+    from retentivekv_vllm.core import (
+        absorption_from_attention,
+        normalize_by_max,
+        retention_from_entropy,
+    )
 
     phi = policy.feature_map(8, 1.0)
     score = policy.score(obs)
@@ -152,11 +166,14 @@ def test_each_state_receives_exactly_its_modality_in_its_order(states):
         absorption = dict(zip(slots, absorption_from_attention(alpha[h, slots], 0.5, 2.0).tolist()))
         gamma = {i: float(retention_from_entropy(entropy_hat[h, i], 0.9)) for i in slots}
 
-        def sequential(order, gates):
+        def sequential(order, gates, h=h, absorption=absorption):
             state = RecurrentState.zeros(1, phi.rank, 8)
             return fold_sequential(
-                state, phi.features(keys[h, order])[None], values[h, order][None],
-                torch.tensor([gates])[:, :len(order)].reshape(1, -1), torch.tensor([[absorption[i] for i in order]]),
+                state,
+                phi.features(keys[h, order])[None],
+                values[h, order][None],
+                torch.tensor([gates])[:, : len(order)].reshape(1, -1),
+                torch.tensor([[absorption[i] for i in order]]),
             )
 
         text = [i for i in slots if states == "single" or layout.image[h, i] < 0]

@@ -19,8 +19,14 @@ def merge_loop(keys, values, kept):
         for i in range(n):
             if kept[h, i]:
                 continue
-            cos = [float(torch.nn.functional.cosine_similarity(keys[h, i].double(), keys[h, j].double(), dim=0))
-                   for j in kept_slots]
+            cos = [
+                float(
+                    torch.nn.functional.cosine_similarity(
+                        keys[h, i].double(), keys[h, j].double(), dim=0
+                    )
+                )
+                for j in kept_slots
+            ]
             target = kept_slots[max(range(len(cos)), key=cos.__getitem__)]
             sums_k[h, target] += keys[h, i].double()
             sums_v[h, target] += values[h, i].double()
@@ -58,7 +64,9 @@ def test_text_prior_ranks_every_text_token_above_every_image_token():
     accumulated = torch.rand(heads, n, generator=generator)
     accumulated[:, 5:21] += 10.0  # images draw far more attention than text
     candidates = torch.ones(heads, n, dtype=torch.bool)
-    obs = Observation(torch.zeros(heads, 1, n), torch.arange(n).expand(heads, -1), candidates, accumulated, layout)
+    obs = Observation(
+        torch.zeros(heads, 1, n), torch.arange(n).expand(heads, -1), candidates, accumulated, layout
+    )
     policy = make_policy(KVPolicyConfig(policy="lookm"))
     kept = policy.select(obs, 10)
     text = ~layout.visual

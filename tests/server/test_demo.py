@@ -30,9 +30,15 @@ MAX_TOKENS = 32  # below the decode interval (64): the prompt is folded once, at
 
 
 def test_report_sets_kv_and_state_against_stock():
-    stats = {"num_prompt_tokens": 5000, "budget_tokens": 1000, "tokens_cached": 5031,
-             "tokens_kept": 1031, "tokens_folded": 4000, "compressions": 1,
-             "state_bytes": 2**20}
+    stats = {
+        "num_prompt_tokens": 5000,
+        "budget_tokens": 1000,
+        "tokens_cached": 5031,
+        "tokens_kept": 1031,
+        "tokens_folded": 4000,
+        "compressions": 1,
+        "state_bytes": 2**20,
+    }
     lines = demo.report(stats, bytes_per_token=1024)
     assert lines[3].split()[3:5] == ["1.0", "MiB"]  # 1,031 tokens x 1 KiB
     assert lines[4].split()[2:4] == ["1.0", "MiB"]
@@ -51,11 +57,17 @@ def test_kv_bytes_per_token_from_config(tmp_path):
 def test_document_without_question_is_refused(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("some notes")
-    for argv, message in ((["--document", str(text)], "--document needs a --question"),
-                          (["--document", str(tmp_path / "missing.txt")], "no such file")):
+    for argv, message in (
+        (["--document", str(text)], "--document needs a --question"),
+        (["--document", str(tmp_path / "missing.txt")], "no such file"),
+    ):
         result = subprocess.run(
             [sys.executable, "-m", "retentivekv_vllm.demo", *argv],
-            check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
         )
         assert result.returncode == 2 and message in result.stderr
         assert not (tmp_path / "models").exists()  # refused before converting anything
@@ -73,8 +85,12 @@ def server(model_dir, tmp_path_factory):
     from retentivekv_vllm.fixtures.server import Server
 
     log_path = tmp_path_factory.mktemp("demo") / "vllm-serve.log"
-    srv = Server(model_dir, demo.server_args("retentive", "0.2"), log_path=log_path,
-                 env={"VLLM_PLUGINS": "retentivekv"})
+    srv = Server(
+        model_dir,
+        demo.server_args("retentive", "0.2"),
+        log_path=log_path,
+        env={"VLLM_PLUGINS": "retentivekv"},
+    )
     srv.start(timeout=600)  # a longer wait than `with Server(...)` gives, on a busy machine
     try:
         yield srv
@@ -88,8 +104,14 @@ def test_answer_at_a_fifth_of_the_cache_as_with_all_of_it(server, model_dir, bud
     """The default question at the server's 0.2 and, through the request's own budget, at 1.0
     (no compression): both name the module the text describes."""
     xargs = None if budget == 0.2 else {"kv_budget": budget}
-    reply = demo.ask(server.base_url, model_dir, demo.default_document(), demo.DEFAULT_QUESTION,
-                     MAX_TOKENS, xargs=xargs)
+    reply = demo.ask(
+        server.base_url,
+        model_dir,
+        demo.default_document(),
+        demo.DEFAULT_QUESTION,
+        MAX_TOKENS,
+        xargs=xargs,
+    )
     assert "pdb" in reply.choices[0].message.content
 
     stats = demo.request_stats(server.base_url, reply.id)
@@ -109,9 +131,20 @@ def test_answer_at_a_fifth_of_the_cache_as_with_all_of_it(server, model_dir, bud
 def test_demo_prints_the_answer_and_the_servers_numbers(model_dir, tmp_path):
     """`python -m retentivekv_vllm.demo` as `bash scripts/demo.sh` runs it, its own server."""
     result = subprocess.run(
-        [sys.executable, "-m", "retentivekv_vllm.demo", "--max-tokens", str(MAX_TOKENS),
-         "--model-dir", model_dir],
-        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "retentivekv_vllm.demo",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--model-dir",
+            model_dir,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()

@@ -23,7 +23,10 @@ from .test_metrics import scrape, wait_until
 pytestmark = pytest.mark.slow
 
 ROUND = settings(
-    max_examples=300, deadline=None, derandomize=True, database=None,
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 PROMPTS = ["Hi", "Sentence one: the river carried sand past the mill. " * 40]
@@ -34,7 +37,9 @@ def server(tmp_path_factory):
     model_dir = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
     log_path = tmp_path_factory.mktemp("server") / "vllm-serve.log"
     args = ("--kv-policy", "retentive", "--kv-budget", "0.2")
-    with Server(str(model_dir), args=args, env={"VLLM_PLUGINS": "retentivekv"}, log_path=log_path) as srv:
+    with Server(
+        str(model_dir), args=args, env={"VLLM_PLUGINS": "retentivekv"}, log_path=log_path
+    ) as srv:
         yield srv
 
 
@@ -43,24 +48,29 @@ def model(server) -> str:
     return httpx.get(server.base_url + "/v1/models", timeout=60).json()["data"][0]["id"]
 
 
-REQUESTS = st.fixed_dictionaries({
-    "chat": st.booleans(),
-    "stream": st.booleans(),
-    "drop_after_first_chunk": st.booleans(),
-    "beam": st.sampled_from([False] * 7 + [True]),
-    "prompt": st.sampled_from(PROMPTS),
-    "max_tokens": st.integers(1, 4),
-    "xargs": st.one_of(
-        st.dictionaries(KV_KEYS, JSON_VALUES, max_size=3),
-        st.fixed_dictionaries({"kv_budget": st.floats(0.01, 1.0) | st.integers(40, 2048)}),
-    ),
-})
+REQUESTS = st.fixed_dictionaries(
+    {
+        "chat": st.booleans(),
+        "stream": st.booleans(),
+        "drop_after_first_chunk": st.booleans(),
+        "beam": st.sampled_from([False] * 7 + [True]),
+        "prompt": st.sampled_from(PROMPTS),
+        "max_tokens": st.integers(1, 4),
+        "xargs": st.one_of(
+            st.dictionaries(KV_KEYS, JSON_VALUES, max_size=3),
+            st.fixed_dictionaries({"kv_budget": st.floats(0.01, 1.0) | st.integers(40, 2048)}),
+        ),
+    }
+)
 
 
 def body_of(case: dict, model: str) -> str:
     body = {
-        "model": model, "max_tokens": case["max_tokens"], "temperature": 0,
-        "stream": case["stream"] and not case["beam"], "vllm_xargs": case["xargs"],
+        "model": model,
+        "max_tokens": case["max_tokens"],
+        "temperature": 0,
+        "stream": case["stream"] and not case["beam"],
+        "vllm_xargs": case["xargs"],
     }
     if case["beam"]:
         body.update(use_beam_search=True, n=2)
@@ -76,8 +86,11 @@ def body_of(case: dict, model: str) -> str:
 def test_generated_requests_get_200_or_400_naming_the_field(server, model, case):
     path = "/v1/chat/completions" if case["chat"] else "/v1/completions"
     with httpx.stream(
-        "POST", server.base_url + path, content=body_of(case, model),
-        headers={"Content-Type": "application/json"}, timeout=120,
+        "POST",
+        server.base_url + path,
+        content=body_of(case, model),
+        headers={"Content-Type": "application/json"},
+        timeout=120,
     ) as response:
         if response.status_code == 200 and case["drop_after_first_chunk"]:
             next(response.iter_bytes(), None)  # closing now aborts the request on the server
@@ -92,7 +105,8 @@ def test_generated_requests_get_200_or_400_naming_the_field(server, model, case)
 
 def test_after_the_round_the_server_serves_and_everything_is_back(server, model):
     completion = httpx.post(
-        server.base_url + "/v1/completions", timeout=120,
+        server.base_url + "/v1/completions",
+        timeout=120,
         json={"model": model, "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0},
     )
     assert completion.status_code == 200, completion.text

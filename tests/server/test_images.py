@@ -34,16 +34,32 @@ def text_part(text: str) -> dict:
 
 CHATS = {
     "one image": [image_part(PNGS[0]), text_part("What is in the picture?")],
-    "two images": [text_part("Left:"), image_part(PNGS[0]), text_part("right:"), image_part(PNGS[1]),
-                   text_part("Which one has more red?")],
+    "two images": [
+        text_part("Left:"),
+        image_part(PNGS[0]),
+        text_part("right:"),
+        image_part(PNGS[1]),
+        text_part("Which one has more red?"),
+    ],
 }
 RUNS = {
     "stock": ((), {"VLLM_PLUGINS": ""}),
     "budget 1.0": (("--kv-policy", "retentive", "--kv-budget", "1.0"), {}),
     # A short window, so that the policy chooses which image tokens stay; small blocks, so that
     # the folded image tokens of these short prompts fill whole blocks; the plugin's metrics on.
-    "budget 0.2": (("--kv-policy", "retentive", "--kv-budget", "0.2", "--kv-window", "8", "--block-size", "32"),
-                   {"VLLM_PLUGINS": "retentivekv"}),
+    "budget 0.2": (
+        (
+            "--kv-policy",
+            "retentive",
+            "--kv-budget",
+            "0.2",
+            "--kv-window",
+            "8",
+            "--block-size",
+            "32",
+        ),
+        {"VLLM_PLUGINS": "retentivekv"},
+    ),
 }
 
 
@@ -72,8 +88,11 @@ def served(model_dir, tmp_path_factory) -> dict:
             with OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=300) as client:
                 replies = {
                     name: client.chat.completions.create(
-                        model=model_dir, messages=[{"role": "user", "content": content}],
-                        max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True},
+                        model=model_dir,
+                        messages=[{"role": "user", "content": content}],
+                        max_tokens=MAX_TOKENS,
+                        temperature=0,
+                        extra_body={"return_token_ids": True},
                     )
                     for name, content in CHATS.items()
                 }
@@ -81,7 +100,11 @@ def served(model_dir, tmp_path_factory) -> dict:
                 client.completions.create(model=model_dir, prompt="Flush.", max_tokens=2)
             # Read before the server stops: shutting down logs the engine's exit.
             log = wait_for_release_lines(log_path, len(CHATS) if args else 0)
-            metrics = released_metrics(server, len(CHATS) + 1) if env.get("VLLM_PLUGINS") == "retentivekv" else None
+            metrics = (
+                released_metrics(server, len(CHATS) + 1)
+                if env.get("VLLM_PLUGINS") == "retentivekv"
+                else None
+            )
         results[run] = (replies, log, metrics)
     return results
 
@@ -91,13 +114,17 @@ def wait_for_release_lines(log_path, count: int, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
         log = log_path.read_text(errors="replace")
-        if sum(int(m["images"]) > 0 for m in LOG_LINE.finditer(log)) >= count or time.monotonic() > deadline:
+        if (
+            sum(int(m["images"]) > 0 for m in LOG_LINE.finditer(log)) >= count
+            or time.monotonic() > deadline
+        ):
             return log
         time.sleep(0.5)
 
 
 def released_metrics(server, count: int, timeout: float = 60.0) -> dict:
-    """/metrics once the plugin's counters include `count` released requests (they refresh periodically)."""
+    """/metrics once the plugin's counters include `count` released requests (they refresh
+    periodically)."""
     deadline = time.monotonic() + timeout
     while True:
         metrics = scrape(server)
@@ -118,7 +145,9 @@ def test_stock_counts_every_image_token(served, model_dir):
     replies, _, _ = served["stock"]
     for name, content in CHATS.items():
         parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
-        text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": parts}], add_generation_prompt=True
+        )
         images = [decode(png) for png in PNGS[: sum(p["type"] == "image" for p in parts)]]
         inputs = processor(text=text, images=images, add_special_tokens=False)
         assert replies[name].usage.prompt_tokens == len(inputs["input_ids"][0]), name

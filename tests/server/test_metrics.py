@@ -34,8 +34,14 @@ def server(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_PLUGINS", "retentivekv")
         args = (
-            "--kv-policy", "retentive", "--kv-budget", str(BUDGET), "--api-key", API_KEY,
-            "--kv-request-overrides", "deny",
+            "--kv-policy",
+            "retentive",
+            "--kv-budget",
+            str(BUDGET),
+            "--api-key",
+            API_KEY,
+            "--kv-request-overrides",
+            "deny",
         )
         with Server(model=str(model_dir), args=args, log_path=log_path) as srv:
             yield srv
@@ -64,7 +70,9 @@ def scrape(server) -> dict[str, tuple[dict, float]]:
     }
 
 
-def settled_scrape(server, names: tuple[str, ...], timeout: float = 60.0) -> dict[str, tuple[dict, float]]:
+def settled_scrape(
+    server, names: tuple[str, ...], timeout: float = 60.0
+) -> dict[str, tuple[dict, float]]:
     """/metrics once ``names`` held still over a refresh of the plugin's counters.
 
     The plugin's series refresh every REFRESH_SECONDS: requests an earlier test finished can still
@@ -135,8 +143,12 @@ def test_metrics_count_what_the_requests_folded(server, client, tokenizer):
 def test_a_live_request_shows_its_state_and_gives_it_back_when_aborted(server, client):
     model = client.models.list().data[0].id
     stream = client.completions.create(
-        model=model, prompt=long_prompt(20, "the tide turned at noon"), max_tokens=1500,
-        temperature=0, stream=True, extra_body={"ignore_eos": True},
+        model=model,
+        prompt=long_prompt(20, "the tide turned at noon"),
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
     )
     next(iter(stream))  # the prompt is in (and folded); decoding goes on
     live = get_stats(server)
@@ -178,18 +190,24 @@ def test_stats_route_is_read_only_and_behind_the_api_key(server):
     ],
 )
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_denied_overrides_get_http_400_naming_the_field_and_the_flag(server, client, xargs, field, endpoint):
+def test_denied_overrides_get_http_400_naming_the_field_and_the_flag(
+    server, client, xargs, field, endpoint
+):
     model = client.models.list().data[0].id
     counted = ("vllm:prompt_tokens_total", "retentivekv:tokens_cached_total")
     before = settled_scrape(server, counted)
     with pytest.raises(BadRequestError) as refused:
         if endpoint == "chat":
             client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                model=model,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=2,
                 extra_body={"vllm_xargs": xargs},
             )
         else:
-            client.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": xargs})
+            client.completions.create(
+                model=model, prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": xargs}
+            )
     assert refused.value.status_code == 400
     assert field in refused.value.message, refused.value.message
     assert "--kv-request-overrides" in refused.value.message, refused.value.message
@@ -204,7 +222,10 @@ def test_denied_overrides_leave_other_extra_fields_alone(server, client):
     """Only the kv_* fields are refused: other vllm_xargs still reach the engine."""
     model = client.models.list().data[0].id
     completion = client.completions.create(
-        model=model, prompt="Hi", max_tokens=2, temperature=0,
+        model=model,
+        prompt="Hi",
+        max_tokens=2,
+        temperature=0,
         extra_body={"ignore_eos": True, "vllm_xargs": {"session_id": "abc"}},
     )
     assert completion.usage.completion_tokens == 2

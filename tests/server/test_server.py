@@ -199,7 +199,10 @@ def test_request_chooses_its_budget(server, client, served_model, tokenizer):
     prompt = long_prompt(17, "an owl called twice from the barn")
     prompt_tokens = len(tokenizer(prompt).input_ids)
     client.completions.create(
-        model=served_model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        model=served_model,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
         extra_body={"vllm_xargs": {"kv_budget": 0.5}},
     )
     complete(client, served_model, "Flush.", max_tokens=2)
@@ -217,10 +220,17 @@ def test_request_chooses_its_budget(server, client, served_model, tokenizer):
     ],
 )
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_bad_request_settings_get_http_400_naming_the_field(client, served_model, xargs, field, endpoint):
+def test_bad_request_settings_get_http_400_naming_the_field(
+    client, served_model, xargs, field, endpoint
+):
     with pytest.raises(BadRequestError) as refused:
         if endpoint == "chat":
-            chat(client, served_model, [{"role": "user", "content": "Hi"}], extra_body={"vllm_xargs": xargs})
+            chat(
+                client,
+                served_model,
+                [{"role": "user", "content": "Hi"}],
+                extra_body={"vllm_xargs": xargs},
+            )
         else:
             client.completions.create(
                 model=served_model, prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": xargs}
@@ -233,14 +243,32 @@ def test_bad_request_settings_get_http_400_naming_the_field(client, served_model
 # for the engine core's serializer) or answered HTTP 500; each must be a 400 naming the field.
 # JSON as sent: numbers, strings, non-standard JSON constants, a boolean, a list.
 HOSTILE_BUDGETS = [
-    '"1e20"', "1e20", '"1e308"', "1e308", "Infinity", "-Infinity", "NaN", "1e309", '"inf"',
-    '"Infinity"', '"1e309"', '"nan"', "true", "false", '"3000"', "3000", "[0.5]", '"0x10"',
+    '"1e20"',
+    "1e20",
+    '"1e308"',
+    "1e308",
+    "Infinity",
+    "-Infinity",
+    "NaN",
+    "1e309",
+    '"inf"',
+    '"Infinity"',
+    '"1e309"',
+    '"nan"',
+    "true",
+    "false",
+    '"3000"',
+    "3000",
+    "[0.5]",
+    '"0x10"',
 ]
 
 
 def post_json(server, path: str, body: str) -> httpx.Response:
     return httpx.post(
-        server.base_url + path, content=body, headers={"Content-Type": "application/json"},
+        server.base_url + path,
+        content=body,
+        headers={"Content-Type": "application/json"},
         timeout=60,
     )
 
@@ -255,14 +283,18 @@ def test_hostile_budgets_get_http_400_and_the_server_keeps_serving(server, serve
     assert response.status_code == 400, (response.status_code, response.text)
     assert "vllm_xargs.kv_budget" in response.json()["error"]["message"], response.text
     # After such a request every completion used to hang.
-    ok = post_json(server, "/v1/completions", f'{{"model": "{served_model}", "prompt": "Hi", "max_tokens": 1}}')
+    ok = post_json(
+        server, "/v1/completions", f'{{"model": "{served_model}", "prompt": "Hi", "max_tokens": 1}}'
+    )
     assert ok.status_code == 200, ok.text
 
 
 def test_a_long_unknown_policy_is_not_echoed_whole(client, served_model):
     with pytest.raises(BadRequestError) as refused:
         client.completions.create(
-            model=served_model, prompt="Hi", max_tokens=2,
+            model=served_model,
+            prompt="Hi",
+            max_tokens=2,
             extra_body={"vllm_xargs": {"kv_policy": "x" * 100_000}},
         )
     assert "vllm_xargs.kv_policy" in refused.value.message
@@ -272,16 +304,25 @@ def test_a_long_unknown_policy_is_not_echoed_whole(client, served_model):
 def beam_search(client, model, endpoint, **extra_body):
     if endpoint == "chat":
         return chat(
-            client, model, [{"role": "user", "content": "Hi"}], n=2,
+            client,
+            model,
+            [{"role": "user", "content": "Hi"}],
+            n=2,
             extra_body={"use_beam_search": True, **extra_body},
         )
     return client.completions.create(
-        model=model, prompt="Hi", max_tokens=4, n=2, temperature=0,
+        model=model,
+        prompt="Hi",
+        max_tokens=4,
+        n=2,
+        temperature=0,
         extra_body={"use_beam_search": True, **extra_body},
     )
 
 
-@pytest.mark.parametrize("xargs", [{"kv_budget": 0.5}, {"kv_budget": "1e20"}, {"kv_policy": "snapkv"}])
+@pytest.mark.parametrize(
+    "xargs", [{"kv_budget": 0.5}, {"kv_budget": "1e20"}, {"kv_policy": "snapkv"}]
+)
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_beam_search_refuses_per_request_kv_settings(client, served_model, xargs, endpoint):
     """vLLM builds beam search without vllm_xargs: the settings would be ignored unchecked."""
@@ -312,7 +353,11 @@ def run_vllm(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [*vllm_command(), *args]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
         start_new_session=True,
     )
     try:
