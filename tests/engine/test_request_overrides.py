@@ -133,6 +133,13 @@ def test_a_snapkv_request_on_a_lookm_server_generates_what_a_snapkv_server_does(
         ({"kv_budget": 1.5}, "vllm_xargs.kv_budget"),
         ({"kv_budget": "lots"}, "vllm_xargs.kv_budget"),
         ({"kv_budget": 0}, "vllm_xargs.kv_budget"),
+        # The budget rule on the LLM API path: finite, a count up to the maximum length.
+        ({"kv_budget": 1e20}, "vllm_xargs.kv_budget"),
+        ({"kv_budget": float("inf")}, "vllm_xargs.kv_budget"),
+        ({"kv_budget": float("nan")}, "vllm_xargs.kv_budget"),
+        ({"kv_budget": "1e309"}, "vllm_xargs.kv_budget"),
+        ({"kv_budget": True}, "vllm_xargs.kv_budget"),
+        ({"kv_budget": 10**6}, "vllm_xargs.kv_budget"),
         ({"kv_policy": "nope"}, "vllm_xargs.kv_policy"),
         ({"kv_policy": 3}, "vllm_xargs.kv_policy"),
         ({"kv_sinks": 2}, "vllm_xargs.kv_sinks"),
