@@ -3,6 +3,7 @@
 
     python -m benchmarks.serve            # stock, retentive 0.2 and 0.05
     python -m benchmarks.serve --quick    # stock and retentive 0.2, shorter prompts
+    python -m benchmarks.serve --model smollm2   # the real SmolLM2-135M-Instruct: stock and 0.2
 
 The cross-check of `benchmarks.speed` (which drives the engine in-process and reads the
 scheduler after every step) through the path a user runs: each configuration is a fresh
@@ -16,8 +17,10 @@ dataset measures two workloads against it:
   that holds a few whole stock requests: output tokens/s over the burst, and the most requests
   running at once, polled from the server's ``vllm:num_requests_running`` gauge.
 
-Same model shape, block size, chunk size and pool as `benchmarks.speed`. Writes
-``benchmarks/results/serve.json`` (``serve_quick.json`` for --quick) and a plot.
+Same model shapes (the synthetic one by default, ``--model smollm2`` for the real model at its
+8,192 positions), block size, chunk size and pool as `benchmarks.speed`. Writes
+``benchmarks/results/serve.json`` (``serve_quick.json`` for --quick, ``serve_smollm2.json`` for
+--model smollm2) and a plot.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from pathlib import Path
 
 from benchmarks import require_matplotlib
 from benchmarks.speed import (
-    BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MODEL, STOCK_REQUESTS_IN_POOL, bar_panels, kv_bytes_per_token, load,
+    BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MODELS, STOCK_REQUESTS_IN_POOL, bar_panels, benchmark_model_dir,
+    kv_bytes_per_token, load,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,6 +56,11 @@ SETTINGS = {
         budgets=(0.2,),
         batch1=dict(input_len=8192, output_len=32, num_prompts=2),
         burst=dict(input_len=2048, output_len=48, num_prompts=12),
+    ),
+    "smollm2": dict(
+        budgets=(0.2,),
+        batch1=dict(input_len=8192 - 32, output_len=32, num_prompts=2),
+        burst=dict(input_len=2048, output_len=32, num_prompts=16),
     ),
 }
 # What vllm bench serve's result JSON reports, kept per workload.
@@ -105,13 +114,13 @@ def bench_serve(base_url: str, model_dir: str, workload: dict, result: Path, max
 
 
 def run_config(name: str, plugin_args: tuple[str, ...] | None, model_dir: str, settings: dict, pool_blocks: int,
-               work: Path) -> dict:
+               work: Path, bytes_per_token: int) -> dict:
     from retentivekv_vllm.fixtures.server import Server
 
     max_model_len = max(w["input_len"] + w["output_len"] for w in (settings["batch1"], settings["burst"]))
     args = (
         "--max-model-len", str(max_model_len),
-        "--kv-cache-memory-bytes", str(pool_blocks * BLOCK_SIZE * kv_bytes_per_token()),
+        "--kv-cache-memory-bytes", str(pool_blocks * BLOCK_SIZE * bytes_per_token),
         "--block-size", str(BLOCK_SIZE), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
         # The plugin reserves the states of max_num_seqs requests out of the pool: the burst's size.
         "--max-num-seqs", str(settings["burst"]["num_prompts"]), "--no-enable-prefix-caching",
@@ -120,13 +129,16 @@ def run_config(name: str, plugin_args: tuple[str, ...] | None, model_dir: str, s
     env = {"VLLM_PLUGINS": ""} if plugin_args is None else {}
     slug = name.replace(" ", "-")
     server = Server(model_dir, args=args, env=env, log_path=work / f"{slug}.log")
-    with server:
+    server.start(timeout=600)  # `with server:` would start it with the default wait
+    try:
         batch1 = bench_serve(server.base_url, model_dir, settings["batch1"], work / f"{slug}-batch1.json", 1)
         gauge = RunningGauge(server.base_url)
         gauge.start()
         load_before = load()
         burst = bench_serve(server.base_url, model_dir, settings["burst"], work / f"{slug}-burst.json", None)
         burst.update(max_running=gauge.stop(), load_before=load_before, load_after=load())
+    finally:
+        server.stop()
     return {"name": name, "plugin_args": list(plugin_args or ()), "batch1": batch1, "burst": burst}
 
 
@@ -154,7 +166,8 @@ def summary_table(data: dict) -> str:
                      f"{vs['tpot_batch1_speedup']}x | {burst['output_throughput']:.1f} | "
                      f"{vs['burst_output_tokens_per_s']}x | {burst['max_running']} |")
     s = data["meta"]["settings"]
-    lines += ["", f"{data['meta']['mode']} run of `python -m benchmarks.serve`, {data['meta']['date']}; batch 1: "
+    flags = {"full": "", "quick": " --quick", "smollm2": " --model smollm2"}[data["meta"]["mode"]]
+    lines += ["", f"{data['meta']['mode']} run of `python -m benchmarks.serve{flags}`, {data['meta']['date']}; batch 1: "
               f"{s['batch1']['num_prompts']} requests of {s['batch1']['input_len']} prompt tokens; burst: "
               f"{s['burst']['num_prompts']} requests of {s['burst']['input_len']} prompt and {s['burst']['output_len']} "
               f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; medians as `vllm bench serve` "
@@ -181,14 +194,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stock and 0.2 only, shorter prompts")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    parser.add_argument("--model", choices=tuple(MODELS), default="synthetic",
+                        help="synthetic (the default) or smollm2 (the real SmolLM2-135M-Instruct: stock and 0.2)")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
+    if args.model != "synthetic" and args.quick:
+        parser.error(f"--model {args.model} has one setting of its own: drop --quick")
+    mode = args.model if args.model != "synthetic" else "quick" if args.quick else "full"
     settings = SETTINGS[mode]
     require_matplotlib()
 
     import vllm
-
-    from retentivekv_vllm.fixtures import build_tiny_model
 
     burst = settings["burst"]
     pool_blocks = STOCK_REQUESTS_IN_POOL * -(-(burst["input_len"] + burst["output_len"]) // BLOCK_SIZE) + 2
@@ -196,7 +211,7 @@ def main(argv=None) -> int:
         "benchmark": "serve", "mode": mode,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "vllm": vllm.__version__,
-        "model": MODEL, "settings": {**settings, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE},
+        "model": {"name": args.model, **MODELS[args.model]}, "settings": {**settings, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE},
         "load_start": load(),
     }
     configs = [("stock", None)] + [
@@ -205,10 +220,11 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = str(build_tiny_model(work / "serve-llama", arch="llama", **MODEL))
+        model_dir = benchmark_model_dir(args.model, work / "serve-llama")
+        bytes_per_token = kv_bytes_per_token(MODELS[args.model])
         for index, (name, plugin_args) in enumerate(configs):
             print(f"[{index + 1}/{len(configs)}] {name} ...", flush=True)
-            r = run_config(name, plugin_args, model_dir, settings, pool_blocks, work)
+            r = run_config(name, plugin_args, model_dir, settings, pool_blocks, work, bytes_per_token)
             print(f"    batch 1: TTFT {r['batch1']['median_ttft_ms'] / 1e3:.2f} s, TPOT {r['batch1']['median_tpot_ms']:.1f} ms;"
                   f" burst: {r['burst']['output_throughput']:.1f} output tok/s, max running {r['burst']['max_running']}",
                   flush=True)
@@ -217,7 +233,7 @@ def main(argv=None) -> int:
     meta["load_end"] = load()
     data = {"meta": meta, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / ("serve_quick.json" if args.quick else "serve.json")
+    json_path = args.out / {"full": "serve.json"}.get(mode, f"serve_{mode}.json")
     json_path.write_text(json.dumps(data, indent=1) + "\n")
     plot(data, json_path.with_suffix(".png"))
     print(summary_table(data))

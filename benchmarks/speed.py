@@ -3,6 +3,7 @@
     python -m benchmarks.speed            # stock and budgets 1.0/0.5/0.2/0.1/0.05, 16k-token latency
     python -m benchmarks.speed --quick    # stock and 0.2 only, 8k-token latency (a regression check)
     python -m benchmarks.speed --readme   # rewrite the README's headline table from the JSON
+    python -m benchmarks.speed --model smollm2   # the real SmolLM2-135M-Instruct: stock and 0.2
 
 Every configuration runs in its own process, one after another, on the same model and
 prompts: stock vLLM with the plugin disabled (``VLLM_PLUGINS=""``), then
@@ -18,15 +19,21 @@ engine (``llm.llm_engine.step()`` driven by hand, timed around each step):
   tokens per second over the whole run, and TPOT at the largest batch (median step time
   over the steps where the largest batch was decoding).
 
-The whole sequence of processes runs `passes` times over (three in either mode), one pass after
-another: between processes of one configuration decode steps differ by up to 20% here, so
+The whole sequence of processes runs `passes` times over (three in either synthetic mode), one
+pass after another: between processes of one configuration decode steps differ by up to 20% here, so
 every reported number is the median over the passes, each ratio is taken between those
 medians, and the ratio of every pass to its own stock is kept beside it (`vs_stock_by_pass`).
 
 The load average of the machine is recorded with every measurement: on a shared
 machine a number taken under load is slower and noisier, and says so in the JSON.
 
-Writes ``benchmarks/results/speed.json`` (``speed_quick.json`` for --quick) and a plot.
+The default model is synthetic (random weights, shaped so that the KV cache dominates a decode
+step); ``--model smollm2`` runs the real SmolLM2-135M-Instruct (``fixtures.smollm2``), whose
+weights dominate instead, at its longest context (8,192 positions) with one pass: a cost of about
+half an hour on two cores.
+
+Writes ``benchmarks/results/speed.json`` (``speed_quick.json`` for --quick,
+``speed_smollm2.json`` for --model smollm2) and a plot.
 """
 
 from __future__ import annotations
@@ -65,6 +72,19 @@ MODEL = dict(
     head_dim=64,
     max_position_embeddings=40960,
 )
+# SmolLM2-135M-Instruct (fixtures.smollm2): 30 layers with 3 KV heads of 64 (GQA, 9 query
+# heads) hold 45 KiB of fp32 KV per token (360 MiB at its 8,192 positions) against 538 MB of
+# weights: at batch 1 the weights are most of what a decode step reads.
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+)
+MODELS = {"synthetic": MODEL, "smollm2": SMOLLM2}
 SETTINGS = {
     "full": dict(
         budgets=(1.0, 0.5, 0.2, 0.1, 0.05),
@@ -78,11 +98,20 @@ SETTINGS = {
         throughput=dict(prompt_tokens=2048, num_requests=12, max_tokens=48),
         passes=3,
     ),
+    # One pass and TTFT the median of two requests: an 8k prefill of 30 layers takes tens of
+    # seconds here, so the run takes about half an hour; stock again is its noise check.
+    "smollm2": dict(
+        budgets=(0.2,),
+        latency_prompt=8192 - 32, latency_tokens=32, latency_repeats=2,
+        throughput=dict(prompt_tokens=2048, num_requests=16, max_tokens=32),
+        passes=1,
+    ),
 }
 # The throughput pool holds this many whole stock requests (prompt + output), plus one block.
 STOCK_REQUESTS_IN_POOL = 4
 MAX_NUM_BATCHED_TOKENS = 2048
-# Batch-1 requests per configuration: TTFT is their median (one prefill is too noisy here).
+# Batch-1 requests per configuration unless the settings say otherwise: TTFT is their median
+# (one prefill is too noisy here).
 LATENCY_REPEATS = 3
 
 
@@ -93,18 +122,19 @@ def configs(budgets) -> list[tuple[str, dict | None]]:
     return [("stock", None), *retentive, ("stock again", None)]
 
 
-def model_shape() -> dict:
-    return {"arch": "LlamaForCausalLM", "num_layers": MODEL["num_hidden_layers"],
-            "num_attention_heads": MODEL["num_attention_heads"], "num_kv_heads": MODEL["num_key_value_heads"],
-            "head_dim": MODEL["head_dim"], "hidden_size": MODEL["hidden_size"], "dtype": "float32"}
+def model_shape(model: dict = MODEL) -> dict:
+    return {"arch": "LlamaForCausalLM", "num_layers": model["num_hidden_layers"],
+            "num_attention_heads": model["num_attention_heads"], "num_kv_heads": model["num_key_value_heads"],
+            "head_dim": model["head_dim"], "hidden_size": model["hidden_size"], "dtype": "float32"}
 
 
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def measure_latency(model_dir: str, additional_config, prompt: list[int], max_tokens: int) -> dict:
-    """Batch 1: TTFT and the decode step times of LATENCY_REPEATS requests of the prompt, one after
+def measure_latency(model_dir: str, additional_config, prompt: list[int], max_tokens: int,
+                    model: dict = MODEL, repeats: int = LATENCY_REPEATS) -> dict:
+    """Batch 1: TTFT and the decode step times of `repeats` requests of the prompt, one after
     another (prefix caching off: each one prefills in full); TTFT is their median."""
     from vllm import LLM, SamplingParams
 
@@ -112,7 +142,7 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
     total = len(prompt) + max_tokens
     llm = LLM(
         model=model_dir, dtype="float32", enforce_eager=True, seed=SEED,
-        kv_cache_memory_bytes=(-(-total // BLOCK_SIZE) + 2) * BLOCK_SIZE * kv_bytes_per_token(),
+        kv_cache_memory_bytes=(-(-total // BLOCK_SIZE) + 2) * BLOCK_SIZE * kv_bytes_per_token(model),
         max_model_len=total, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_num_seqs=1,
         enable_prefix_caching=False, **kwargs,
     )
@@ -120,7 +150,7 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     ttfts, decode_steps = [], []
-    for repeat in range(LATENCY_REPEATS):
+    for repeat in range(repeats):
         started = time.perf_counter()
         engine.add_request(f"latency-{repeat}", {"prompt_token_ids": prompt}, params)
         generated = 0
@@ -150,8 +180,8 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
     }
 
 
-def kv_bytes_per_token() -> int:
-    return 2 * MODEL["num_hidden_layers"] * MODEL["num_key_value_heads"] * MODEL["head_dim"] * DTYPE_BYTES
+def kv_bytes_per_token(model: dict = MODEL) -> int:
+    return 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_dim"] * DTYPE_BYTES
 
 
 def tpot_at_largest_batch(series: dict) -> tuple[int, float | None]:
@@ -175,7 +205,9 @@ def run_one(spec: dict) -> dict:
 
     generator = torch.Generator().manual_seed(SEED)
     prompt = torch.randint(5, 2000, (spec["latency_prompt"],), generator=generator).tolist()
-    latency = measure_latency(spec["model_dir"], spec["additional_config"], prompt, spec["latency_tokens"])
+    model = spec["model"]
+    latency = measure_latency(spec["model_dir"], spec["additional_config"], prompt, spec["latency_tokens"],
+                              model, spec["latency_repeats"])
     stats = {}
     if spec["additional_config"] is not None:
         from retentivekv_vllm.engine.worker import WORKER
@@ -185,9 +217,9 @@ def run_one(spec: dict) -> dict:
     settings = spec["throughput"]
     prompts = [torch.randint(5, 2000, (settings["prompt_tokens"],), generator=generator).tolist()
                for _ in range(settings["num_requests"])]
-    pool_bytes = spec["pool_blocks"] * BLOCK_SIZE * kv_bytes_per_token()
+    pool_bytes = spec["pool_blocks"] * BLOCK_SIZE * kv_bytes_per_token(model)
     load_before = load()
-    throughput = run_config(spec["name"], spec["additional_config"], spec["model_dir"], model_shape(),
+    throughput = run_config(spec["name"], spec["additional_config"], spec["model_dir"], model_shape(model),
                             prompts, settings, pool_bytes, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
     largest, tpot = tpot_at_largest_batch(throughput["series"])
     output_tokens = settings["num_requests"] * settings["max_tokens"]
@@ -284,6 +316,9 @@ def _ms(seconds):
     return "n/a" if seconds is None else f"{1e3 * seconds:.1f} ms"
 
 
+COMMAND_FLAGS = {"full": "", "quick": " --quick", "smollm2": " --model smollm2"}
+
+
 def summary_table(data: dict) -> str:
     meta = data["meta"]
     lines = [
@@ -293,7 +328,7 @@ def summary_table(data: dict) -> str:
     loads = [x for r in data["results"] for x in (r["latency"]["load_before"][0], r["throughput"]["load_before"][0])]
     lines.append("")
     lines.append(
-        f"{meta['mode']} run of `python -m benchmarks.speed{' --quick' if meta['mode'] == 'quick' else ''}`, "
+        f"{meta['mode']} run of `python -m benchmarks.speed{COMMAND_FLAGS[meta['mode']]}`, "
         f"{meta['date']}, {meta['cpu_count']} CPU cores; every number the median over "
         f"{meta['settings']['passes']} passes, a process each; batch-1 latency at {meta['settings']['latency_prompt']} "
         f"prompt tokens (TTFT the median of {meta['settings']['latency_repeats']} requests); throughput: {meta['settings']['throughput']['num_requests']} requests of "
@@ -348,15 +383,32 @@ def bar_panels(names: list[str], panels: list[tuple[str, list[float]]], title: s
     fig.savefig(path, dpi=110)
 
 
+def benchmark_model_dir(name: str, synthetic_dir: Path) -> str:
+    """The synthetic model built into `synthetic_dir`, or the real SmolLM2 (converted once, cached
+    under models/)."""
+    if name == "smollm2":
+        from retentivekv_vllm.fixtures.smollm2 import smollm2_model_dir
+
+        return str(smollm2_model_dir())
+    from retentivekv_vllm.fixtures import build_tiny_model
+
+    return str(build_tiny_model(synthetic_dir, arch="llama", **MODEL))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stock and 0.2 only, shorter prompts")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--readme", action="store_true", help="only rewrite README.md's table from the JSON")
+    parser.add_argument("--model", choices=tuple(MODELS), default="synthetic",
+                        help="synthetic (the default; random weights, KV-dominated) or smollm2 (the real "
+                        "SmolLM2-135M-Instruct: stock and 0.2 at 8k, one pass)")
     parser.add_argument("--run-spec", nargs=2, type=Path, help=argparse.SUPPRESS)  # one configuration
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    json_path = args.out / ("speed_quick.json" if args.quick else "speed.json")
+    if args.model != "synthetic" and (args.quick or args.readme):
+        parser.error(f"--model {args.model} has one setting of its own: drop --quick and --readme")
+    mode = args.model if args.model != "synthetic" else "quick" if args.quick else "full"
+    json_path = args.out / {"full": "speed.json"}.get(mode, f"speed_{mode}.json")
     if args.run_spec:
         spec_path, out_path = args.run_spec
         out_path.write_text(json.dumps(run_one(json.loads(spec_path.read_text()))))
@@ -369,9 +421,9 @@ def main(argv=None) -> int:
     import torch
     import vllm
 
-    from retentivekv_vllm.fixtures import build_tiny_model
-
     settings = SETTINGS[mode]
+    model = MODELS[args.model]
+    repeats = settings.get("latency_repeats", LATENCY_REPEATS)
     throughput = settings["throughput"]
     blocks_per_stock_request = -(-(throughput["prompt_tokens"] + throughput["max_tokens"]) // BLOCK_SIZE)
     pool_blocks = STOCK_REQUESTS_IN_POOL * blocks_per_stock_request + 2  # +1 slack, +1 vLLM's null block
@@ -379,24 +431,25 @@ def main(argv=None) -> int:
         "benchmark": "speed", "mode": mode,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "vllm": vllm.__version__, "torch": torch.__version__, "model": model_shape(),
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "model": {"name": args.model, **model_shape(model)},
         "settings": {**settings, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS, "pool_blocks": pool_blocks,
-                     "kv_bytes_per_token": kv_bytes_per_token(), "stock_requests_in_pool": STOCK_REQUESTS_IN_POOL,
-                     "latency_repeats": LATENCY_REPEATS},
+                     "kv_bytes_per_token": kv_bytes_per_token(model), "stock_requests_in_pool": STOCK_REQUESTS_IN_POOL,
+                     "latency_repeats": repeats},
         "load_start": load(),
     }
     started = time.perf_counter()
     runs = configs(settings["budgets"])
     by_config = [[] for _ in runs]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(build_tiny_model(Path(tmp) / "speed-llama", arch="llama", **MODEL))
+        model_dir = benchmark_model_dir(args.model, Path(tmp) / "speed-llama")
         for pass_index in range(settings["passes"]):
             for index, (name, additional_config) in enumerate(runs):
                 print(f"[pass {pass_index + 1}/{settings['passes']}, {index + 1}/{len(runs)}] {name} ...", flush=True)
                 spec = {"index": index, "name": name, "additional_config": additional_config,
                         "model_dir": model_dir, "latency_prompt": settings["latency_prompt"],
                         "latency_tokens": settings["latency_tokens"], "throughput": throughput,
-                        "pool_blocks": pool_blocks}
+                        "pool_blocks": pool_blocks, "model": model, "latency_repeats": repeats}
                 r = run_in_subprocess(spec, Path(tmp))
                 r["throughput"].pop("series")
                 lat, thr = r["latency"], r["throughput"]

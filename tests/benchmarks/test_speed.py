@@ -93,3 +93,27 @@ def test_a_run_without_matplotlib_stops_before_measuring(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=r"matplotlib.*\.\[bench\]"):
         speed.main(["--quick", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_smollm2_shape_is_the_converted_models():
+    """The real model's rows size its pools from `speed.SMOLLM2`: it must be the checkpoint's shape
+    (45 KiB of fp32 KV a token: 30 layers x 3 KV heads x 64 x keys and values x 4 bytes)."""
+    import json
+
+    from retentivekv_vllm.fixtures.smollm2 import default_smollm2_dir
+
+    assert speed.kv_bytes_per_token(speed.SMOLLM2) == 2 * 30 * 3 * 64 * 4 == 46080
+    config_path = default_smollm2_dir() / "config.json"
+    if not config_path.is_file():
+        pytest.skip("SmolLM2 not converted (python -m retentivekv_vllm.fixtures smollm2)")
+    config = json.loads(config_path.read_text())
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    assert {key: config[key] for key in speed.SMOLLM2} == speed.SMOLLM2
+
+
+@pytest.mark.parametrize("flags", [["--quick"], ["--readme"]])
+def test_smollm2_has_one_setting_of_its_own(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        speed.main(["--model", "smollm2", *flags, "--out", str(tmp_path)])
+    assert "--model smollm2 has one setting of its own" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
