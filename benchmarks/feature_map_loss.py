@@ -54,9 +54,7 @@ def capture(model, sequences, policies, prompt_len, queries, seed):
         scales[module.layer_idx] = scaling
         for name, policy in policies.items():
             examples[name][module.layer_idx].append(
-                calibrate.compression_example(
-                    policy, q, k, v, scaling, prompt_len, query_positions
-                )
+                calibrate.compression_example(policy, q, k, v, scaling, prompt_len, query_positions)
             )
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
@@ -71,8 +69,43 @@ def capture(model, sequences, policies, prompt_len, queries, seed):
             query_positions = prompt_len + span.sort().values
             model.base_model(input_ids=torch.tensor([ids]))
             print(f"captured sequence {i + 1}/{len(sequences)}", file=sys.stderr, flush=True)
-    stacked = {name: [calibrate.stack(e) for e in per_layer] for name, per_layer in examples.items()}
+    stacked = {name: [calibrate.stack(e) for e in layers] for name, layers in examples.items()}
     return stacked, scales
+
+
+def evaluate(maps, examples, scales, extra) -> dict:
+    """Per layer, the squared error of each map's merged output and of eviction, the latter also
+    with `extra` tokens more; totals as ratios to eviction's."""
+    head_dim = maps.model.head_dim
+    rows = []
+    for layer, learned in enumerate(maps.layers):
+        base = examples["eviction"][layer]
+        scale = scales[layer]
+        maps_of = {
+            "learned": learned,
+            f"prf{PRF_DEFAULT_RANK}": make_feature_map("prf", head_dim, PRF_DEFAULT_RANK, scale),
+            f"prf{maps.rank}": make_feature_map("prf", head_dim, maps.rank, scale),
+            "elu": make_feature_map("elu", head_dim, head_dim, scale),
+        }
+        row = {"layer": layer}
+        for name, feature_map in maps_of.items():
+            row[name], row["eviction"] = calibrate.squared_errors(feature_map, base)
+        row["learned_bf16"], _ = calibrate.squared_errors(learned, base, torch.bfloat16)
+        for n in sorted(set(extra.values())):
+            wider = examples[f"eviction+{n}"][layer]
+            row[f"eviction+{n}"] = float((wider.out_local - wider.out_full).square().sum(-1).mean())
+        rows.append(row)
+    names = [k for k in rows[0] if k != "layer"]
+    totals = {name: sum(r[name] for r in rows) for name in names}
+    return {
+        "state_tokens": {
+            "learned": extra["learned"],
+            f"prf{PRF_DEFAULT_RANK}": extra["prf"],
+            "elu": state_tokens(head_dim, head_dim),
+        },
+        "ratio_to_eviction": {n: totals[n] / totals["eviction"] for n in names},
+        "per_layer": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     s = maps.settings
     length, prompt_len = s["length"], s["length"] - s["span"]
     head_dim = maps.model.head_dim
-    budget = KVPolicyConfig(**{**s["policy"], "maps": "", "feature_map": "prf"}).budget_tokens(
-        prompt_len
-    )
-    extra = {"learned": state_tokens(maps.rank, head_dim),
-             "prf": state_tokens(PRF_DEFAULT_RANK, head_dim)}
+    budget = KVPolicyConfig(budget=s["policy"]["budget"]).budget_tokens(prompt_len)
+    extra = {
+        "learned": state_tokens(maps.rank, head_dim),
+        "prf": state_tokens(PRF_DEFAULT_RANK, head_dim),
+    }
     policies = {"eviction": budget, **{f"eviction+{n}": budget + n for n in extra.values()}}
     policies = {
         name: make_policy(KVPolicyConfig(policy="retentive", budget=tokens, states="single"))
@@ -108,50 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     used = s["sequences"] + s["held_out"]
+    text = None if s["text"] == calibrate.DEFAULT_TEXT else Path(s["text"])
     windows = calibrate.token_sequences(
-        tokenizer, calibrate.calibration_text(None), length, used + args.sequences
+        tokenizer, calibrate.calibration_text(text), length, used + args.sequences
     )[used:]
     examples, scales = capture(model, windows, policies, prompt_len, s["queries"], s["seed"] + 1)
-    rows = []
-    for layer, learned in enumerate(maps.layers):
-        base = examples["eviction"][layer]
-        scale = scales[layer]
-        maps_of = {
-            "learned": learned,
-            f"prf{PRF_DEFAULT_RANK}": make_feature_map("prf", head_dim, PRF_DEFAULT_RANK, scale),
-            f"prf{maps.rank}": make_feature_map("prf", head_dim, maps.rank, scale),
-            "elu": make_feature_map("elu", head_dim, head_dim, scale),
-        }
-        row = {"layer": layer}
-        for name, feature_map in maps_of.items():
-            row[name], row["eviction"] = calibrate.squared_errors(feature_map, base)
-        row["learned_bf16"], _ = calibrate.squared_errors(learned, base, torch.bfloat16)
-        for n in sorted(set(extra.values())):
-            wider = examples[f"eviction+{n}"][layer]
-            row[f"eviction+{n}"] = float(
-                (wider.out_local - wider.out_full).square().sum(-1).mean()
-            )
-        rows.append(row)
-    names = [k for k in rows[0] if k != "layer"]
-    totals = {name: sum(r[name] for r in rows) for name in names}
     result = {
         "model": str(args.model),
         "maps": str(args.maps),
         "budget_tokens": budget,
         "prompt_tokens": prompt_len,
-        "state_tokens": {"learned": extra["learned"], f"prf{PRF_DEFAULT_RANK}": extra["prf"],
-                         "elu": state_tokens(head_dim, head_dim)},
         "sequences": args.sequences,
-        "ratio_to_eviction": {n: totals[n] / totals["eviction"] for n in names},
-        "per_layer": rows,
+        **evaluate(maps, examples, scales, extra),
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"budget {budget} of {prompt_len} prompt tokens; squared error summed over layers, "
-          "as a ratio to eviction's:")
-    for name in names:
-        print(f"  {name:>14} {result['ratio_to_eviction'][name]:.3f}")
+    print(
+        f"budget {budget} of {prompt_len} prompt tokens; squared error summed over layers, "
+        "as a ratio to eviction's:"
+    )
+    for name, ratio in result["ratio_to_eviction"].items():
+        print(f"  {name:>14} {ratio:.3f}")
     return 0
 
 

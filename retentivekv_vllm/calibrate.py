@@ -30,6 +30,7 @@ from torch import Tensor
 
 from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import (
+    FeatureMap,
     LearnedFeatureMap,
     RecurrentState,
     accumulated_attention,
@@ -44,6 +45,7 @@ from retentivekv_vllm.policies import Observation, make_policy
 
 DEFAULT_RANK = 16  # a state of r·(d_v + 1) numbers: about 8 cached tokens of K+V at d = 64
 ATTENTION_NAME = "retentivekv_calibration"
+DEFAULT_TEXT = "pydoc_data.topics"  # the settings' name for the default calibration text
 SCALE_LR = 10.0  # the key scale's learning rate, as a multiple of --lr
 # Key scales tried per head before training, as factors e^0 ... e^21 of the small initial one: a
 # state of untrained features then starts at its best share instead of spending most of the
@@ -170,13 +172,16 @@ def stack(examples: list[LayerExample]) -> LayerExample:
 
 
 def merged_output(
-    feature_map: LearnedFeatureMap, batch: LayerExample, state_dtype: torch.dtype | None = None
+    feature_map: FeatureMap, batch: LayerExample, state_dtype: torch.dtype | None = None
 ) -> Tensor:
     """The server's output for the batch's query rows: the kept cache merged with one state into
     which the folded tokens were folded with `feature_map` ([S, H, g·Q, dv]); with `state_dtype`
     the state is rounded to that dtype before it is read, as a state stored in it would be."""
     sequences, heads = batch.keys.shape[:2]
-    flat = lambda x: x.flatten(0, 1)
+
+    def flat(x: Tensor) -> Tensor:
+        return x.flatten(0, 1)
+
     phi_k = feature_map.features(batch.keys)
     state = fold(
         RecurrentState.zeros(sequences * heads, feature_map.rank, batch.values.shape[-1]),
@@ -196,7 +201,7 @@ def merged_output(
 
 
 def squared_errors(
-    feature_map: LearnedFeatureMap, batch: LayerExample, state_dtype: torch.dtype | None = None
+    feature_map: FeatureMap, batch: LayerExample, state_dtype: torch.dtype | None = None
 ) -> tuple[float, float]:
     """(state error, no-state residual): squared error per query row of the merged output and of
     the kept cache alone against full attention, means over rows."""
@@ -299,7 +304,10 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; on a machine busy with other work 1 is faster)",
     )
     args = parser.parse_args(argv)
     if not 0 < args.budget < 1:
@@ -376,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     settings = {
-        "text": str(args.text) if args.text else "pydoc_data.topics",
+        "text": str(args.text) if args.text else DEFAULT_TEXT,
         "policy": dataclasses.asdict(config),
         "rank": args.rank,
         "length": args.length,
@@ -399,7 +407,8 @@ def print_report(per_layer: list[dict], results: dict, out: Path) -> None:
     print(f"{'layer':>5} {'state':>11} {'no state':>11} {'ratio':>7}   (held-out, per row)")
     for row in per_layer:
         state, residual = row["held_out_state"], row["held_out_residual"]
-        print(f"{row['layer']:>5} {state:>11.4g} {residual:>11.4g} {state / max(residual, 1e-30):>7.3f}")
+        ratio = state / max(residual, 1e-30)
+        print(f"{row['layer']:>5} {state:>11.4g} {residual:>11.4g} {ratio:>7.3f}")
     print(
         f"{'all':>5} {results['held_out_state']:>11.4g} {results['held_out_residual']:>11.4g} "
         f"{results['held_out_ratio']:>7.3f}"

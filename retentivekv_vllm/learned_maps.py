@@ -2,8 +2,8 @@
 reads with ``--kv-feature-map learned --kv-maps FILE``.
 
 A file is safetensors: the maps of every layer stacked (``query_weight`` [L, H, d, r/2], ...),
-and in its metadata the model they were fitted for (architecture, layer and head counts, head size, a
-fingerprint of the attention weights), the settings they were fitted under and the held-out losses
+and in its metadata the model they were fitted for (architecture, layer and head counts, head size,
+a fingerprint of the attention weights), the settings they were fitted under and the held-out losses
 calibration measured. Maps fitted for one model are meaningless for another, so a server refuses a
 file whose model does not match the one it serves and names what differs.
 """
@@ -23,6 +23,9 @@ import torch
 from retentivekv_vllm.core import LearnedFeatureMap
 
 FORMAT = "retentivekv-learned-maps/1"
+# Maps the package ships, one file per model, named after the model's checkpoint directory
+# (smollm2-135m-instruct.safetensors: python -m retentivekv_vllm.fixtures smollm2).
+SHIPPED_MAPS_DIR = Path(__file__).resolve().parent / "maps"
 _TENSORS = (
     "query_weight",
     "key_weight",
@@ -109,7 +112,7 @@ def resolve_model_dir(model: str) -> Path:
     except Exception as error:  # noqa: BLE001 - any failure means: no local checkpoint to check
         raise MapsFileError(
             f"cannot find a local checkpoint of {model!r} to check the maps against: {error}"
-        )
+        ) from None
 
 
 @dataclasses.dataclass

@@ -86,15 +86,15 @@ class EluPlusOne(FeatureMap):
 
     def log_features(self, x: Tensor) -> Tensor:
         x = x.float()
-        # elu(x)+1 is exp(x) below 0 and 1+x above, so its log is exact on both sides and never -inf.
+        # elu(x)+1 is exp(x) below 0 and 1+x above: its log is exact on both sides, never -inf.
         return torch.where(x < 0, x, torch.log1p(x.clamp(min=0)))
 
 
 class PositiveRandomFeatures(FeatureMap):
     """φ(x) = exp(W x̃ − ‖x̃‖²/2)/√r with x̃ = x·√scale and W [r, d] ~ N(0, 1) fixed by `seed`.
 
-    E_W[φ(q)·φ(k)] = exp(scale·q·k) (Performer's positive features), so a state built with φ estimates,
-    without bias, exactly the softmax terms that folding removed from the cache.
+    E_W[φ(q)·φ(k)] = exp(scale·q·k) (Performer's positive features), so a state built with φ
+    estimates, without bias, exactly the softmax terms that folding removed from the cache.
     """
 
     def __init__(self, head_dim: int, rank: int, scale: float, seed: int = 0):
@@ -152,8 +152,13 @@ class LearnedFeatureMap(FeatureMap):
 
     @classmethod
     def initial(
-        cls, num_heads: int, head_dim: int, rank: int, input_rms: float = 1.0,
-        key_scale: float = 1e-4, seed: int = 0,
+        cls,
+        num_heads: int,
+        head_dim: int,
+        rank: int,
+        input_rms: float = 1.0,
+        key_scale: float = 1e-4,
+        seed: int = 0,
     ) -> "LearnedFeatureMap":
         """Untrained maps: seeded projections that give logits of unit spread for inputs whose
         entries have root mean square `input_rms`, no magnitude terms, key scale `key_scale`."""
@@ -162,10 +167,11 @@ class LearnedFeatureMap(FeatureMap):
         generator = torch.Generator().manual_seed(seed)
         std = 1.0 / (math.sqrt(head_dim) * input_rms)
         shape = (num_heads, head_dim, rank // 2)
-        weight = lambda: torch.randn(shape, generator=generator) * std
+        query_weight = torch.randn(shape, generator=generator) * std
+        key_weight = torch.randn(shape, generator=generator) * std
         return cls(
-            weight(),
-            weight(),
+            query_weight,
+            key_weight,
             torch.zeros(num_heads, head_dim),
             torch.zeros(num_heads, head_dim),
             torch.full((num_heads, rank), math.log(key_scale)),
@@ -173,8 +179,11 @@ class LearnedFeatureMap(FeatureMap):
 
     def parameters(self) -> list[Tensor]:
         return [
-            self.query_weight, self.key_weight, self.query_log_magnitude,
-            self.key_log_magnitude, self.key_log_scale,
+            self.query_weight,
+            self.key_weight,
+            self.query_log_magnitude,
+            self.key_log_magnitude,
+            self.key_log_scale,
         ]
 
     @staticmethod
@@ -198,7 +207,9 @@ class LearnedFeatureMap(FeatureMap):
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluPlusOne, "prf": PositiveRandomFeatures}
 
 
-def make_feature_map(name: str, head_dim: int, rank: int, scale: float, seed: int = 0) -> FeatureMap:
+def make_feature_map(
+    name: str, head_dim: int, rank: int, scale: float, seed: int = 0
+) -> FeatureMap:
     """Build a registered feature map; `elu` ignores rank, scale and seed (its rank is head_dim)."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; valid names: {sorted(FEATURE_MAPS)}")

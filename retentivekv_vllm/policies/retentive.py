@@ -110,7 +110,10 @@ class RetentivePolicy(KVPolicy):
         # The same number of tokens is folded in every head; nonzero() lists them in
         # slot order, which is position order (oldest first).
         index = folded.nonzero()[:, 1].view(folded.shape[0], int(folded[0].sum()))
-        take = lambda x: x.gather(1, index)
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x.gather(1, index)
+
         entropy_hat = normalize_by_max(obs.entropy, obs.candidates)
         gamma = retention_from_entropy(take(entropy_hat), c.gamma0)
         alpha = obs.alpha
@@ -135,10 +138,17 @@ class RetentivePolicy(KVPolicy):
         visual = obs.layout.visual.gather(1, index)
         # A token of the other modality passes through a state untouched: γ = 1, a = 0.
         text_state = fold(
-            states[0], phi_k, v, torch.where(visual, 1.0, gamma), torch.where(visual, 0.0, absorption)
+            states[0],
+            phi_k,
+            v,
+            torch.where(visual, 1.0, gamma),
+            torch.where(visual, 0.0, absorption),
         )
         plan = visual_fold_plan(index, obs.layout, self.score(obs))
-        order = lambda x: x.gather(1, plan.order)
+
+        def order(x: torch.Tensor) -> torch.Tensor:
+            return x.gather(1, plan.order)
+
         ring_gamma = order(gamma).pow(plan.decay_steps)
         visual_state = fold(
             states[1],

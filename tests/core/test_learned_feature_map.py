@@ -115,7 +115,10 @@ def test_merged_output_with_a_learned_state_matches_the_float64_formula():
     gen = torch.Generator().manual_seed(4)
     gamma = 0.8 + 0.2 * torch.rand(index.shape, generator=gen)
     absorption = absorption_from_attention(torch.rand(index.shape, generator=gen), 0.5, 2.0)
-    take = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def take(x):
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
     state = fold(
         RecurrentState.zeros(HEADS, RANK, DIM),
         feature_map.features(take(k)),
@@ -151,7 +154,10 @@ def test_untrained_state_leaves_the_kept_cache_output_almost_unchanged():
     feature_map = LearnedFeatureMap.initial(HEADS, DIM, RANK, key_scale=1e-4, seed=0)
     q, k, v, folded = attention_case()
     index = folded.nonzero()[:, 1].view(HEADS, -1)
-    take = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def take(x):
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
     ones = torch.ones(index.shape)
     state = fold(
         RecurrentState.zeros(HEADS, RANK, DIM), feature_map.features(take(k)), take(v), ones, ones
@@ -172,7 +178,10 @@ def test_learned_map_is_differentiable_through_fold_and_merge():
         p.requires_grad_(True)
     q, k, v, folded = attention_case()
     index = folded.nonzero()[:, 1].view(HEADS, -1)
-    take = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def take(x):
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
     ones = torch.ones(index.shape)
     state = fold(
         RecurrentState.zeros(HEADS, RANK, DIM), feature_map.features(take(k)), take(v), ones, ones
