@@ -37,7 +37,6 @@ import torch
 
 from benchmarks.fidelity import REPO
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.engine.executor import compress_tensors
 from retentivekv_vllm.policies import make_policy
 
 PROMPT_LENGTH = 300
@@ -53,6 +52,9 @@ PRESSES = {
 def project_policy_scores(name: str, queries, keys, scale, observation_window: int, sinks: int, window: int):
     """The project's scores and kept mask for one layer (sinks and window kept), from the engine's
     own compression (`executor.compress`) of the layer's queries [Hq, n, d] and keys [Hkv, n, d]."""
+    # Imported here: the engine imports vLLM, which sets environment variables (test_imports).
+    from retentivekv_vllm.engine.executor import compress_tensors
+
     num_kv, n, _ = keys.shape
     config = KVPolicyConfig(policy=name, sinks=sinks, window=window,
                             observation_window=observation_window, pool_kernel=SNAP_KERNEL)
