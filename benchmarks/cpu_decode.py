@@ -37,7 +37,10 @@ def timed(fn, repeats: int) -> dict:
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return {"median_ms": round(1e3 * statistics.median(times), 3), "min_ms": round(1e3 * min(times), 3)}
+    return {
+        "median_ms": round(1e3 * statistics.median(times), 3),
+        "min_ms": round(1e3 * min(times), 3),
+    }
 
 
 def run_case(requests: int, context: int, repeats: int) -> dict:
@@ -48,16 +51,28 @@ def run_case(requests: int, context: int, repeats: int) -> dict:
 
     blocks_per_request = -(-context // BLOCK_SIZE)
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(requests * blocks_per_request + 1, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, generator=generator)
-    block_rows = (1 + torch.arange(requests * blocks_per_request)).view(requests, blocks_per_request).int()
+    cache = torch.randn(
+        requests * blocks_per_request + 1, HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, generator=generator
+    )
+    block_rows = (
+        (1 + torch.arange(requests * blocks_per_request)).view(requests, blocks_per_request).int()
+    )
     q = torch.randn(requests, HEADS, HEAD_SIZE, generator=generator)
     scale = HEAD_SIZE**-0.5
 
     seq_lens = torch.full((requests,), context, dtype=torch.int32)
     query_start_loc = torch.arange(requests + 1, dtype=torch.int32)
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=requests, num_heads=HEADS, num_kv_heads=HEADS, head_dim=HEAD_SIZE, seq_lens=seq_lens,
-        dtype=torch.float32, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=ISA,
+        num_reqs=requests,
+        num_heads=HEADS,
+        num_kv_heads=HEADS,
+        head_dim=HEAD_SIZE,
+        seq_lens=seq_lens,
+        dtype=torch.float32,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=ISA,
         enable_kv_split=False,
     )
     out = torch.empty(requests, HEADS, HEAD_SIZE)
@@ -65,23 +80,53 @@ def run_case(requests: int, context: int, repeats: int) -> dict:
 
     def vllm_kernel():
         ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
-            seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-            block_table=block_rows, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
+            query=q,
+            key_cache=key_cache,
+            value_cache=value_cache,
+            output=out,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            scale=scale,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=block_rows,
+            softcap=0.0,
+            scheduler_metadata=metadata,
+            s_aux=None,
         )
 
     q_grouped = q.view(requests, HEADS, 1, HEAD_SIZE)
     live = int(BUDGET * context)
-    whole = DecodeBatch.plan(list(range(requests)), block_rows, [0] * requests, [context] * requests, BLOCK_SIZE)
-    budget = DecodeBatch.plan(list(range(requests)), block_rows, [context - live] * requests, [context] * requests,
-                              BLOCK_SIZE)
-    result = {"requests": requests, "context": context, "live_at_budget": live,
-              "vllm_kernel_whole": timed(vllm_kernel, repeats)}
+    whole = DecodeBatch.plan(
+        list(range(requests)), block_rows, [0] * requests, [context] * requests, BLOCK_SIZE
+    )
+    budget = DecodeBatch.plan(
+        list(range(requests)),
+        block_rows,
+        [context - live] * requests,
+        [context] * requests,
+        BLOCK_SIZE,
+    )
+    result = {
+        "requests": requests,
+        "context": context,
+        "live_at_budget": live,
+        "vllm_kernel_whole": timed(vllm_kernel, repeats),
+    }
     if decode_extension().module is not None:
-        result["plugin_kernel_whole"] = timed(lambda: whole.attend(cache, q_grouped, scale, ISA), repeats)
-        result["plugin_kernel_budget"] = timed(lambda: budget.attend(cache, q_grouped, scale, ISA), repeats)
-    result["torch_twin_whole"] = timed(lambda: whole.attend_torch(cache, q_grouped, scale, ISA), repeats)
-    result["torch_twin_budget"] = timed(lambda: budget.attend_torch(cache, q_grouped, scale, ISA), repeats)
+        result["plugin_kernel_whole"] = timed(
+            lambda: whole.attend(cache, q_grouped, scale, ISA), repeats
+        )
+        result["plugin_kernel_budget"] = timed(
+            lambda: budget.attend(cache, q_grouped, scale, ISA), repeats
+        )
+    result["torch_twin_whole"] = timed(
+        lambda: whole.attend_torch(cache, q_grouped, scale, ISA), repeats
+    )
+    result["torch_twin_budget"] = timed(
+        lambda: budget.attend_torch(cache, q_grouped, scale, ISA), repeats
+    )
     # The same answer from both kernels, on the whole context.
     vllm_kernel()
     mine, _ = whole.attend(cache, q_grouped, scale, ISA)
@@ -95,15 +140,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     results = [run_case(requests, context, args.repeats) for requests, context in CASES]
-    data = {"meta": {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                     "load": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
-                     "heads": HEADS, "head_size": HEAD_SIZE, "block_size": BLOCK_SIZE, "budget": BUDGET},
-            "results": results}
+    data = {
+        "meta": {
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load": [round(x, 2) for x in os.getloadavg()],
+            "torch": torch.__version__,
+            "heads": HEADS,
+            "head_size": HEAD_SIZE,
+            "block_size": BLOCK_SIZE,
+            "budget": BUDGET,
+        },
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     for r in results:
         cells = ", ".join(f"{k} {v['median_ms']} ms" for k, v in r.items() if isinstance(v, dict))
-        print(f"{r['requests']} x {r['context']}: {cells}; max |diff| {r['max_abs_difference']:.2e}")
+        print(
+            f"{r['requests']} x {r['context']}: {cells}; max |diff| {r['max_abs_difference']:.2e}"
+        )
     return 0
 
 

@@ -81,7 +81,9 @@ def grid(task, labels: list[str], budgets: list[float]) -> list[Cell]:
         for label in labels:
             if label != "full":  # full never compresses: one cell, shown as a flat line
                 base = {**POLICY_CELLS, **ABLATION_CELLS}[label]
-                cells.append(Cell(label, budget, {**task.policy_defaults, **base, "kv_budget": budget}))
+                cells.append(
+                    Cell(label, budget, {**task.policy_defaults, **base, "kv_budget": budget})
+                )
     return cells
 
 
@@ -111,7 +113,9 @@ def run_cell(task, cell: Cell, items, calibration: Path | None) -> dict[str, Any
         outputs = llm.generate(
             [item.prompt for item in items],
             SamplingParams(temperature=0, max_tokens=task.max_tokens),
-            use_tqdm=lambda *a, **k: _tqdm(*a, **{**k, "desc": f"{cell.label} @ {cell.budget}", "leave": False}),
+            use_tqdm=lambda *a, **k: _tqdm(
+                *a, **{**k, "desc": f"{cell.label} @ {cell.budget}", "leave": False}
+            ),
         )
         (stats,) = llm.collective_rpc(worker_stats)
     finally:
@@ -176,7 +180,8 @@ def markdown_table(task, results: list[dict[str, Any]], budgets: list[float]) ->
             r = by.get((label, b)) or (by.get((label, 1.0)) if label == "full" else None)
             row.append(
                 f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
-                if r else "—"
+                if r
+                else "—"
             )
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     n = sorted({r["items"] for r in results})
@@ -206,7 +211,10 @@ def plot(task, results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("policies", POLICY_CELLS), ("retentive ablations", {"retentive": 0, **ABLATION_CELLS})]
+    panels = [
+        ("policies", POLICY_CELLS),
+        ("retentive ablations", {"retentive": 0, **ABLATION_CELLS}),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     full = next((r for r in results if r["label"] == "full"), None)
     for ax, (title, labels) in zip(axes, panels):
@@ -217,8 +225,10 @@ def plot(task, results: list[dict[str, Any]], path: Path) -> None:
             x = [r["budget"] for r in rows]
             y = [100 * r["accuracy"] for r in rows]
             # max(0, .): at 100 % the interval's top is 1 - 1e-16 after rounding.
-            err = [[100 * max(0.0, r["accuracy"] - r["ci95"][0]) for r in rows],
-                   [100 * max(0.0, r["ci95"][1] - r["accuracy"]) for r in rows]]
+            err = [
+                [100 * max(0.0, r["accuracy"] - r["ci95"][0]) for r in rows],
+                [100 * max(0.0, r["ci95"][1] - r["accuracy"]) for r in rows],
+            ]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
         if full is not None:
             ax.axhline(100 * full["accuracy"], color="black", linestyle="--", label="full")
@@ -249,8 +259,11 @@ def merge_results(task, args) -> int:
     labels = list(dict.fromkeys(c["label"] for c in cells))
     budgets = sorted({c["budget"] for c in cells}, reverse=True)
     out = args.out or REPO / "benchmarks" / "results" / f"fidelity_{task.name}.json"
-    merged = {**reports[0], "cells": sorted(cells, key=lambda c: (labels.index(c["label"]), -c["budget"])),
-              "merged_from": [p.name for p in args.table_from]}
+    merged = {
+        **reports[0],
+        "cells": sorted(cells, key=lambda c: (labels.index(c["label"]), -c["budget"])),
+        "merged_from": [p.name for p in args.table_from],
+    }
     out.write_text(json.dumps(merged, indent=2) + "\n")
     plot(task, merged["cells"], out.with_suffix(".png"))
     table = markdown_table(task, merged["cells"], budgets)
@@ -263,21 +276,45 @@ def merge_results(task, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.tasks import make_task
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", default="recall")
-    parser.add_argument("--quick", action="store_true", help="a few cells on fewer items; fail on regressions")
-    parser.add_argument("--items", type=int, default=None, help="items per cell (default 500; 50 with --quick)")
-    parser.add_argument("--cells", nargs="+", default=None,
-                        help=f"labels to run (default: all); known: {list(POLICY_CELLS) + list(ABLATION_CELLS)}")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few cells on fewer items; fail on regressions"
+    )
+    parser.add_argument(
+        "--items", type=int, default=None, help="items per cell (default 500; 50 with --quick)"
+    )
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        default=None,
+        help=f"labels to run (default: all); known: {list(POLICY_CELLS) + list(ABLATION_CELLS)}",
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
-    parser.add_argument("--calibration", type=Path, default=None,
-                        help="a file written by benchmarks/calibrate.py; its knobs apply to every retentive cell")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/fidelity_<task>.json)")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="a file written by benchmarks/calibrate.py; its knobs apply to every retentive cell",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/fidelity_<task>.json)",
+    )
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--no-docs", action="store_true", help="do not write the table into --docs")
-    parser.add_argument("--table-from", type=Path, nargs="+", default=None,
-                        help="run nothing: merge these result files (e.g. policies and ablations run "
-                        "in two processes) into one JSON (--out), plot and docs table")
+    parser.add_argument(
+        "--table-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: merge these result files (e.g. policies and ablations run "
+        "in two processes) into one JSON (--out), plot and docs table",
+    )
     args = parser.parse_args(argv)
     require_matplotlib()
 
@@ -286,11 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     task = make_task(args.task)
     known = list(POLICY_CELLS) + list(ABLATION_CELLS)
     labels = args.cells or (list(QUICK_CELLS) if args.quick else known)
-    unknown = [l for l in labels if l not in known]
+    unknown = [label for label in labels if label not in known]
     if unknown:
         parser.error(f"--cells: unknown {unknown}; known: {known}")
     if not task.has_images:
-        labels = [l for l in labels if l not in IMAGE_ONLY_ABLATIONS]
+        labels = [label for label in labels if label not in IMAGE_ONLY_ABLATIONS]
     budgets = args.budgets or list(QUICK_BUDGETS if args.quick else BUDGETS)
     if any(not 0 < b <= 1 for b in budgets):
         parser.error(f"--budgets: ratios in (0, 1] expected, got {budgets}")
@@ -307,15 +344,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_json(complete: bool) -> list[str]:
         failures = quick_failures(task, results)
-        out.write_text(json.dumps({
-            "task": task.name,
-            "item_seed": ITEM_SEED,
-            "items_per_cell": count,
-            "calibration": str(args.calibration) if args.calibration else None,
-            "complete": complete,
-            "failures": failures,
-            "cells": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
-        }, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "task": task.name,
+                    "item_seed": ITEM_SEED,
+                    "items_per_cell": count,
+                    "calibration": str(args.calibration) if args.calibration else None,
+                    "complete": complete,
+                    "failures": failures,
+                    "cells": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return failures
 
     results = []
@@ -323,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     for cell in tqdm(cells, desc=f"fidelity {task.name}", unit="cell"):
         results.append(run_cell(task, cell, items, args.calibration))
         r = results[-1]
-        tqdm.write(f"{r['label']:>32} @ {r['budget']:<5g} {100 * r['accuracy']:5.1f} % "
-                   f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]  ({r['seconds']} s)")
+        tqdm.write(
+            f"{r['label']:>32} @ {r['budget']:<5g} {100 * r['accuracy']:5.1f} % "
+            f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]  ({r['seconds']} s)"
+        )
         write_json(complete=False)  # a long run interrupted keeps what it measured
     failures = write_json(complete=True)
     plot(task, results, out.with_suffix(".png"))

@@ -51,7 +51,11 @@ from benchmarks import require_matplotlib
 # at import: a process that only imports this module, a test run, must not pass them on to the
 # servers it starts): an in-process engine core (the scheduler is then an attribute of the LLM
 # object), no hub, and no INFO lines of vLLM's (and the plugin's per request) among the progress.
-MEASURING_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+MEASURING_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_LOGGING_LEVEL": "ERROR",
+}
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -104,7 +108,14 @@ def non_null_blocks(blocks) -> int:
 
 
 def run_config(
-    name, additional_config, model_dir, shape, prompts, settings, pool_bytes, reserve_full_isl=True,
+    name,
+    additional_config,
+    model_dir,
+    shape,
+    prompts,
+    settings,
+    pool_bytes,
+    reserve_full_isl=True,
     max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
 ) -> dict:
     from vllm import LLM, SamplingParams
@@ -138,22 +149,34 @@ def run_config(
         block_size = group_manager.block_size
         usable = pool.num_gpu_blocks - 1  # vLLM keeps one null block out of the pool
         block_bytes = (
-            2 * shape["num_layers"] * shape["num_kv_heads"] * block_size * shape["head_dim"] * DTYPE_BYTES
+            2
+            * shape["num_layers"]
+            * shape["num_kv_heads"]
+            * block_size
+            * shape["head_dim"]
+            * DTYPE_BYTES
         )
         kv_config = scheduler.kv_cache_config
         vllm_block_bytes = sum(t.size for t in kv_config.kv_cache_tensors) // kv_config.num_blocks
         errors: list[str] = []
         if vllm_block_bytes != block_bytes:
-            errors.append(f"bytes per block from the model shape {block_bytes} != vLLM's {vllm_block_bytes}")
+            errors.append(
+                f"bytes per block from the model shape {block_bytes} != vLLM's {vllm_block_bytes}"
+            )
         free_at_start = pool.get_num_free_blocks()
         if free_at_start != usable:
-            errors.append(f"free blocks before any request {free_at_start} != usable blocks {usable}")
+            errors.append(
+                f"free blocks before any request {free_at_start} != usable blocks {usable}"
+            )
 
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for i, ids in enumerate(prompts):
             engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params)
 
-        series = {k: [] for k in ("time_s", "running", "decoding", "waiting", "free_blocks", "held_blocks")}
+        series = {
+            k: []
+            for k in ("time_s", "running", "decoding", "waiting", "free_blocks", "held_blocks")
+        }
         preemptions: dict[str, int] = {}
         generated: dict[str, int] = {}
         accounting_errors = 0
@@ -164,7 +187,9 @@ def run_config(
                     generated[output.request_id] = len(output.outputs[0].token_ids)
             running = list(scheduler.running)
             free = pool.get_num_free_blocks()
-            held = sum(non_null_blocks(group_manager.req_to_blocks.get(r.request_id, ())) for r in running)
+            held = sum(
+                non_null_blocks(group_manager.req_to_blocks.get(r.request_id, ())) for r in running
+            )
             for request in scheduler.requests.values():
                 if request.num_preemptions:
                     preemptions[request.request_id] = max(
@@ -243,8 +268,12 @@ def run_config(
         "elapsed_s": round(elapsed, 2),
         "worker": {
             "requests": len(finished),
-            "tokens_folded_mean": statistics.mean(s["tokens_folded"] for s in finished) if finished else 0,
-            "compressions_mean": statistics.mean(s["compressions"] for s in finished) if finished else 0,
+            "tokens_folded_mean": statistics.mean(s["tokens_folded"] for s in finished)
+            if finished
+            else 0,
+            "compressions_mean": statistics.mean(s["compressions"] for s in finished)
+            if finished
+            else 0,
             "budget_tokens": finished[0]["budget_tokens"] if finished else None,
         },
         "errors": errors,
@@ -267,19 +296,24 @@ def summary_table(results: list[dict]) -> str:
     mib = 2**20
     header = (
         f"{'config':<16} {'max run':>7} {'x stock':>7} {'blocks/req':>10} {'cache MiB':>9} "
-        f"{'state MiB':>9} {'KV MiB/req':>10} {'x stock':>7} {'preempt':>7} {'end free':>9} {'time s':>7}"
+        f"{'state MiB':>9} {'KV MiB/req':>10} {'x stock':>7} {'preempt':>7} {'end free':>9} "
+        f"{'time s':>7}"
     )
     lines = [header, "-" * len(header)]
+    nan = float("nan")
     for r in results:
         kv = r["kv_bytes_per_request"]
+        blocks = r["blocks_per_request"] if r["blocks_per_request"] is not None else nan
+        vs_stock = r["kv_bytes_vs_stock"] if r["kv_bytes_vs_stock"] is not None else nan
         lines.append(
             f"{r['name']:<16} {r['max_running']:>7} {r['max_running_vs_stock']:>7.2f} "
-            f"{r['blocks_per_request'] if r['blocks_per_request'] is not None else float('nan'):>10.2f} "
+            f"{blocks:>10.2f} "
             f"{(r['cache_bytes_per_request'] or float('nan')) / mib:>9.3f} "
             f"{r['state_bytes_per_request'] / mib:>9.3f} "
             f"{(kv or float('nan')) / mib:>10.3f} "
-            f"{r['kv_bytes_vs_stock'] if r['kv_bytes_vs_stock'] is not None else float('nan'):>7.3f} "
-            f"{r['preemptions']:>7} {str(r['free_blocks_at_end']) + '/' + str(r['pool_blocks']):>9} "
+            f"{vs_stock:>7.3f} "
+            f"{r['preemptions']:>7} "
+            f"{str(r['free_blocks_at_end']) + '/' + str(r['pool_blocks']):>9} "
             f"{r['elapsed_s']:>7.1f}"
         )
     return "\n".join(lines)
@@ -316,11 +350,21 @@ def plot(results: list[dict], meta: dict, path: Path) -> None:
     ax = axes[2]
     # Stock last, dashed: budget 1.0 lies on top of it.
     for r, label, color in reversed(list(zip(results, names, colors))):
-        style = dict(color="black", linestyle="--", linewidth=1.0) if r is results[0] else dict(color=color)
-        ax.plot(range(1, r["steps"] + 1), r["series"]["free_blocks"], label=label, **{"linewidth": 1.2, **style})
+        style = (
+            dict(color="black", linestyle="--", linewidth=1.0)
+            if r is results[0]
+            else dict(color=color)
+        )
+        ax.plot(
+            range(1, r["steps"] + 1),
+            r["series"]["free_blocks"],
+            label=label,
+            **{"linewidth": 1.2, **style},
+        )
     reserved = results[0]["pool_blocks"] - results[-1]["pool_blocks"]
     ax.set_title(
-        f"free blocks ({results[0]['pool_blocks']} usable; retentive reserves {reserved} for states)"
+        f"free blocks ({results[0]['pool_blocks']} usable; retentive reserves {reserved} for "
+        "states)"
     )
     ax.set_xlabel("engine step")
     ax.set_ylabel("free blocks")
@@ -331,8 +375,10 @@ def plot(results: list[dict], meta: dict, path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=30)
     s = meta["settings"]
     fig.suptitle(
-        f"stock vLLM vs retentivekv: {s['num_requests']} requests x {s['prompt_tokens']}-token prompts, "
-        f"{s['max_tokens']} generated, pool {results[0]['pool_blocks']} blocks of {results[0]['block_size']} "
+        f"stock vLLM vs retentivekv: {s['num_requests']} requests x {s['prompt_tokens']}-token "
+        "prompts, "
+        f"{s['max_tokens']} generated, pool {results[0]['pool_blocks']} blocks of "
+        f"{results[0]['block_size']} "
         f"tokens, max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS} (vLLM {meta['vllm']}, "
         f"{meta['cpu_count']} cores)",
         fontsize=10,
@@ -367,23 +413,42 @@ def main(argv=None) -> int:
         prompts = make_prompts(settings["num_requests"], settings["prompt_tokens"])
         # The CPU backend's block size is 128 tokens; the pool is sized in whole blocks.
         block_size = 128
-        block_bytes = 2 * shape["num_layers"] * shape["num_kv_heads"] * block_size * shape["head_dim"] * DTYPE_BYTES
-        blocks_per_stock_request = -(-(settings["prompt_tokens"] + settings["max_tokens"]) // block_size)
+        block_bytes = (
+            2
+            * shape["num_layers"]
+            * shape["num_kv_heads"]
+            * block_size
+            * shape["head_dim"]
+            * DTYPE_BYTES
+        )
+        blocks_per_stock_request = -(
+            -(settings["prompt_tokens"] + settings["max_tokens"]) // block_size
+        )
         # +1: vLLM takes one block of the pool as its null block.
         pool_blocks = STOCK_REQUESTS_IN_POOL * blocks_per_stock_request + POOL_SLACK_BLOCKS + 1
         results = []
         for i, (name, additional_config) in enumerate(CONFIGS):
             print(f"[{i + 1}/{len(CONFIGS)}] {name} ...", end=" ", flush=True)
             r = run_config(
-                name, additional_config, model_dir, shape, prompts, settings, pool_blocks * block_bytes,
+                name,
+                additional_config,
+                model_dir,
+                shape,
+                prompts,
+                settings,
+                pool_blocks * block_bytes,
                 not args.no_reserve_full_isl,
             )
             if r["block_size"] != block_size:
-                r["errors"].append(f"block size {r['block_size']} != the {block_size} the pool was sized for")
+                r["errors"].append(
+                    f"block size {r['block_size']} != the {block_size} the pool was sized for"
+                )
             print(
                 f"max running {r['max_running']}, blocks/request {r['blocks_per_request']}, "
-                f"preemptions {r['preemptions']}, free at end {r['free_blocks_at_end']}/{r['pool_blocks']}, "
-                f"{r['steps']} steps in {r['elapsed_s']:.1f} s" + ("  ERRORS" if r["errors"] else ""),
+                f"preemptions {r['preemptions']}, free at end "
+                f"{r['free_blocks_at_end']}/{r['pool_blocks']}, "
+                f"{r['steps']} steps in {r['elapsed_s']:.1f} s"
+                + ("  ERRORS" if r["errors"] else ""),
                 flush=True,
             )
             for error in r["errors"]:
@@ -394,7 +459,7 @@ def main(argv=None) -> int:
     meta = {
         "benchmark": "memory",
         "mode": "quick" if args.quick else "full",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -415,9 +480,11 @@ def main(argv=None) -> int:
             "pool_sized_for_stock_requests": STOCK_REQUESTS_IN_POOL,
         },
         "notes": (
-            "stock = the same engine with no additional_config (the plugin is installed but inactive). "
+            "stock = the same engine with no additional_config (the plugin is installed but "
+            "inactive). "
             "blocks_per_request = median over steps where every running request is decoding of "
-            "(pool_blocks - free_blocks) / running. kv_bytes_per_request = blocks_per_request * block_bytes "
+            "(pool_blocks - free_blocks) / running. kv_bytes_per_request = blocks_per_request * "
+            "block_bytes "
             "+ mean state_elements * 4 of the worker's finished requests."
         ),
         "total_elapsed_s": round(time.perf_counter() - started, 1),
@@ -426,13 +493,19 @@ def main(argv=None) -> int:
     errors = {r["name"]: r["errors"] for r in results if r["errors"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(
-        json.dumps({**meta, "ok": not errors, "summary": table.splitlines(), "configs": results}, indent=1) + "\n"
+        json.dumps(
+            {**meta, "ok": not errors, "summary": table.splitlines(), "configs": results}, indent=1
+        )
+        + "\n"
     )
     plot(results, meta, args.out / "memory.png")
 
     print()
     print(table)
-    print(f"\ntotal {meta['total_elapsed_s']:.0f} s; wrote {args.out / 'memory.json'} and {args.out / 'memory.png'}")
+    print(
+        f"\ntotal {meta['total_elapsed_s']:.0f} s; wrote {args.out / 'memory.json'} and "
+        f"{args.out / 'memory.png'}"
+    )
     if errors:
         print("\nFAILED correctness checks:", file=sys.stderr)
         for name, errs in errors.items():

@@ -34,14 +34,19 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 from benchmarks import require_matplotlib
 from benchmarks.speed import (
-    BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MODELS, STOCK_REQUESTS_IN_POOL, bar_panels, benchmark_model_dir,
-    kv_bytes_per_token, load,
+    BLOCK_SIZE,
+    MAX_NUM_BATCHED_TOKENS,
+    MODELS,
+    STOCK_REQUESTS_IN_POOL,
+    bar_panels,
+    benchmark_model_dir,
+    kv_bytes_per_token,
+    load,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -64,8 +69,18 @@ SETTINGS = {
     ),
 }
 # What vllm bench serve's result JSON reports, kept per workload.
-REPORTED = ("completed", "duration", "output_throughput", "request_throughput", "mean_ttft_ms", "median_ttft_ms",
-            "mean_tpot_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms")
+REPORTED = (
+    "completed",
+    "duration",
+    "output_throughput",
+    "request_throughput",
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "median_itl_ms",
+    "median_e2el_ms",
+)
 
 
 class RunningGauge(threading.Thread):
@@ -94,48 +109,100 @@ class RunningGauge(threading.Thread):
         return int(self.peak)
 
 
-def bench_serve(base_url: str, model_dir: str, workload: dict, result: Path, max_concurrency: int | None) -> dict:
+def bench_serve(
+    base_url: str, model_dir: str, workload: dict, result: Path, max_concurrency: int | None
+) -> dict:
     """One `vllm bench serve` run; its saved result, reduced to REPORTED."""
     from retentivekv_vllm.fixtures.server import vllm_command
 
     command = [
-        *vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base_url,
-        "--model", model_dir, "--tokenizer", model_dir, "--dataset-name", "random",
-        "--random-input-len", str(workload["input_len"]), "--random-output-len", str(workload["output_len"]),
-        "--num-prompts", str(workload["num_prompts"]), "--ignore-eos", "--request-rate", "inf",
-        "--seed", str(SEED), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
-        "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
+        *vllm_command(),
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        base_url,
+        "--model",
+        model_dir,
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(workload["input_len"]),
+        "--random-output-len",
+        str(workload["output_len"]),
+        "--num-prompts",
+        str(workload["num_prompts"]),
+        "--ignore-eos",
+        "--request-rate",
+        "inf",
+        "--seed",
+        str(SEED),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(result.parent),
+        "--result-filename",
+        result.name,
     ]
     if max_concurrency is not None:
         command += ["--max-concurrency", str(max_concurrency)]
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL
+    )
     saved = json.loads(result.read_text())
     return {key: saved[key] for key in REPORTED if key in saved}
 
 
-def run_config(name: str, plugin_args: tuple[str, ...] | None, model_dir: str, settings: dict, pool_blocks: int,
-               work: Path, bytes_per_token: int) -> dict:
+def run_config(
+    name: str,
+    plugin_args: tuple[str, ...] | None,
+    model_dir: str,
+    settings: dict,
+    pool_blocks: int,
+    work: Path,
+    bytes_per_token: int,
+) -> dict:
     from retentivekv_vllm.fixtures.server import Server
 
-    max_model_len = max(w["input_len"] + w["output_len"] for w in (settings["batch1"], settings["burst"]))
+    max_model_len = max(
+        w["input_len"] + w["output_len"] for w in (settings["batch1"], settings["burst"])
+    )
     args = (
-        "--max-model-len", str(max_model_len),
-        "--kv-cache-memory-bytes", str(pool_blocks * BLOCK_SIZE * bytes_per_token),
-        "--block-size", str(BLOCK_SIZE), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
+        "--max-model-len",
+        str(max_model_len),
+        "--kv-cache-memory-bytes",
+        str(pool_blocks * BLOCK_SIZE * bytes_per_token),
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--max-num-batched-tokens",
+        str(MAX_NUM_BATCHED_TOKENS),
         # The plugin reserves the states of max_num_seqs requests out of the pool: the burst's size.
-        "--max-num-seqs", str(settings["burst"]["num_prompts"]), "--no-enable-prefix-caching",
-        "--seed", str(SEED), *(plugin_args or ()),
+        "--max-num-seqs",
+        str(settings["burst"]["num_prompts"]),
+        "--no-enable-prefix-caching",
+        "--seed",
+        str(SEED),
+        *(plugin_args or ()),
     )
     env = {"VLLM_PLUGINS": ""} if plugin_args is None else {}
     slug = name.replace(" ", "-")
     server = Server(model_dir, args=args, env=env, log_path=work / f"{slug}.log")
     server.start(timeout=600)  # `with server:` would start it with the default wait
     try:
-        batch1 = bench_serve(server.base_url, model_dir, settings["batch1"], work / f"{slug}-batch1.json", 1)
+        batch1 = bench_serve(
+            server.base_url, model_dir, settings["batch1"], work / f"{slug}-batch1.json", 1
+        )
         gauge = RunningGauge(server.base_url)
         gauge.start()
         load_before = load()
-        burst = bench_serve(server.base_url, model_dir, settings["burst"], work / f"{slug}-burst.json", None)
+        burst = bench_serve(
+            server.base_url, model_dir, settings["burst"], work / f"{slug}-burst.json", None
+        )
         burst.update(max_running=gauge.stop(), load_before=load_before, load_after=load())
     finally:
         server.stop()
@@ -146,9 +213,13 @@ def add_ratios(results: list[dict]) -> None:
     stock = results[0]
     for r in results:
         r["vs_stock"] = {
-            "tpot_batch1_speedup": _ratio(stock["batch1"]["median_tpot_ms"], r["batch1"]["median_tpot_ms"]),
+            "tpot_batch1_speedup": _ratio(
+                stock["batch1"]["median_tpot_ms"], r["batch1"]["median_tpot_ms"]
+            ),
             "ttft_batch1": _ratio(r["batch1"]["median_ttft_ms"], stock["batch1"]["median_ttft_ms"]),
-            "burst_output_tokens_per_s": _ratio(r["burst"]["output_throughput"], stock["burst"]["output_throughput"]),
+            "burst_output_tokens_per_s": _ratio(
+                r["burst"]["output_throughput"], stock["burst"]["output_throughput"]
+            ),
             "burst_max_running": _ratio(r["burst"]["max_running"], stock["burst"]["max_running"]),
         }
 
@@ -158,20 +229,33 @@ def _ratio(a, b):
 
 
 def summary_table(data: dict) -> str:
-    lines = ["| config | TTFT batch 1 | TPOT batch 1 | TPOT speed-up | burst output tok/s | vs stock | max running |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | TTFT batch 1 | TPOT batch 1 | TPOT speed-up | burst output tok/s | vs stock | "
+        "max running |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in data["results"]:
         b1, burst, vs = r["batch1"], r["burst"], r["vs_stock"]
-        lines.append(f"| {r['name']} | {b1['median_ttft_ms'] / 1e3:.2f} s | {b1['median_tpot_ms']:.1f} ms | "
-                     f"{vs['tpot_batch1_speedup']}x | {burst['output_throughput']:.1f} | "
-                     f"{vs['burst_output_tokens_per_s']}x | {burst['max_running']} |")
+        lines.append(
+            f"| {r['name']} | {b1['median_ttft_ms'] / 1e3:.2f} s | {b1['median_tpot_ms']:.1f} ms | "
+            f"{vs['tpot_batch1_speedup']}x | {burst['output_throughput']:.1f} | "
+            f"{vs['burst_output_tokens_per_s']}x | {burst['max_running']} |"
+        )
     s = data["meta"]["settings"]
     flags = {"full": "", "quick": " --quick", "smollm2": " --model smollm2"}[data["meta"]["mode"]]
-    lines += ["", f"{data['meta']['mode']} run of `python -m benchmarks.serve{flags}`, {data['meta']['date']}; batch 1: "
-              f"{s['batch1']['num_prompts']} requests of {s['batch1']['input_len']} prompt tokens; burst: "
-              f"{s['burst']['num_prompts']} requests of {s['burst']['input_len']} prompt and {s['burst']['output_len']} "
-              f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; medians as `vllm bench serve` "
-              f"reports them; 1-minute load {data['meta']['load_start'][0]}-{data['meta']['load_end'][0]}."]
+    lines += [
+        "",
+        f"{data['meta']['mode']} run of `python -m benchmarks.serve{flags}`, "
+        f"{data['meta']['date']}; batch 1: "
+        f"{s['batch1']['num_prompts']} requests of {s['batch1']['input_len']} prompt tokens; "
+        "burst: "
+        f"{s['burst']['num_prompts']} requests of {s['burst']['input_len']} prompt and "
+        f"{s['burst']['output_len']} "
+        f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; medians as `vllm "
+        "bench serve` "
+        "reports them; 1-minute load "
+        f"{data['meta']['load_start'][0]}-{data['meta']['load_end'][0]}.",
+    ]
     return "\n".join(lines)
 
 
@@ -194,8 +278,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stock and 0.2 only, shorter prompts")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
-    parser.add_argument("--model", choices=tuple(MODELS), default="synthetic",
-                        help="synthetic (the default) or smollm2 (the real SmolLM2-135M-Instruct: stock and 0.2)")
+    parser.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        default="synthetic",
+        help="synthetic (the default) or smollm2 (the real SmolLM2-135M-Instruct: stock and 0.2)",
+    )
     args = parser.parse_args(argv)
     if args.model != "synthetic" and args.quick:
         parser.error(f"--model {args.model} has one setting of its own: drop --quick")
@@ -206,16 +294,23 @@ def main(argv=None) -> int:
     import vllm
 
     burst = settings["burst"]
-    pool_blocks = STOCK_REQUESTS_IN_POOL * -(-(burst["input_len"] + burst["output_len"]) // BLOCK_SIZE) + 2
+    pool_blocks = (
+        STOCK_REQUESTS_IN_POOL * -(-(burst["input_len"] + burst["output_len"]) // BLOCK_SIZE) + 2
+    )
     meta = {
-        "benchmark": "serve", "mode": mode,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "vllm": vllm.__version__,
-        "model": {"name": args.model, **MODELS[args.model]}, "settings": {**settings, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE},
+        "benchmark": "serve",
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "vllm": vllm.__version__,
+        "model": {"name": args.model, **MODELS[args.model]},
+        "settings": {**settings, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE},
         "load_start": load(),
     }
     configs = [("stock", None)] + [
-        (f"retentive {b:g}", ("--kv-policy", "retentive", "--kv-budget", str(b))) for b in settings["budgets"]
+        (f"retentive {b:g}", ("--kv-policy", "retentive", "--kv-budget", str(b)))
+        for b in settings["budgets"]
     ]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,10 +319,16 @@ def main(argv=None) -> int:
         bytes_per_token = kv_bytes_per_token(MODELS[args.model])
         for index, (name, plugin_args) in enumerate(configs):
             print(f"[{index + 1}/{len(configs)}] {name} ...", flush=True)
-            r = run_config(name, plugin_args, model_dir, settings, pool_blocks, work, bytes_per_token)
-            print(f"    batch 1: TTFT {r['batch1']['median_ttft_ms'] / 1e3:.2f} s, TPOT {r['batch1']['median_tpot_ms']:.1f} ms;"
-                  f" burst: {r['burst']['output_throughput']:.1f} output tok/s, max running {r['burst']['max_running']}",
-                  flush=True)
+            r = run_config(
+                name, plugin_args, model_dir, settings, pool_blocks, work, bytes_per_token
+            )
+            print(
+                f"    batch 1: TTFT {r['batch1']['median_ttft_ms'] / 1e3:.2f} s, TPOT "
+                f"{r['batch1']['median_tpot_ms']:.1f} ms;"
+                f" burst: {r['burst']['output_throughput']:.1f} output tok/s, max running "
+                f"{r['burst']['max_running']}",
+                flush=True,
+            )
             results.append(r)
     add_ratios(results)
     meta["load_end"] = load()

@@ -49,9 +49,12 @@ from tests.images import data_url, png_bytes
 # requests at budget 1.0.
 POLICY_ARGS = ("--kv-policy", "retentive", "--kv-budget", "0.2")
 STOCK_ARGS = (
-    "--kv-cache-memory-bytes", str(12 * 2**20),
-    "--max-num-seqs", "8",
-    "--limit-mm-per-prompt", '{"image": 2, "video": 0}',
+    "--kv-cache-memory-bytes",
+    str(12 * 2**20),
+    "--max-num-seqs",
+    "8",
+    "--limit-mm-per-prompt",
+    '{"image": 2, "video": 0}',
 )
 RSS_GROWTH_ALLOWED = 0.10
 SETTLE_SECONDS = 60.0
@@ -96,10 +99,15 @@ class SoakReport:
             )
         if not self.preemptions:
             self.failures.append("no preemption happened: the pool was not small enough")
-        if self.rss_growth_mib > stock.rss_growth_mib + RSS_GROWTH_ALLOWED * self.rss_after_warmup_mib:
+        if (
+            self.rss_growth_mib
+            > stock.rss_growth_mib + RSS_GROWTH_ALLOWED * self.rss_after_warmup_mib
+        ):
             self.failures.append(
-                f"resident memory grew from {self.rss_after_warmup_mib:.0f} to {self.rss_end_mib:.0f} "
-                f"MiB, stock vLLM's from {stock.rss_after_warmup_mib:.0f} to {stock.rss_end_mib:.0f} MiB"
+                f"resident memory grew from {self.rss_after_warmup_mib:.0f} to "
+                f"{self.rss_end_mib:.0f} "
+                f"MiB, stock vLLM's from {stock.rss_after_warmup_mib:.0f} to "
+                f"{stock.rss_end_mib:.0f} MiB"
             )
 
 
@@ -114,7 +122,8 @@ def server_rss_by_process_mib(server: Server) -> dict[str, float]:
     root = psutil.Process(server.process.pid)
     return {
         f"{p.pid} {p.name()}": p.memory_info().rss / 2**20
-        for p in [root, *root.children(recursive=True)] if p.is_running()
+        for p in [root, *root.children(recursive=True)]
+        if p.is_running()
     }
 
 
@@ -125,7 +134,8 @@ def server_rss_mib(server: Server) -> float:
 def long_text(rng: random.Random, sentences: int) -> str:
     words = ["river", "stone", "mill", "heron", "lamp", "barley", "tide", "bell", "owl", "gull"]
     return " ".join(
-        f"Sentence {i}: the {rng.choice(words)} and the {rng.choice(words)} waited." for i in range(sentences)
+        f"Sentence {i}: the {rng.choice(words)} and the {rng.choice(words)} waited."
+        for i in range(sentences)
     )
 
 
@@ -139,7 +149,10 @@ def draw_request(rng: random.Random, images: list[str]) -> dict:
     else:
         count = 1 if kind == "image" else 2
         content = [
-            *({"type": "image_url", "image_url": {"url": rng.choice(images)}} for _ in range(count)),
+            *(
+                {"type": "image_url", "image_url": {"url": rng.choice(images)}}
+                for _ in range(count)
+            ),
             {"type": "text", "text": long_text(rng, rng.randint(1, 6))},
         ]
     xargs = rng.choices(
@@ -161,15 +174,19 @@ async def run_one(client: AsyncOpenAI, model: str, spec: dict) -> str:
 
     async def call() -> str:
         response = await client.chat.completions.create(
-            model=model, messages=spec["messages"], max_tokens=spec["max_tokens"], temperature=0,
-            stream=spec["stream"], extra_body=extra_body,
+            model=model,
+            messages=spec["messages"],
+            max_tokens=spec["max_tokens"],
+            temperature=0,
+            stream=spec["stream"],
+            extra_body=extra_body,
         )
         if not spec["stream"]:
             if response.choices[0].finish_reason != "length":
                 raise RuntimeError(f"finish_reason {response.choices[0].finish_reason}")
             return "completed"
         chunks = 0
-        async for chunk in response:
+        async for _ in response:
             chunks += 1
             if spec["abort_after"] is not None:
                 await response.close()  # the stream is dropped: the server aborts the request
@@ -192,8 +209,15 @@ async def run_one(client: AsyncOpenAI, model: str, spec: dict) -> str:
     return "aborted"
 
 
-async def drive(server: Server, model: str, report: SoakReport, seed: int, concurrency: int,
-                deadline: float, images: list[str]) -> None:
+async def drive(
+    server: Server,
+    model: str,
+    report: SoakReport,
+    seed: int,
+    concurrency: int,
+    deadline: float,
+    images: list[str],
+) -> None:
     rng = random.Random(seed)
     specs = [draw_request(rng, images) for _ in range(report.requests)]
     semaphore = asyncio.Semaphore(concurrency)
@@ -219,8 +243,9 @@ async def drive(server: Server, model: str, report: SoakReport, seed: int, concu
             if finished == warmup:
                 report.rss_after_warmup_mib = report.rss_samples_mib[-1]
 
-    async with AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=600,
-                           max_retries=0) as client:
+    async with AsyncOpenAI(
+        base_url=server.base_url + "/v1", api_key="unused", timeout=600, max_retries=0
+    ) as client:
         tasks = [asyncio.ensure_future(one(spec)) for spec in specs]
         done, pending = await asyncio.wait(tasks, timeout=max(1.0, deadline - time.monotonic()))
         for task in pending:
@@ -235,26 +260,49 @@ def settle(base_url: str) -> dict[str, float]:
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         metrics = scrape(base_url)
-        idle = metrics.get("vllm:num_requests_running") == 0 and metrics.get("vllm:num_requests_waiting") == 0
+        idle = (
+            metrics.get("vllm:num_requests_running") == 0
+            and metrics.get("vllm:num_requests_waiting") == 0
+        )
         released = metrics.get("retentivekv:requests_live", 0) == 0  # absent for stock vLLM
         if (idle and released) or time.monotonic() > deadline:
             return metrics
         time.sleep(1.0)
 
 
-def run_soak(requests: int, model_dir: Path, log_path: Path | None = None, seed: int = 0,
-             concurrency: int = 8, deadline_s: float = 2400.0) -> tuple[SoakReport, SoakReport]:
+def run_soak(
+    requests: int,
+    model_dir: Path,
+    log_path: Path | None = None,
+    seed: int = 0,
+    concurrency: int = 8,
+    deadline_s: float = 2400.0,
+) -> tuple[SoakReport, SoakReport]:
     """The plugin's run, checked, and stock vLLM's run of the same requests (its baseline)."""
     stock_log = None if log_path is None else log_path.with_name(log_path.stem + "-stock.log")
-    stock = serve_requests(requests, model_dir, stock_log, seed, concurrency, deadline_s, stock=True)
-    report = serve_requests(requests, model_dir, log_path, seed, concurrency, deadline_s, stock=False)
+    stock = serve_requests(
+        requests, model_dir, stock_log, seed, concurrency, deadline_s, stock=True
+    )
+    report = serve_requests(
+        requests, model_dir, log_path, seed, concurrency, deadline_s, stock=False
+    )
     report.check(stock)
     return report, stock
 
 
-def serve_requests(requests: int, model_dir: Path, log_path: Path | None, seed: int, concurrency: int,
-                   deadline_s: float, stock: bool) -> SoakReport:
-    images = [data_url(png_bytes(rows, cols, 28, seed=i)) for i, (rows, cols) in enumerate([(4, 6), (8, 8), (6, 4)])]
+def serve_requests(
+    requests: int,
+    model_dir: Path,
+    log_path: Path | None,
+    seed: int,
+    concurrency: int,
+    deadline_s: float,
+    stock: bool,
+) -> SoakReport:
+    images = [
+        data_url(png_bytes(rows, cols, 28, seed=i))
+        for i, (rows, cols) in enumerate([(4, 6), (8, 8), (6, 4)])
+    ]
     report = SoakReport(requests=requests)
     started = time.monotonic()
     if stock:
@@ -263,7 +311,9 @@ def serve_requests(requests: int, model_dir: Path, log_path: Path | None, seed: 
     else:
         args, env = (*POLICY_ARGS, *STOCK_ARGS), {"VLLM_PLUGINS": "retentivekv"}
     with Server(str(model_dir), args=args, env=env, log_path=log_path) as server:
-        asyncio.run(drive(server, str(model_dir), report, seed, concurrency, started + deadline_s, images))
+        asyncio.run(
+            drive(server, str(model_dir), report, seed, concurrency, started + deadline_s, images)
+        )
         # One more small request: finished requests are released at the next engine step.
         with OpenAI(base_url=server.base_url + "/v1", api_key="unused") as client:
             client.completions.create(model=str(model_dir), prompt="Flush.", max_tokens=2)
@@ -280,20 +330,34 @@ def serve_requests(requests: int, model_dir: Path, log_path: Path | None, seed: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deadline", type=float, default=2400.0, help="seconds before the run gives up")
+    parser.add_argument(
+        "--deadline", type=float, default=2400.0, help="seconds before the run gives up"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
     args = parser.parse_args()
     model_dir = build_tiny_vlm(Path("models") / "tiny-qwen2_vl", "qwen2_vl")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report, stock = run_soak(args.requests, model_dir, args.out.with_suffix(".log"), args.seed,
-                             args.concurrency, args.deadline)
-    args.out.write_text(json.dumps({"retentivekv": asdict(report), "stock": asdict(stock)}, indent=2) + "\n")
+    report, stock = run_soak(
+        args.requests,
+        model_dir,
+        args.out.with_suffix(".log"),
+        args.seed,
+        args.concurrency,
+        args.deadline,
+    )
+    args.out.write_text(
+        json.dumps({"retentivekv": asdict(report), "stock": asdict(stock)}, indent=2) + "\n"
+    )
     print(json.dumps({k: v for k, v in asdict(report).items() if k != "errors"}, indent=2))
-    print("stock vLLM RSS after warm-up / end (MiB):", stock.rss_after_warmup_mib, stock.rss_end_mib)
+    print(
+        "stock vLLM RSS after warm-up / end (MiB):", stock.rss_after_warmup_mib, stock.rss_end_mib
+    )
     raise SystemExit(1 if report.failures else 0)
 
 

@@ -1,7 +1,9 @@
 """Speed and memory of stock vLLM against the plugin, measured back to back in one run.
 
-    python -m benchmarks.speed            # stock and budgets 1.0/0.5/0.2/0.1/0.05, 16k-token latency
-    python -m benchmarks.speed --quick    # stock and 0.2 only, 8k-token latency (a regression check)
+    python -m benchmarks.speed            # stock and budgets 1.0/0.5/0.2/0.1/0.05, 16k-token
+    latency
+    python -m benchmarks.speed --quick    # stock and 0.2 only, 8k-token latency (a regression
+    check)
     python -m benchmarks.speed --readme   # rewrite the README's headline table from the JSON
     python -m benchmarks.speed --model smollm2   # the real SmolLM2-135M-Instruct: stock and 0.2
 
@@ -88,13 +90,15 @@ MODELS = {"synthetic": MODEL, "smollm2": SMOLLM2}
 SETTINGS = {
     "full": dict(
         budgets=(1.0, 0.5, 0.2, 0.1, 0.05),
-        latency_prompt=16384, latency_tokens=64,
+        latency_prompt=16384,
+        latency_tokens=64,
         throughput=dict(prompt_tokens=4096, num_requests=24, max_tokens=96),
         passes=3,
     ),
     "quick": dict(
         budgets=(0.2,),
-        latency_prompt=8192, latency_tokens=32,
+        latency_prompt=8192,
+        latency_tokens=32,
         throughput=dict(prompt_tokens=2048, num_requests=12, max_tokens=48),
         passes=3,
     ),
@@ -102,7 +106,9 @@ SETTINGS = {
     # seconds here, so the run takes about half an hour; stock again is its noise check.
     "smollm2": dict(
         budgets=(0.2,),
-        latency_prompt=8192 - 32, latency_tokens=32, latency_repeats=2,
+        latency_prompt=8192 - 32,
+        latency_tokens=32,
+        latency_repeats=2,
         throughput=dict(prompt_tokens=2048, num_requests=16, max_tokens=32),
         passes=1,
     ),
@@ -123,17 +129,29 @@ def configs(budgets) -> list[tuple[str, dict | None]]:
 
 
 def model_shape(model: dict = MODEL) -> dict:
-    return {"arch": "LlamaForCausalLM", "num_layers": model["num_hidden_layers"],
-            "num_attention_heads": model["num_attention_heads"], "num_kv_heads": model["num_key_value_heads"],
-            "head_dim": model["head_dim"], "hidden_size": model["hidden_size"], "dtype": "float32"}
+    return {
+        "arch": "LlamaForCausalLM",
+        "num_layers": model["num_hidden_layers"],
+        "num_attention_heads": model["num_attention_heads"],
+        "num_kv_heads": model["num_key_value_heads"],
+        "head_dim": model["head_dim"],
+        "hidden_size": model["hidden_size"],
+        "dtype": "float32",
+    }
 
 
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def measure_latency(model_dir: str, additional_config, prompt: list[int], max_tokens: int,
-                    model: dict = MODEL, repeats: int = LATENCY_REPEATS) -> dict:
+def measure_latency(
+    model_dir: str,
+    additional_config,
+    prompt: list[int],
+    max_tokens: int,
+    model: dict = MODEL,
+    repeats: int = LATENCY_REPEATS,
+) -> dict:
     """Batch 1: TTFT and the decode step times of `repeats` requests of the prompt, one after
     another (prefix caching off: each one prefills in full); TTFT is their median."""
     from vllm import LLM, SamplingParams
@@ -141,10 +159,18 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
     kwargs = {} if additional_config is None else {"additional_config": additional_config}
     total = len(prompt) + max_tokens
     llm = LLM(
-        model=model_dir, dtype="float32", enforce_eager=True, seed=SEED,
-        kv_cache_memory_bytes=(-(-total // BLOCK_SIZE) + 2) * BLOCK_SIZE * kv_bytes_per_token(model),
-        max_model_len=total, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_num_seqs=1,
-        enable_prefix_caching=False, **kwargs,
+        model=model_dir,
+        dtype="float32",
+        enforce_eager=True,
+        seed=SEED,
+        kv_cache_memory_bytes=(-(-total // BLOCK_SIZE) + 2)
+        * BLOCK_SIZE
+        * kv_bytes_per_token(model),
+        max_model_len=total,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_num_seqs=1,
+        enable_prefix_caching=False,
+        **kwargs,
     )
     load_before = load()
     engine = llm.llm_engine
@@ -181,7 +207,13 @@ def measure_latency(model_dir: str, additional_config, prompt: list[int], max_to
 
 
 def kv_bytes_per_token(model: dict = MODEL) -> int:
-    return 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_dim"] * DTYPE_BYTES
+    return (
+        2
+        * model["num_hidden_layers"]
+        * model["num_key_value_heads"]
+        * model["head_dim"]
+        * DTYPE_BYTES
+    )
 
 
 def tpot_at_largest_batch(series: dict) -> tuple[int, float | None]:
@@ -206,8 +238,14 @@ def run_one(spec: dict) -> dict:
     generator = torch.Generator().manual_seed(SEED)
     prompt = torch.randint(5, 2000, (spec["latency_prompt"],), generator=generator).tolist()
     model = spec["model"]
-    latency = measure_latency(spec["model_dir"], spec["additional_config"], prompt, spec["latency_tokens"],
-                              model, spec["latency_repeats"])
+    latency = measure_latency(
+        spec["model_dir"],
+        spec["additional_config"],
+        prompt,
+        spec["latency_tokens"],
+        model,
+        spec["latency_repeats"],
+    )
     stats = {}
     if spec["additional_config"] is not None:
         from retentivekv_vllm.engine.worker import WORKER
@@ -215,12 +253,22 @@ def run_one(spec: dict) -> dict:
         stats["compress_seconds_latency_run"] = round(WORKER.memories.compress_seconds, 4)
 
     settings = spec["throughput"]
-    prompts = [torch.randint(5, 2000, (settings["prompt_tokens"],), generator=generator).tolist()
-               for _ in range(settings["num_requests"])]
+    prompts = [
+        torch.randint(5, 2000, (settings["prompt_tokens"],), generator=generator).tolist()
+        for _ in range(settings["num_requests"])
+    ]
     pool_bytes = spec["pool_blocks"] * BLOCK_SIZE * kv_bytes_per_token(model)
     load_before = load()
-    throughput = run_config(spec["name"], spec["additional_config"], spec["model_dir"], model_shape(model),
-                            prompts, settings, pool_bytes, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
+    throughput = run_config(
+        spec["name"],
+        spec["additional_config"],
+        spec["model_dir"],
+        model_shape(model),
+        prompts,
+        settings,
+        pool_bytes,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+    )
     largest, tpot = tpot_at_largest_batch(throughput["series"])
     output_tokens = settings["num_requests"] * settings["max_tokens"]
     throughput.update(
@@ -231,8 +279,13 @@ def run_one(spec: dict) -> dict:
         load_before=load_before,
         load_after=load(),
     )
-    return {"name": spec["name"], "additional_config": spec["additional_config"],
-            "latency": latency, "throughput": throughput, **stats}
+    return {
+        "name": spec["name"],
+        "additional_config": spec["additional_config"],
+        "latency": latency,
+        "throughput": throughput,
+        **stats,
+    }
 
 
 def run_in_subprocess(spec: dict, work: Path) -> dict:
@@ -241,16 +294,27 @@ def run_in_subprocess(spec: dict, work: Path) -> dict:
     env = {**os.environ, **MEASURING_ENV}
     if spec["additional_config"] is None:
         env["VLLM_PLUGINS"] = ""  # stock vLLM: the plugin is not even loaded
-    subprocess.run([sys.executable, "-m", "benchmarks.speed", "--run-spec", str(spec_path), str(out_path)],
-                   check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--run-spec", str(spec_path), str(out_path)],
+        check=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out_path.read_text())
 
 
 # The numbers of one process that a configuration reports as their median over the passes.
 MEDIAN_FIELDS = {
     "latency": ("ttft_s", "tpot_s"),
-    "throughput": ("kv_bytes_per_request", "blocks_per_request", "max_running", "largest_decode_batch",
-                   "tpot_at_largest_batch_s", "decode_tokens_per_s_at_largest_batch", "output_tokens_per_s"),
+    "throughput": (
+        "kv_bytes_per_request",
+        "blocks_per_request",
+        "max_running",
+        "largest_decode_batch",
+        "tpot_at_largest_batch_s",
+        "decode_tokens_per_s_at_largest_batch",
+        "output_tokens_per_s",
+    ),
 }
 
 
@@ -263,7 +327,9 @@ def merge_passes(runs: list[dict]) -> dict:
         for field in fields:
             values = [run[part][field] for run in runs if run[part][field] is not None]
             merged[part][field] = statistics.median(values) if values else None
-        merged[part]["load_before"] = max((run[part]["load_before"] for run in runs), key=lambda x: x[0])
+        merged[part]["load_before"] = max(
+            (run[part]["load_before"] for run in runs), key=lambda x: x[0]
+        )
     merged["throughput"]["errors"] = [e for run in runs for e in run["throughput"]["errors"]]
     merged["passes"] = runs
     return merged
@@ -276,7 +342,9 @@ def ratios(r: dict, stock: dict) -> dict:
         "tpot_batch1_speedup": _ratio(s_lat["tpot_s"], lat["tpot_s"]),
         "output_tokens_per_s": _ratio(thr["output_tokens_per_s"], s_thr["output_tokens_per_s"]),
         "decode_tokens_per_s_at_largest_batch": _ratio(
-            thr["decode_tokens_per_s_at_largest_batch"], s_thr["decode_tokens_per_s_at_largest_batch"]),
+            thr["decode_tokens_per_s_at_largest_batch"],
+            s_thr["decode_tokens_per_s_at_largest_batch"],
+        ),
         "max_concurrency": _ratio(thr["max_running"], s_thr["max_running"]),
         "prefill_overhead": round(lat["ttft_s"] / s_lat["ttft_s"] - 1, 3),
     }
@@ -288,7 +356,9 @@ def add_ratios(results: list[dict]) -> None:
     stock = results[0]
     for r in results:
         r["vs_stock"] = ratios(r, stock)
-        r["vs_stock_by_pass"] = [ratios(mine, theirs) for mine, theirs in zip(r["passes"], stock["passes"])]
+        r["vs_stock_by_pass"] = [
+            ratios(mine, theirs) for mine, theirs in zip(r["passes"], stock["passes"])
+        ]
 
 
 def _ratio(a, b):
@@ -304,9 +374,17 @@ TABLE_COLUMNS = (
     ("prefill overhead", lambda r: f"{100 * r['vs_stock']['prefill_overhead']:+.0f}%"),
     ("TPOT batch 1", lambda r: f"{1e3 * r['latency']['tpot_s']:.1f} ms"),
     ("TPOT speed-up", lambda r: f"{r['vs_stock']['tpot_batch1_speedup']}x"),
-    ("TPOT largest batch", lambda r: _ms(r["throughput"]["tpot_at_largest_batch_s"])
-     + f" ({r['throughput']['largest_decode_batch']})"),
-    ("decode tok/s largest batch vs stock", lambda r: f"{r['vs_stock']['decode_tokens_per_s_at_largest_batch']}x"),
+    (
+        "TPOT largest batch",
+        lambda r: (
+            _ms(r["throughput"]["tpot_at_largest_batch_s"])
+            + f" ({r['throughput']['largest_decode_batch']})"
+        ),
+    ),
+    (
+        "decode tok/s largest batch vs stock",
+        lambda r: f"{r['vs_stock']['decode_tokens_per_s_at_largest_batch']}x",
+    ),
     ("output tok/s", lambda r: f"{r['throughput']['output_tokens_per_s']:.1f}"),
     ("tok/s vs stock", lambda r: f"{r['vs_stock']['output_tokens_per_s']}x"),
 )
@@ -325,17 +403,29 @@ def summary_table(data: dict) -> str:
         "| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |",
         "|" + "---|" * len(TABLE_COLUMNS),
     ] + ["| " + " | ".join(cell(r) for _, cell in TABLE_COLUMNS) + " |" for r in data["results"]]
-    loads = [x for r in data["results"] for x in (r["latency"]["load_before"][0], r["throughput"]["load_before"][0])]
+    loads = [
+        x
+        for r in data["results"]
+        for x in (r["latency"]["load_before"][0], r["throughput"]["load_before"][0])
+    ]
     lines.append("")
     lines.append(
         f"{meta['mode']} run of `python -m benchmarks.speed{COMMAND_FLAGS[meta['mode']]}`, "
         f"{meta['date']}, {meta['cpu_count']} CPU cores; every number the median over "
-        f"{meta['settings']['passes']} passes, a process each; batch-1 latency at {meta['settings']['latency_prompt']} "
-        f"prompt tokens (TTFT the median of {meta['settings']['latency_repeats']} requests); throughput: {meta['settings']['throughput']['num_requests']} requests of "
-        f"{meta['settings']['throughput']['prompt_tokens']} prompt and {meta['settings']['throughput']['max_tokens']} "
-        f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; 1-minute load average "
+        f"{meta['settings']['passes']} passes, a process each; batch-1 latency at "
+        f"{meta['settings']['latency_prompt']} "
+        f"prompt tokens (TTFT the median of {meta['settings']['latency_repeats']} requests); "
+        f"throughput: {meta['settings']['throughput']['num_requests']} requests of "
+        f"{meta['settings']['throughput']['prompt_tokens']} prompt and "
+        f"{meta['settings']['throughput']['max_tokens']} "
+        f"output tokens into a pool of {STOCK_REQUESTS_IN_POOL} stock requests; 1-minute load "
+        "average "
         f"{min(loads):.1f}-{max(loads):.1f} during the measurements"
-        + (" (taken under load from other work on the machine: slower and noisier than idle)." if max(loads) > 1.0 else ".")
+        + (
+            " (taken under load from other work on the machine: slower and noisier than idle)."
+            if max(loads) > 1.0
+            else "."
+        )
     )
     return "\n".join(lines)
 
@@ -354,10 +444,16 @@ def plot(data: dict, path: Path) -> None:
     bar_panels(
         [r["name"].replace("retentive ", "") for r in results],
         [
-            ("KV MiB per request", [r["throughput"]["kv_bytes_per_request"] / 2**20 for r in results]),
+            (
+                "KV MiB per request",
+                [r["throughput"]["kv_bytes_per_request"] / 2**20 for r in results],
+            ),
             ("TPOT batch 1 (ms)", [1e3 * r["latency"]["tpot_s"] for r in results]),
             ("TTFT batch 1 (s)", [r["latency"]["ttft_s"] for r in results]),
-            ("output tokens/s (throughput run)", [r["throughput"]["output_tokens_per_s"] for r in results]),
+            (
+                "output tokens/s (throughput run)",
+                [r["throughput"]["output_tokens_per_s"] for r in results],
+            ),
             ("max concurrent requests", [r["throughput"]["max_running"] for r in results]),
         ],
         f"stock vLLM vs retentive budgets ({data['meta']['mode']} run, load "
@@ -366,7 +462,9 @@ def plot(data: dict, path: Path) -> None:
     )
 
 
-def bar_panels(names: list[str], panels: list[tuple[str, list[float]]], title: str, path: Path) -> None:
+def bar_panels(
+    names: list[str], panels: list[tuple[str, list[float]]], title: str, path: Path
+) -> None:
     """One bar chart per (title, values) panel over the configurations, stock in grey."""
     import matplotlib
 
@@ -375,7 +473,11 @@ def bar_panels(names: list[str], panels: list[tuple[str, list[float]]], title: s
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (panel_title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["tab:gray" if name.startswith("stock") else "tab:blue" for name in names])
+        ax.bar(
+            names,
+            values,
+            color=["tab:gray" if name.startswith("stock") else "tab:blue" for name in names],
+        )
         ax.set_title(panel_title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title, fontsize=10)
@@ -399,11 +501,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stock and 0.2 only, shorter prompts")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
-    parser.add_argument("--readme", action="store_true", help="only rewrite README.md's table from the JSON")
-    parser.add_argument("--model", choices=tuple(MODELS), default="synthetic",
-                        help="synthetic (the default; random weights, KV-dominated) or smollm2 (the real "
-                        "SmolLM2-135M-Instruct: stock and 0.2 at 8k, one pass)")
-    parser.add_argument("--run-spec", nargs=2, type=Path, help=argparse.SUPPRESS)  # one configuration
+    parser.add_argument(
+        "--readme", action="store_true", help="only rewrite README.md's table from the JSON"
+    )
+    parser.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        default="synthetic",
+        help="synthetic (the default; random weights, KV-dominated) or smollm2 (the real "
+        "SmolLM2-135M-Instruct: stock and 0.2 at 8k, one pass)",
+    )
+    parser.add_argument(
+        "--run-spec", nargs=2, type=Path, help=argparse.SUPPRESS
+    )  # one configuration
     args = parser.parse_args(argv)
     if args.model != "synthetic" and (args.quick or args.readme):
         parser.error(f"--model {args.model} has one setting of its own: drop --quick and --readme")
@@ -425,17 +535,30 @@ def main(argv=None) -> int:
     model = MODELS[args.model]
     repeats = settings.get("latency_repeats", LATENCY_REPEATS)
     throughput = settings["throughput"]
-    blocks_per_stock_request = -(-(throughput["prompt_tokens"] + throughput["max_tokens"]) // BLOCK_SIZE)
-    pool_blocks = STOCK_REQUESTS_IN_POOL * blocks_per_stock_request + 2  # +1 slack, +1 vLLM's null block
+    blocks_per_stock_request = -(
+        -(throughput["prompt_tokens"] + throughput["max_tokens"]) // BLOCK_SIZE
+    )
+    pool_blocks = (
+        STOCK_REQUESTS_IN_POOL * blocks_per_stock_request + 2
+    )  # +1 slack, +1 vLLM's null block
     meta = {
-        "benchmark": "speed", "mode": mode,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "vllm": vllm.__version__, "torch": torch.__version__,
+        "benchmark": "speed",
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
         "model": {"name": args.model, **model_shape(model)},
-        "settings": {**settings, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS, "pool_blocks": pool_blocks,
-                     "kv_bytes_per_token": kv_bytes_per_token(model), "stock_requests_in_pool": STOCK_REQUESTS_IN_POOL,
-                     "latency_repeats": repeats},
+        "settings": {
+            **settings,
+            "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
+            "pool_blocks": pool_blocks,
+            "kv_bytes_per_token": kv_bytes_per_token(model),
+            "stock_requests_in_pool": STOCK_REQUESTS_IN_POOL,
+            "latency_repeats": repeats,
+        },
         "load_start": load(),
     }
     started = time.perf_counter()
@@ -445,18 +568,36 @@ def main(argv=None) -> int:
         model_dir = benchmark_model_dir(args.model, Path(tmp) / "speed-llama")
         for pass_index in range(settings["passes"]):
             for index, (name, additional_config) in enumerate(runs):
-                print(f"[pass {pass_index + 1}/{settings['passes']}, {index + 1}/{len(runs)}] {name} ...", flush=True)
-                spec = {"index": index, "name": name, "additional_config": additional_config,
-                        "model_dir": model_dir, "latency_prompt": settings["latency_prompt"],
-                        "latency_tokens": settings["latency_tokens"], "throughput": throughput,
-                        "pool_blocks": pool_blocks, "model": model, "latency_repeats": repeats}
+                print(
+                    f"[pass {pass_index + 1}/{settings['passes']}, {index + 1}/{len(runs)}] {name} "
+                    "...",
+                    flush=True,
+                )
+                spec = {
+                    "index": index,
+                    "name": name,
+                    "additional_config": additional_config,
+                    "model_dir": model_dir,
+                    "latency_prompt": settings["latency_prompt"],
+                    "latency_tokens": settings["latency_tokens"],
+                    "throughput": throughput,
+                    "pool_blocks": pool_blocks,
+                    "model": model,
+                    "latency_repeats": repeats,
+                }
                 r = run_in_subprocess(spec, Path(tmp))
                 r["throughput"].pop("series")
                 lat, thr = r["latency"], r["throughput"]
-                print(f"    TTFT {lat['ttft_s']:.2f} s, TPOT {1e3 * lat['tpot_s']:.1f} ms (load {lat['load_before'][0]}); "
-                      f"{thr['output_tokens_per_s']:.1f} output tok/s, max running {thr['max_running']}, "
-                      f"KV {thr['kv_bytes_per_request'] / 2**20:.1f} MiB/request (load {thr['load_before'][0]})"
-                      + (f"  ERRORS {thr['errors']}" if thr["errors"] else ""), flush=True)
+                print(
+                    f"    TTFT {lat['ttft_s']:.2f} s, TPOT {1e3 * lat['tpot_s']:.1f} ms (load "
+                    f"{lat['load_before'][0]}); "
+                    f"{thr['output_tokens_per_s']:.1f} output tok/s, max running "
+                    f"{thr['max_running']}, "
+                    f"KV {thr['kv_bytes_per_request'] / 2**20:.1f} MiB/request (load "
+                    f"{thr['load_before'][0]})"
+                    + (f"  ERRORS {thr['errors']}" if thr["errors"] else ""),
+                    flush=True,
+                )
                 by_config[index].append(r)
     results = [merge_passes(config_runs) for config_runs in by_config]
     add_ratios(results)

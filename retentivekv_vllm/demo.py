@@ -28,9 +28,12 @@ MAX_MODEL_LEN = 8192  # SmolLM2-135M's context
 # Room for one request of MAX_MODEL_LEN tokens (45 KiB of fp32 KV a token) and the states that
 # the plugin reserves for --max-num-seqs requests.
 SERVER_ARGS = (
-    "--max-model-len", str(MAX_MODEL_LEN),
-    "--kv-cache-memory-bytes", str(448 * 2**20),
-    "--max-num-seqs", "4",
+    "--max-model-len",
+    str(MAX_MODEL_LEN),
+    "--kv-cache-memory-bytes",
+    str(448 * 2**20),
+    "--max-num-seqs",
+    "4",
 )
 STATS_ROUTE = "/v1/retentivekv/stats"
 FLOAT32_BYTES = 4  # the CPU runs serve in fp32 (fixtures.server.CPU_DEFAULTS)
@@ -54,8 +57,14 @@ def kv_bytes_per_token(model_dir: str | Path) -> int:
     return 2 * layers * kv_heads * head_dim * FLOAT32_BYTES
 
 
-def ask(base_url: str, model: str, document: str, question: str, max_tokens: int,
-        xargs: dict | None = None):
+def ask(
+    base_url: str,
+    model: str,
+    document: str,
+    question: str,
+    max_tokens: int,
+    xargs: dict | None = None,
+):
     """One chat request with the document, then the question; the openai client's reply."""
     from openai import OpenAI
 
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="retentive", help="--kv-policy (default retentive)")
     parser.add_argument("--budget", default="0.2", help="--kv-budget (default 0.2)")
     parser.add_argument(
-        "--document", type=Path, default=None,
+        "--document",
+        type=Path,
+        default=None,
         help=f"a UTF-8 text file to ask about (default: Python's pydoc_data.topics"
         f"[{DEFAULT_TOPIC!r}]); with the question at most {MAX_MODEL_LEN:,} tokens",
     )
@@ -144,29 +155,38 @@ def main(argv: list[str] | None = None) -> int:
 
     model = str(smollm2_model_dir(args.model_dir))
     log = Path(args.model_dir).parent / "demo-server.log"
-    print(f"serving {model} with --kv-policy {args.policy} --kv-budget {args.budget} "
-          f"(about a minute to start; log: {log})", flush=True)
+    print(
+        f"serving {model} with --kv-policy {args.policy} --kv-budget {args.budget} "
+        f"(about a minute to start; log: {log})",
+        flush=True,
+    )
     server = Server(
-        model, server_args(args.policy, args.budget), log_path=log,
+        model,
+        server_args(args.policy, args.budget),
+        log_path=log,
         env={"VLLM_PLUGINS": "retentivekv"},  # the stats route and the plugin's metrics
     )
     # Started here rather than by `with server:`, whose __enter__ would start it again.
     server.start(timeout=600)
     try:
-        print(f"document: {source}, {len(document):,} characters\nquestion: {question}",
-              flush=True)
+        print(f"document: {source}, {len(document):,} characters\nquestion: {question}", flush=True)
         try:
             reply = ask(server.base_url, model, document, question, args.max_tokens)
         except BadRequestError as error:
-            print(f"error: the server refused the request ({error.message}); a --document "
-                  f"and --question of at most {MAX_MODEL_LEN:,} tokens fit", file=sys.stderr)
+            print(
+                f"error: the server refused the request ({error.message}); a --document "
+                f"and --question of at most {MAX_MODEL_LEN:,} tokens fit",
+                file=sys.stderr,
+            )
             return 1
         print(f"answer: {reply.choices[0].message.content.strip()}\n")
         stats = request_stats(server.base_url, reply.id)
     finally:
         server.stop()
-    print(f"what compression did for this request ({reply.usage.prompt_tokens:,} prompt tokens), "
-          f"from the server's {STATS_ROUTE}:")
+    print(
+        f"what compression did for this request ({reply.usage.prompt_tokens:,} prompt tokens), "
+        f"from the server's {STATS_ROUTE}:"
+    )
     print("\n".join(report(stats, kv_bytes_per_token(model))))
     return 0
 

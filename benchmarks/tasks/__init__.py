@@ -42,5 +42,4 @@ def make_task(name: str):
     return TASKS[name]()
 
 
-from benchmarks.tasks import recall  # noqa: E402,F401  (registration)
-from benchmarks.tasks import grid  # noqa: E402,F401  (registration)
+from benchmarks.tasks import grid, recall  # noqa: E402, F401  (registration)

@@ -27,18 +27,22 @@ class GridTask:
     has_images: bool = True
     # Measured through vLLM on the shipped model (docs/results.md); the quick check enforces it.
     min_full_accuracy: float = 0.95
-    engine: dict[str, Any] = field(default_factory=lambda: {
-        "max_model_len": 512,
-        "limit_mm_per_prompt": {"image": 1},
-        "enable_chunked_prefill": True,
-        "max_num_batched_tokens": 2048,
-        "long_prefill_token_threshold": CHUNK,
-        "block_size": 32,
-    })
+    engine: dict[str, Any] = field(
+        default_factory=lambda: {
+            "max_model_len": 512,
+            "limit_mm_per_prompt": {"image": 1},
+            "enable_chunked_prefill": True,
+            "max_num_batched_tokens": 2048,
+            "long_prefill_token_threshold": CHUNK,
+            "block_size": 32,
+        }
+    )
     # A prompt is 275-300 tokens; the question and the assistant header after it are about 17
     # tokens, so a window of 16 (down from 32) keeps the question itself while budgets of
     # 10-20 % still leave image tokens to choose.
-    policy_defaults: dict[str, Any] = field(default_factory=lambda: {"kv_sinks": 4, "kv_window": 16})
+    policy_defaults: dict[str, Any] = field(
+        default_factory=lambda: {"kv_sinks": 4, "kv_window": 16}
+    )
 
     def model_dir(self):
         return grid.grid_vlm_dir()
@@ -52,7 +56,13 @@ class GridTask:
         for item in grid.make_items(count, seed):
             answer = tokenizer(item.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
             prompt = {"prompt": item.prompt, "multi_modal_data": {"image": item.image}}
-            out.append(Item(prompt, tuple(answer), f"{item.kind}, {'multi' if item.multi_turn else 'single'}-turn"))
+            out.append(
+                Item(
+                    prompt,
+                    tuple(answer),
+                    f"{item.kind}, {'multi' if item.multi_turn else 'single'}-turn",
+                )
+            )
         return out
 
     def is_correct(self, item: Item, token_ids: list[int]) -> bool:

@@ -30,13 +30,15 @@ class RecallTask:
     has_images: bool = False
     # Measured through vLLM on the shipped model (docs/results.md); the quick check enforces it.
     min_full_accuracy: float = 0.95
-    engine: dict[str, Any] = field(default_factory=lambda: {
-        "max_model_len": 512,
-        "enable_chunked_prefill": True,
-        "max_num_batched_tokens": 2048,
-        "long_prefill_token_threshold": CHUNK,
-        "block_size": 32,
-    })
+    engine: dict[str, Any] = field(
+        default_factory=lambda: {
+            "max_model_len": 512,
+            "enable_chunked_prefill": True,
+            "max_num_batched_tokens": 2048,
+            "long_prefill_token_threshold": CHUNK,
+            "block_size": 32,
+        }
+    )
     # A prompt is ~2*num_pairs tokens; sinks and window (never compressed, inside the budget)
     # are scaled down from 4/32 so that budgets of 5-10 % still leave tokens to choose.
     policy_defaults: dict[str, Any] = field(default_factory=lambda: {"kv_sinks": 2, "kv_window": 8})

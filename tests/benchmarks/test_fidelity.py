@@ -22,11 +22,18 @@ def test_wilson_interval_matches_newcombes_worked_example():
 
 def test_quick_check_refuses_low_full_accuracy_and_budget_one_drift():
     task = make_task("recall")
-    full = {"label": "full", "budget": 1.0, "accuracy": task.min_full_accuracy, "outputs": [[5], [6]]}
+    full = {
+        "label": "full",
+        "budget": 1.0,
+        "accuracy": task.min_full_accuracy,
+        "outputs": [[5], [6]],
+    }
     same = {"label": "snapkv", "budget": 1.0, "accuracy": 1.0, "outputs": [[5], [6]]}
     assert quick_failures(task, [full, same]) == []
     drifted = {**same, "outputs": [[5], [7]]}
-    assert quick_failures(task, [full, drifted]) == ["snapkv at budget 1.0 differs from full on 1 items"]
+    assert quick_failures(task, [full, drifted]) == [
+        "snapkv at budget 1.0 differs from full on 1 items"
+    ]
     low = {**full, "accuracy": task.min_full_accuracy - 0.01}
     (failure,) = quick_failures(task, [low, same])
     assert failure.startswith("full-cache accuracy")
@@ -40,8 +47,11 @@ def test_quick_fidelity_run_keeps_the_documented_accuracy(tmp_path, task):
     out = tmp_path / "quick.json"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.fidelity", "--task", task, "--quick", "--out", str(out)],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     report = json.loads(out.read_text())
     assert result.returncode == 0, report["failures"] or result.stderr[-3000:]

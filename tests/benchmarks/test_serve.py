@@ -1,5 +1,6 @@
 """The serving benchmark's bookkeeping: the ratios to stock and the table (the measurement itself,
-`python -m benchmarks.serve --quick`, starts a server per configuration: too long for the test tiers);
+`python -m benchmarks.serve --quick`, starts a server per configuration: too long for the test
+tiers);
 and the /metrics gauge it reads the concurrency from, against a real HTTP server."""
 
 import http.server
@@ -9,18 +10,33 @@ from benchmarks import serve
 
 
 def result(name, ttft_ms, tpot_ms, tok_s, running):
-    return {"name": name, "batch1": {"median_ttft_ms": ttft_ms, "median_tpot_ms": tpot_ms},
-            "burst": {"output_throughput": tok_s, "max_running": running}}
+    return {
+        "name": name,
+        "batch1": {"median_ttft_ms": ttft_ms, "median_tpot_ms": tpot_ms},
+        "burst": {"output_throughput": tok_s, "max_running": running},
+    }
 
 
 def test_ratios_and_table():
-    results = [result("stock", 4000.0, 20.0, 50.0, 4), result("retentive 0.2", 3000.0, 8.0, 125.0, 14)]
+    results = [
+        result("stock", 4000.0, 20.0, 50.0, 4),
+        result("retentive 0.2", 3000.0, 8.0, 125.0, 14),
+    ]
     serve.add_ratios(results)
     assert results[1]["vs_stock"] == {
-        "tpot_batch1_speedup": 2.5, "ttft_batch1": 0.75, "burst_output_tokens_per_s": 2.5, "burst_max_running": 3.5,
+        "tpot_batch1_speedup": 2.5,
+        "ttft_batch1": 0.75,
+        "burst_output_tokens_per_s": 2.5,
+        "burst_max_running": 3.5,
     }
     assert results[0]["vs_stock"]["tpot_batch1_speedup"] == 1.0
-    meta = {"mode": "quick", "date": "d", "load_start": [0.5], "load_end": [0.6], "settings": serve.SETTINGS["quick"]}
+    meta = {
+        "mode": "quick",
+        "date": "d",
+        "load_start": [0.5],
+        "load_end": [0.6],
+        "settings": serve.SETTINGS["quick"],
+    }
     table = serve.summary_table({"meta": meta, "results": results}).splitlines()
     assert table[3] == "| retentive 0.2 | 3.00 s | 8.0 ms | 2.5x | 125.0 | 2.5x | 14 |"
 
@@ -32,9 +48,11 @@ def test_running_gauge_keeps_the_peak_of_the_servers_gauge():
     class Metrics(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             value = readings.pop(0) if readings else 2.0
-            body = (f"# TYPE vllm:num_requests_running gauge\n"
-                    f'vllm:num_requests_running{{engine="0",model_name="m"}} {value}\n'
-                    f'vllm:num_requests_waiting{{engine="0",model_name="m"}} 9.0\n').encode()
+            body = (
+                f"# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{engine="0",model_name="m"}} {value}\n'
+                f'vllm:num_requests_waiting{{engine="0",model_name="m"}} 9.0\n'
+            ).encode()
             self.send_response(200)
             self.end_headers()
             self.wfile.write(body)

@@ -16,10 +16,15 @@ def result(name, tpot, ttft, tok_s, kv_bytes, running, largest_tpot, load=0.7):
         "additional_config": None,
         "latency": {"tpot_s": tpot, "ttft_s": ttft, "load_before": [0.5, 0, 0]},
         "throughput": {
-            "output_tokens_per_s": tok_s, "kv_bytes_per_request": kv_bytes, "max_running": running,
-            "blocks_per_request": kv_bytes / 2**20, "tpot_at_largest_batch_s": largest_tpot,
-            "largest_decode_batch": running, "decode_tokens_per_s_at_largest_batch": running / largest_tpot,
-            "load_before": [load, 0, 0], "errors": [],
+            "output_tokens_per_s": tok_s,
+            "kv_bytes_per_request": kv_bytes,
+            "max_running": running,
+            "blocks_per_request": kv_bytes / 2**20,
+            "tpot_at_largest_batch_s": largest_tpot,
+            "largest_decode_batch": running,
+            "decode_tokens_per_s_at_largest_batch": running / largest_tpot,
+            "load_before": [load, 0, 0],
+            "errors": [],
         },
     }
 
@@ -28,7 +33,8 @@ def test_tpot_at_largest_batch_uses_only_steps_that_decode_the_largest_batch():
     # Step durations 1..8 (counts after each step). Step 3 ends the third prefill (3 decoding after
     # it, but it prefilled). Steps 4, 7 and 8 begin with all 3 running requests decoding and admit
     # nobody: pure decode of the batch (in step 8 one request finishes, after decoding). Step 5 also
-    # begins so, but admits a waiting request (its prefill ran in that step); step 6 begins with that
+    # begins so, but admits a waiting request (its prefill ran in that step); step 6 begins with
+    # that
     # one still without output.
     series = {
         "time_s": [1, 3, 6, 10, 15, 21, 28, 36],
@@ -53,9 +59,20 @@ def test_ratios_and_readme_table(tmp_path):
     assert ratios["decode_tokens_per_s_at_largest_batch"] == 2.0
     assert abs(ratios["prefill_overhead"] - 0.1) < 1e-9
 
-    data = {"meta": {"mode": "quick", "date": "d", "cpu_count": 2, "settings": {
-        "latency_prompt": 8192, "latency_repeats": 3, "passes": 1, "throughput": {"num_requests": 12, "prompt_tokens": 2048, "max_tokens": 48}}},
-        "results": results}
+    data = {
+        "meta": {
+            "mode": "quick",
+            "date": "d",
+            "cpu_count": 2,
+            "settings": {
+                "latency_prompt": 8192,
+                "latency_repeats": 3,
+                "passes": 1,
+                "throughput": {"num_requests": 12, "prompt_tokens": 2048, "max_tokens": 48},
+            },
+        },
+        "results": results,
+    }
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{speed.TABLE_START}\nold table\n{speed.TABLE_END}\nafter\n")
     speed.write_readme_table(data, readme)
@@ -63,21 +80,32 @@ def test_ratios_and_readme_table(tmp_path):
     assert text.startswith("before\n") and text.endswith(f"{speed.TABLE_END}\nafter\n")
     assert "old table" not in text
     row = next(line for line in text.splitlines() if line.startswith("| retentive 0.2 |"))
-    assert "| 2.0 MiB | 4.0x | 16 |" in row and "| +10% |" in row and "| 80.0 ms (16) | 2.0x |" in row
+    assert (
+        "| 2.0 MiB | 4.0x | 16 |" in row and "| +10% |" in row and "| 80.0 ms (16) | 2.0x |" in row
+    )
     assert row.endswith("| 150.0 | 3.0x |")
 
 
 def test_passes_report_medians_and_each_pass_against_its_own_stock():
-    stock = [result("stock", 0.020, 4.0, 50.0, 8, 4, 0.040), result("stock", 0.030, 5.0, 40.0, 8, 4, 0.050),
-             result("stock", 0.025, 4.5, 45.0, 8, 4, 0.045, load=1.5)]
-    ours = [result("r", 0.010, 4.4, 150.0, 2, 16, 0.080), result("r", 0.030, 5.0, 100.0, 2, 16, 0.100),
-            result("r", 0.012, 4.8, 120.0, 2, 15, 0.060)]
+    stock = [
+        result("stock", 0.020, 4.0, 50.0, 8, 4, 0.040),
+        result("stock", 0.030, 5.0, 40.0, 8, 4, 0.050),
+        result("stock", 0.025, 4.5, 45.0, 8, 4, 0.045, load=1.5),
+    ]
+    ours = [
+        result("r", 0.010, 4.4, 150.0, 2, 16, 0.080),
+        result("r", 0.030, 5.0, 100.0, 2, 16, 0.100),
+        result("r", 0.012, 4.8, 120.0, 2, 15, 0.060),
+    ]
     ours[1]["throughput"]["errors"] = ["one"]
     results = [speed.merge_passes(stock), speed.merge_passes(ours)]
     speed.add_ratios(results)
     merged = results[1]
     assert merged["latency"] == {"tpot_s": 0.012, "ttft_s": 4.8, "load_before": [0.5, 0, 0]}
-    assert merged["throughput"]["max_running"] == 16 and merged["throughput"]["tpot_at_largest_batch_s"] == 0.08
+    assert (
+        merged["throughput"]["max_running"] == 16
+        and merged["throughput"]["tpot_at_largest_batch_s"] == 0.08
+    )
     assert merged["throughput"]["errors"] == ["one"] and merged["passes"] == ours
     assert results[0]["throughput"]["load_before"] == [1.5, 0, 0]  # the highest load any pass saw
     # Ratios between medians: stock's TPOT 0.025 against 0.012; each pass against its own stock.
