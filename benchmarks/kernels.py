@@ -67,19 +67,39 @@ class Shapes:
 
 
 FULL = Shapes(
-    copy_bytes=1 << 30, layers=32, kv_heads=32, group=1, head_dim=128, context=4500, block_size=16,
-    state_rank=64, observation_rows=32, repeats=20,
+    copy_bytes=1 << 30,
+    layers=32,
+    kv_heads=32,
+    group=1,
+    head_dim=128,
+    context=4500,
+    block_size=16,
+    state_rank=64,
+    observation_rows=32,
+    repeats=20,
 )
 SMOKE = Shapes(
-    copy_bytes=1 << 20, layers=2, kv_heads=2, group=2, head_dim=32, context=96, block_size=16,
-    state_rank=16, observation_rows=4, repeats=1,
+    copy_bytes=1 << 20,
+    layers=2,
+    kv_heads=2,
+    group=2,
+    head_dim=32,
+    context=96,
+    block_size=16,
+    state_rank=16,
+    observation_rows=4,
+    repeats=1,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="toy shapes; runs on CPU through Triton's interpreter")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for kernels.json and kernels.png")
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy shapes; runs on CPU through Triton's interpreter"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="directory for kernels.json and kernels.png"
+    )
     return parser.parse_args(argv)
 
 
@@ -88,7 +108,9 @@ def main(argv=None) -> int:
     require_matplotlib()
     if not torch.cuda.is_available():
         if not args.smoke:
-            raise SystemExit("error: the measurements need a CUDA GPU; pass --smoke to run toy shapes on CPU")
+            raise SystemExit(
+                "error: the measurements need a CUDA GPU; pass --smoke to run toy shapes on CPU"
+            )
         # Read by Triton when the kernels are defined, so before they are imported.
         os.environ["TRITON_INTERPRET"] = "1"
     results = run(SMOKE if args.smoke else FULL, smoke=args.smoke)
@@ -111,7 +133,10 @@ class Timer:
         times = []
         for _ in range(self.repeats):
             if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 fn()
                 end.record()
@@ -126,7 +151,13 @@ class Timer:
 
 def bandwidth(name: str, nbytes: int, ms: float, peak_gbps: float) -> dict:
     gbps = nbytes / (ms * 1e-3) / 1e9
-    return {"kernel": name, "bytes": nbytes, "ms": ms, "gb_per_s": gbps, "share_of_copy_peak": gbps / peak_gbps}
+    return {
+        "kernel": name,
+        "bytes": nbytes,
+        "ms": ms,
+        "gb_per_s": gbps,
+        "share_of_copy_peak": gbps / peak_gbps,
+    }
 
 
 def paged_cache(shapes: Shapes, tokens: int, dtype, device, gen):
@@ -135,7 +166,12 @@ def paged_cache(shapes: Shapes, tokens: int, dtype, device, gen):
 
     blocks = math.ceil(tokens / shapes.block_size)
     kv_cache = torch.randn(
-        blocks, shapes.kv_heads, shapes.block_size, 2 * shapes.head_dim, generator=gen, device=device
+        blocks,
+        shapes.kv_heads,
+        shapes.block_size,
+        2 * shapes.head_dim,
+        generator=gen,
+        device=device,
     ).to(dtype)
     key_cache, value_cache = split_kv_cache(kv_cache, shapes.head_dim)
     block_table = torch.randperm(blocks, device=device, generator=gen).to(torch.int32)[None]
@@ -144,8 +180,6 @@ def paged_cache(shapes: Shapes, tokens: int, dtype, device, gen):
 
 def run(shapes: Shapes, smoke: bool) -> dict:
     import triton
-
-    from retentivekv_vllm.core import PositiveRandomFeatures
     from retentivekv_vllm.kernels import (
         PagedStates,
         cuda_extension,
@@ -155,6 +189,8 @@ def run(shapes: Shapes, smoke: bool) -> dict:
         observation_scores,
         write_slots,
     )
+
+    from retentivekv_vllm.core import PositiveRandomFeatures
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -171,7 +207,7 @@ def run(shapes: Shapes, smoke: bool) -> dict:
     dst = torch.empty_like(src)
     copy_ms = timer(lambda: dst.copy_(src))
     peak = 2 * shapes.copy_bytes / (copy_ms * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # free the copy buffers before the kernels run
 
     n = shapes.context
     _, key_cache, value_cache, block_table = paged_cache(shapes, n, dtype, device, gen)
@@ -184,17 +220,36 @@ def run(shapes: Shapes, smoke: bool) -> dict:
     queries = torch.randn(m, num_q_heads, d, generator=gen, device=device).to(dtype)
     starts = torch.tensor([0, m], device=device)
     q_positions = torch.arange(n - m, n, device=device)
-    ms = timer(lambda: observation_scores(queries, starts, q_positions, key_cache, block_table, live_start, seq_lens, scale))
+    ms = timer(
+        lambda: observation_scores(
+            queries, starts, q_positions, key_cache, block_table, live_start, seq_lens, scale
+        )
+    )
     kernels.append(bandwidth("observation_scores", 2 * H * n * d * elt + 2 * H * n * 4, ms, peak))
 
     # Decode over the whole cache with one state: K and V read once, the state read once.
     states = PagedStates(
-        S=torch.rand(1, H, r, d, generator=gen, device=device), z=torch.rand(1, H, r, generator=gen, device=device) + 1,
+        S=torch.rand(1, H, r, d, generator=gen, device=device),
+        z=torch.rand(1, H, r, generator=gen, device=device) + 1,
         index=torch.zeros(1, 1, dtype=torch.int32, device=device),
     )
     query = torch.randn(1, num_q_heads, d, generator=gen, device=device).to(dtype)
-    ms = timer(lambda: decode_attention(query, key_cache, value_cache, block_table, live_start, seq_lens, scale, states, feature_map))
-    kernels.append(bandwidth("decode_attention", H * n * 2 * d * elt + H * r * (d + 1) * 4, ms, peak))
+    ms = timer(
+        lambda: decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            block_table,
+            live_start,
+            seq_lens,
+            scale,
+            states,
+            feature_map,
+        )
+    )
+    kernels.append(
+        bandwidth("decode_attention", H * n * 2 * d * elt + H * r * (d + 1) * 4, ms, peak)
+    )
 
     # A compression's packing: half the slots read into a buffer, written onto the newest half.
     kept = n // 2
@@ -217,16 +272,24 @@ def run(shapes: Shapes, smoke: bool) -> dict:
     denominator = torch.rand(rows, generator=gen, device=device) + 1
     ms = timer(lambda: merge_with_state(out_local, lse, numerator, denominator))
     merge = bandwidth("merge_with_state", rows * (2 * d * elt + d * 4 + 8), ms, peak)
-    merge["implementation"] = "cuda extension" if cuda_extension().module is not None else "torch fallback"
+    merge["implementation"] = (
+        "cuda extension" if cuda_extension().module is not None else "torch fallback"
+    )
     merge["why"] = cuda_extension().reason
     kernels.append(merge)
-    del key_cache, value_cache
+    key_cache = value_cache = None  # free the cache before the decode emulation
 
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else "cpu (Triton interpreter)",
         "mode": "smoke" if smoke else "full",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__},
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+        },
         "shapes": asdict(shapes),
         "copy_peak_gb_per_s": peak,
         "kernels": kernels,
@@ -248,7 +311,9 @@ def decode_step(shapes: Shapes, dtype, device, gen, timer, feature_map) -> list[
         allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         layers = []
         for _ in range(shapes.layers):
-            kv_cache, key_cache, value_cache, block_table = paged_cache(shapes, kept, dtype, device, gen)
+            kv_cache, key_cache, value_cache, block_table = paged_cache(
+                shapes, kept, dtype, device, gen
+            )
             states = None
             if budget < 1.0:
                 states = PagedStates(
@@ -262,22 +327,32 @@ def decode_step(shapes: Shapes, dtype, device, gen, timer, feature_map) -> list[
             kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
         else:
             kv_bytes = sum(
-                c.numel() * c.element_size() + (0 if s is None else s.S.numel() * 4 + s.z.numel() * 4)
+                c.numel() * c.element_size()
+                + (0 if s is None else s.S.numel() * 4 + s.z.numel() * 4)
                 for c, _, _, _, s in layers
             )
         seq_lens = torch.tensor([kept], device=device)
         live_start = torch.zeros(1, dtype=torch.int32, device=device)
 
-        def step():
+        def step(layers=layers, live_start=live_start, seq_lens=seq_lens):
             for _, key_cache, value_cache, block_table, states in layers:
                 decode_attention(
-                    query, key_cache, value_cache, block_table, live_start, seq_lens, scale,
-                    states, None if states is None else feature_map,
+                    query,
+                    key_cache,
+                    value_cache,
+                    block_table,
+                    live_start,
+                    seq_lens,
+                    scale,
+                    states,
+                    None if states is None else feature_map,
                 )
 
         ms = timer(step)
-        rows.append({"budget": budget, "kept_tokens": kept, "ms_per_token": ms, "kv_gib": kv_bytes / 2**30})
-        del layers
+        rows.append(
+            {"budget": budget, "kept_tokens": kept, "ms_per_token": ms, "kv_gib": kv_bytes / 2**30}
+        )
+        layers = None  # free this budget's caches before the next
     full = rows[0]
     for row in rows:
         paper = PAPER[row["budget"]]
@@ -305,8 +380,18 @@ def plot(results: dict, path: Path) -> None:
     rows = results["decode_step"]
     budgets = [str(r["budget"]) for r in rows]
     x = range(len(rows))
-    step.bar([i - 0.2 for i in x], [r["ms_ratio_to_full"] for r in rows], width=0.4, label="attention, this run")
-    step.bar([i + 0.2 for i in x], [r["paper_ms_ratio_to_full"] for r in rows], width=0.4, label="paper (whole model)")
+    step.bar(
+        [i - 0.2 for i in x],
+        [r["ms_ratio_to_full"] for r in rows],
+        width=0.4,
+        label="attention, this run",
+    )
+    step.bar(
+        [i + 0.2 for i in x],
+        [r["paper_ms_ratio_to_full"] for r in rows],
+        width=0.4,
+        label="paper (whole model)",
+    )
     step.plot(list(x), [r["kv_ratio_to_full"] for r in rows], "ko-", label="KV memory, this run")
     step.set_xticks(list(x), budgets)
     step.set_xlabel("budget")

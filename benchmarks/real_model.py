@@ -71,16 +71,6 @@ CELLS: dict[str, dict[str, Any]] = {
     "h2o": {"kv_policy": "h2o"},
     "streaming": {"kv_policy": "streaming"},
 }
-DEFAULT_TASKS = (
-    "niah_noise",
-    "niah_text",
-    "multikey",
-    "multivalue",
-    "multiquery",
-    "variable_tracking",
-    "common_words",
-    "frequent_words",
-)
 
 
 # ---------------------------------------------------------------- paired statistics
@@ -487,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="model directory (default: the SmolLM2-135M-Instruct fixture)",
     )
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    from benchmarks.tasks.ruler import TASK_NAMES
+
+    parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
     parser.add_argument("--items", type=int, default=30, help="items per task")
     parser.add_argument("--ll-items", type=int, default=30, help="log-likelihood spans")
     parser.add_argument("--ll-tokens", type=int, default=256, help="scored tokens of each span")

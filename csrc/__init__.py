@@ -1,7 +1,8 @@
 """The C++ sources of the package's torch extensions, shipped with it and compiled on the user's
 machine on first use by torch's JIT loader (`build`):
 
-* `merge_with_state.cu` (CUDA), loaded by `retentivekv_vllm.kernels.extension` where CUDA is present;
+* `merge_with_state.cu` (CUDA), loaded by `retentivekv_vllm.kernels.extension` where CUDA is
+present;
 * `cpu_decode.cpp` (CPU), loaded by `retentivekv_vllm.engine.cpu_kernel` for the CPU backend.
 
 A missing compiler or a failed build is not an error: each caller falls back to its torch twin.
@@ -35,6 +36,8 @@ def build(name: str, sources: list[str], **flags) -> Extension:
         module = load(name=name, sources=sources, **flags)
     except (RuntimeError, OSError, ImportError) as error:
         # A missing ninja or compiler, or a toolchain that does not match torch's build.
-        logger.warning("retentivekv: extension %s not built (%s); using the torch fallback", name, error)
+        logger.warning(
+            "retentivekv: extension %s not built (%s); using the torch fallback", name, error
+        )
         return Extension(None, f"build failed: {error}")
     return Extension(module, "compiled")

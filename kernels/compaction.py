@@ -56,18 +56,44 @@ def _gather_slots_kernel(
     slots = tl.load(slots_ptr + row, mask=valid, other=0)
     block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
     k = load_paged_tile(
-        k_cache_ptr, block_table_row_ptr, slots, valid, kv_head,
-        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, HEAD_DIM, D_PAD,
+        k_cache_ptr,
+        block_table_row_ptr,
+        slots,
+        valid,
+        kv_head,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_kd,
+        BLOCK_SIZE,
+        HEAD_DIM,
+        D_PAD,
     )
     v = load_paged_tile(
-        v_cache_ptr, block_table_row_ptr, slots, valid, kv_head,
-        stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE, HEAD_DIM_V, DV_PAD,
+        v_cache_ptr,
+        block_table_row_ptr,
+        slots,
+        valid,
+        kv_head,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_vd,
+        BLOCK_SIZE,
+        HEAD_DIM_V,
+        DV_PAD,
     )
     dims = tl.arange(0, D_PAD)
     dims_v = tl.arange(0, DV_PAD)
-    tl.store(k_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], k, mask=valid[:, None] & (dims[None, :] < HEAD_DIM))
     tl.store(
-        v_out_ptr + row[:, None] * HEAD_DIM_V + dims_v[None, :], v, mask=valid[:, None] & (dims_v[None, :] < HEAD_DIM_V)
+        k_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+        k,
+        mask=valid[:, None] & (dims[None, :] < HEAD_DIM),
+    )
+    tl.store(
+        v_out_ptr + row[:, None] * HEAD_DIM_V + dims_v[None, :],
+        v,
+        mask=valid[:, None] & (dims_v[None, :] < HEAD_DIM_V),
     )
 
 
@@ -106,18 +132,44 @@ def _scatter_range_kernel(
     slots = tl.load(first_slot_ptr + req) + i
     dims = tl.arange(0, D_PAD)
     dims_v = tl.arange(0, DV_PAD)
-    k = tl.load(k_in_ptr + row[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None] & (dims[None, :] < HEAD_DIM))
+    k = tl.load(
+        k_in_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+        mask=valid[:, None] & (dims[None, :] < HEAD_DIM),
+    )
     v = tl.load(
-        v_in_ptr + row[:, None] * HEAD_DIM_V + dims_v[None, :], mask=valid[:, None] & (dims_v[None, :] < HEAD_DIM_V)
+        v_in_ptr + row[:, None] * HEAD_DIM_V + dims_v[None, :],
+        mask=valid[:, None] & (dims_v[None, :] < HEAD_DIM_V),
     )
     block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
     store_paged_tile(
-        k_cache_ptr, block_table_row_ptr, slots, valid, kv_head, k,
-        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, HEAD_DIM, D_PAD,
+        k_cache_ptr,
+        block_table_row_ptr,
+        slots,
+        valid,
+        kv_head,
+        k,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_kd,
+        BLOCK_SIZE,
+        HEAD_DIM,
+        D_PAD,
     )
     store_paged_tile(
-        v_cache_ptr, block_table_row_ptr, slots, valid, kv_head, v,
-        stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE, HEAD_DIM_V, DV_PAD,
+        v_cache_ptr,
+        block_table_row_ptr,
+        slots,
+        valid,
+        kv_head,
+        v,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_vd,
+        BLOCK_SIZE,
+        HEAD_DIM_V,
+        DV_PAD,
     )
 
 
@@ -151,13 +203,34 @@ def gather_slots(
     """
     num_requests, num_kv_heads, max_count = slots.shape
     block_table, slots, counts = as_index(block_table), as_index(slots), as_index(counts)
-    keys = torch.empty(num_requests, num_kv_heads, max_count, key_cache.shape[3], dtype=key_cache.dtype, device=key_cache.device)
+    keys = torch.empty(
+        num_requests,
+        num_kv_heads,
+        max_count,
+        key_cache.shape[3],
+        dtype=key_cache.dtype,
+        device=key_cache.device,
+    )
     values = torch.empty(
-        num_requests, num_kv_heads, max_count, value_cache.shape[3], dtype=value_cache.dtype, device=value_cache.device
+        num_requests,
+        num_kv_heads,
+        max_count,
+        value_cache.shape[3],
+        dtype=value_cache.dtype,
+        device=value_cache.device,
     )
     grid, strides, shapes = _args(key_cache, value_cache, block_table, slots)
     _gather_slots_kernel[grid](
-        key_cache, value_cache, block_table, slots, counts, keys, values, max_count, *strides, **shapes
+        key_cache,
+        value_cache,
+        block_table,
+        slots,
+        counts,
+        keys,
+        values,
+        max_count,
+        *strides,
+        **shapes,
     )
     return keys, values
 
@@ -178,6 +251,14 @@ def write_slots(
     keys, values = keys.to(key_cache.dtype).contiguous(), values.to(value_cache.dtype).contiguous()
     grid, strides, shapes = _args(key_cache, value_cache, block_table, keys)
     _scatter_range_kernel[grid](
-        key_cache, value_cache, block_table, as_index(first_slot), counts, keys, values, keys.shape[2],
-        *strides, **shapes,
+        key_cache,
+        value_cache,
+        block_table,
+        as_index(first_slot),
+        counts,
+        keys,
+        values,
+        keys.shape[2],
+        *strides,
+        **shapes,
     )

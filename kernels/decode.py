@@ -22,7 +22,14 @@ from torch import Tensor
 from retentivekv_vllm.core.feature_maps import FeatureMap
 
 from .features import feature_args, log_feature_tile
-from .paged import as_index, dot_precision, finish_logsumexp, load_paged_tile, online_logsumexp, pow2
+from .paged import (
+    as_index,
+    dot_precision,
+    finish_logsumexp,
+    load_paged_tile,
+    online_logsumexp,
+    pow2,
+)
 
 BLOCK_N = 64
 BLOCK_R = 32
@@ -88,7 +95,10 @@ def _decode_split_kernel(
     q_heads = kv_head * GROUP + rows
     dims = tl.arange(0, D_PAD)
     q = tl.load(
-        q_ptr + req.to(tl.int64) * stride_qr + q_heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+        q_ptr
+        + req.to(tl.int64) * stride_qr
+        + q_heads[:, None] * stride_qh
+        + dims[None, :] * stride_qd,
         mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM),
         other=0.0,
     ).to(tl.float32)
@@ -104,12 +114,32 @@ def _decode_split_kernel(
         key_valid = j < num_keys
         slots = live_start + j
         k = load_paged_tile(
-            k_cache_ptr, block_table_row_ptr, slots, key_valid, kv_head,
-            stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, HEAD_DIM, D_PAD,
+            k_cache_ptr,
+            block_table_row_ptr,
+            slots,
+            key_valid,
+            kv_head,
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_kd,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            D_PAD,
         ).to(tl.float32)
         v = load_paged_tile(
-            v_cache_ptr, block_table_row_ptr, slots, key_valid, kv_head,
-            stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE, HEAD_DIM_V, DV_PAD,
+            v_cache_ptr,
+            block_table_row_ptr,
+            slots,
+            key_valid,
+            kv_head,
+            stride_vb,
+            stride_vs,
+            stride_vh,
+            stride_vd,
+            BLOCK_SIZE,
+            HEAD_DIM_V,
+            DV_PAD,
         ).to(tl.float32)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         logits = tl.where(row_valid[:, None] & key_valid[None, :], logits, float("-inf"))
@@ -173,14 +203,18 @@ def _decode_merge_kernel(
     at = (req * NUM_Q_HEADS + q_heads).to(tl.int64) * SPLITS
     lse_max = tl.full([G_PAD], float("-inf"), tl.float32)
     for split in range(SPLITS):
-        lse_max = tl.maximum(lse_max, tl.load(split_lse_ptr + at + split, mask=row_valid, other=float("-inf")))
+        lse_max = tl.maximum(
+            lse_max, tl.load(split_lse_ptr + at + split, mask=row_valid, other=float("-inf"))
+        )
     shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weight_sum = tl.zeros([G_PAD], tl.float32)
     out_local = tl.zeros([G_PAD, DV_PAD], tl.float32)
     for split in range(SPLITS):
         w = tl.exp(tl.load(split_lse_ptr + at + split, mask=row_valid, other=float("-inf")) - shift)
         part = tl.load(
-            split_out_ptr + (at + split)[:, None] * HEAD_DIM_V + dims_v[None, :], mask=out_mask, other=0.0
+            split_out_ptr + (at + split)[:, None] * HEAD_DIM_V + dims_v[None, :],
+            mask=out_mask,
+            other=0.0,
         )
         out_local += w[:, None] * part
         weight_sum += w
@@ -198,8 +232,16 @@ def _decode_merge_kernel(
         for r0 in range(0, RANK, BLOCK_R):
             rank_offs = r0 + tl.arange(0, BLOCK_R)
             log_phi_q = log_feature_tile(
-                q_row_ptrs, row_valid, stride_qd, weight_ptr, rank_offs, sqrt_scale,
-                FEATURE, HEAD_DIM, D_PAD, RANK,
+                q_row_ptrs,
+                row_valid,
+                stride_qd,
+                weight_ptr,
+                rank_offs,
+                sqrt_scale,
+                FEATURE,
+                HEAD_DIM,
+                D_PAD,
+                RANK,
             )
             shift = tl.maximum(shift, tl.max(log_phi_q, 1))
         shift = tl.where(shift == float("-inf"), 0.0, shift)
@@ -207,8 +249,16 @@ def _decode_merge_kernel(
             rank_offs = r0 + tl.arange(0, BLOCK_R)
             phi_q = tl.exp(
                 log_feature_tile(
-                    q_row_ptrs, row_valid, stride_qd, weight_ptr, rank_offs, sqrt_scale,
-                    FEATURE, HEAD_DIM, D_PAD, RANK,
+                    q_row_ptrs,
+                    row_valid,
+                    stride_qd,
+                    weight_ptr,
+                    rank_offs,
+                    sqrt_scale,
+                    FEATURE,
+                    HEAD_DIM,
+                    D_PAD,
+                    RANK,
                 )
                 - shift[:, None]
             )
@@ -243,7 +293,10 @@ def _decode_merge_kernel(
         out = tl.where(has_state[:, None], merged, out_local)
 
     tl.store(
-        out_ptr + req.to(tl.int64) * stride_or + q_heads[:, None] * stride_oh + dims_v[None, :] * stride_od,
+        out_ptr
+        + req.to(tl.int64) * stride_or
+        + q_heads[:, None] * stride_oh
+        + dims_v[None, :] * stride_od,
         out,
         mask=out_mask,
     )
@@ -281,12 +334,18 @@ def decode_attention(
     head_dim_v = value_cache.shape[3]
     group = num_q_heads // num_kv_heads
     device = query.device
-    live_start, seq_lens, block_table = as_index(live_start), as_index(seq_lens), as_index(block_table)
+    live_start, seq_lens, block_table = (
+        as_index(live_start),
+        as_index(seq_lens),
+        as_index(block_table),
+    )
     max_keys = max(int((seq_lens - live_start).max()), 1)
     tiles = triton.cdiv(max_keys, BLOCK_N)
     tiles_per_split = triton.cdiv(tiles, max_splits)
     splits = triton.cdiv(tiles, tiles_per_split)
-    split_out = torch.empty(num_requests, num_q_heads, splits, head_dim_v, dtype=torch.float32, device=device)
+    split_out = torch.empty(
+        num_requests, num_q_heads, splits, head_dim_v, dtype=torch.float32, device=device
+    )
     split_lse = torch.empty(num_requests, num_q_heads, splits, dtype=torch.float32, device=device)
     if out is None:
         out = torch.empty(num_requests, num_q_heads, head_dim_v, dtype=query.dtype, device=device)
@@ -302,10 +361,24 @@ def decode_attention(
         DV_PAD=pow2(head_dim_v),
     )
     _decode_split_kernel[(num_requests, num_kv_heads, splits)](
-        query, key_cache, value_cache, block_table, live_start, seq_lens, split_out, split_lse,
-        scale, tiles_per_split, *query.stride(), *key_cache.stride(), *value_cache.stride(),
+        query,
+        key_cache,
+        value_cache,
+        block_table,
+        live_start,
+        seq_lens,
+        split_out,
+        split_lse,
+        scale,
+        tiles_per_split,
+        *query.stride(),
+        *key_cache.stride(),
+        *value_cache.stride(),
         block_table.stride(0),
-        BLOCK_SIZE=key_cache.shape[1], BLOCK_N=BLOCK_N, DOT_PRECISION=dot_precision(key_cache.dtype), **shapes,
+        BLOCK_SIZE=key_cache.shape[1],
+        BLOCK_N=BLOCK_N,
+        DOT_PRECISION=dot_precision(key_cache.dtype),
+        **shapes,
     )
     if states is None:
         num_states = 0
@@ -319,9 +392,23 @@ def decode_attention(
         features = feature_args(feature_map, head_dim, device)
         S, z, index = states.S.contiguous(), states.z.contiguous(), as_index(states.index)
     _decode_merge_kernel[(num_requests, num_kv_heads)](
-        query, split_out, split_lse, S, z, index, features.weight, out, lse,
-        features.sqrt_scale, *query.stride(), *out.stride(),
-        NUM_KV_HEADS=num_kv_heads, NUM_STATES=num_states, FEATURE=features.kind, RANK=features.rank,
-        BLOCK_R=BLOCK_R, **shapes,
+        query,
+        split_out,
+        split_lse,
+        S,
+        z,
+        index,
+        features.weight,
+        out,
+        lse,
+        features.sqrt_scale,
+        *query.stride(),
+        *out.stride(),
+        NUM_KV_HEADS=num_kv_heads,
+        NUM_STATES=num_states,
+        FEATURE=features.kind,
+        RANK=features.rank,
+        BLOCK_R=BLOCK_R,
+        **shapes,
     )
     return out, lse

@@ -11,10 +11,10 @@ so the package installs and runs without a compiler.
 import functools
 
 import torch
+from retentivekv_vllm.csrc import CUDA_SOURCES, Extension, build
 from torch import Tensor
 
 from retentivekv_vllm.core.merge import merge_with_states
-from retentivekv_vllm.csrc import CUDA_SOURCES, Extension, build
 
 
 @functools.cache
@@ -28,11 +28,15 @@ def cuda_extension() -> Extension:
     return build("retentivekv_csrc", list(CUDA_SOURCES), extra_cuda_cflags=["-O3"])
 
 
-def merge_with_state(out_local: Tensor, lse_local: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+def merge_with_state(
+    out_local: Tensor, lse_local: Tensor, numerator: Tensor, denominator: Tensor
+) -> Tensor:
     """Merge local attention out_local [..., dv] (lse_local [...]) with a state readout
     (numerator [..., dv], denominator [...], summed over states) -> [..., dv] in
     out_local's dtype; rows with denominator 0 are out_local unchanged."""
     module = cuda_extension().module if out_local.is_cuda else None
     if module is not None:
-        return module.merge_with_state(out_local, lse_local.float(), numerator.float(), denominator.float())
+        return module.merge_with_state(
+            out_local, lse_local.float(), numerator.float(), denominator.float()
+        )
     return merge_with_states(out_local, lse_local, [numerator], [denominator]).to(out_local.dtype)

@@ -39,7 +39,9 @@ def supports_feature_map(feature_map: FeatureMap) -> bool:
     return isinstance(feature_map, KERNEL_FEATURE_MAPS)
 
 
-def feature_args(feature_map: FeatureMap | None, input_dim: int, device: torch.device) -> FeatureArgs:
+def feature_args(
+    feature_map: FeatureMap | None, input_dim: int, device: torch.device
+) -> FeatureArgs:
     """Kernel arguments for `feature_map` applied to inputs of size input_dim; None: the inputs
     already are features (rank = input_dim)."""
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
@@ -47,12 +49,16 @@ def feature_args(feature_map: FeatureMap | None, input_dim: int, device: torch.d
         return FeatureArgs(GIVEN.value, input_dim, placeholder, 1.0)
     if isinstance(feature_map, EluPlusOne):
         if feature_map.rank != input_dim:
-            raise ValueError(f"elu+1 of rank {feature_map.rank} applied to inputs of size {input_dim}")
+            raise ValueError(
+                f"elu+1 of rank {feature_map.rank} applied to inputs of size {input_dim}"
+            )
         return FeatureArgs(ELU.value, input_dim, placeholder, 1.0)
     if isinstance(feature_map, PositiveRandomFeatures):
         weight = feature_map.weight.to(device=device, dtype=torch.float32).contiguous()
         if weight.shape[1] != input_dim:
-            raise ValueError(f"random features over size {weight.shape[1]} applied to inputs of size {input_dim}")
+            raise ValueError(
+                f"random features over size {weight.shape[1]} applied to inputs of size {input_dim}"
+            )
         return FeatureArgs(PRF.value, feature_map.rank, weight, feature_map.scale**0.5)
     raise TypeError(f"no kernel for feature map {type(feature_map).__name__}")
 
@@ -77,11 +83,14 @@ def log_feature_tile(
     rank_valid = rank_offs < RANK
     if FEATURE == PRF:
         dims = tl.arange(0, D_PAD)
-        x = tl.load(
-            row_ptrs[:, None] + dims[None, :] * stride_dim,
-            mask=row_valid[:, None] & (dims[None, :] < INPUT_DIM),
-            other=0.0,
-        ).to(tl.float32) * sqrt_scale
+        x = (
+            tl.load(
+                row_ptrs[:, None] + dims[None, :] * stride_dim,
+                mask=row_valid[:, None] & (dims[None, :] < INPUT_DIM),
+                other=0.0,
+            ).to(tl.float32)
+            * sqrt_scale
+        )
         w = tl.load(
             weight_ptr + rank_offs[:, None] * INPUT_DIM + dims[None, :],
             mask=rank_valid[:, None] & (dims[None, :] < INPUT_DIM),

@@ -7,7 +7,8 @@ Two launches. The first streams each request's keys once per (KV head, split of 
 keeps, per query row, the log-sum-exp over all visible keys and over the visible keys of the
 subset. The second recomputes each tile of logits and turns them into
 
-    α_j = Σ_q exp(l_qj − lse_q)          H_j = −Σ_q p_q(j) log p_q(j),  log p_q(j) = l_qj − lse_subset_q
+    α_j = Σ_q exp(l_qj − lse_q)          H_j = −Σ_q p_q(j) log p_q(j),  log p_q(j) = l_qj −
+    lse_subset_q
 
 (rows run over the observation queries of every query head of the KV head), so neither the
 probabilities nor the restricted-and-renormalised rows are ever stored.
@@ -97,14 +98,26 @@ def _logits_tile(
     j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     key_valid = j < num_keys
     k = load_paged_tile(
-        k_cache_ptr, block_table_row_ptr, live_start + j, key_valid, kv_head,
-        stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE, HEAD_DIM, D_PAD,
+        k_cache_ptr,
+        block_table_row_ptr,
+        live_start + j,
+        key_valid,
+        kv_head,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_kd,
+        BLOCK_SIZE,
+        HEAD_DIM,
+        D_PAD,
     ).to(tl.float32)
     if HAS_KEY_POSITIONS:
         k_positions = tl.load(key_pos_ptr + key_meta_offset + j, mask=key_valid, other=0)
     else:
         k_positions = live_start + j
-    visible = row_valid[:, None] & key_valid[None, :] & (k_positions[None, :] <= q_positions[:, None])
+    visible = (
+        row_valid[:, None] & key_valid[None, :] & (k_positions[None, :] <= q_positions[:, None])
+    )
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
     logits = tl.where(visible, logits, float("-inf"))
     if HAS_SUBSET:
@@ -160,8 +173,18 @@ def _observation_lse_kernel(
     live_start = tl.load(live_start_ptr + req)
     num_keys = tl.load(seq_len_ptr + req) - live_start
     q, row_valid, t = _query_rows(
-        q_ptr, q_start, num_rows, kv_head, stride_qt, stride_qh, stride_qd,
-        GROUP, M_PAD, ROWS, HEAD_DIM, D_PAD,
+        q_ptr,
+        q_start,
+        num_rows,
+        kv_head,
+        stride_qt,
+        stride_qh,
+        stride_qd,
+        GROUP,
+        M_PAD,
+        ROWS,
+        HEAD_DIM,
+        D_PAD,
     )
     q_positions = tl.load(q_pos_ptr + q_start + t, mask=row_valid, other=0)
     block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
@@ -175,10 +198,30 @@ def _observation_lse_kernel(
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(num_keys, BLOCK_N))
     for tile in range(first_tile, last_tile):
         logits, _, visible_subset, _ = _logits_tile(
-            q, q_positions, row_valid, k_cache_ptr, block_table_row_ptr, key_meta_offset,
-            key_pos_ptr, subset_ptr, tile, live_start, num_keys, kv_head, scale,
-            stride_kb, stride_ks, stride_kh, stride_kd,
-            BLOCK_SIZE, HEAD_DIM, D_PAD, BLOCK_N, HAS_KEY_POSITIONS, HAS_SUBSET, DOT_PRECISION,
+            q,
+            q_positions,
+            row_valid,
+            k_cache_ptr,
+            block_table_row_ptr,
+            key_meta_offset,
+            key_pos_ptr,
+            subset_ptr,
+            tile,
+            live_start,
+            num_keys,
+            kv_head,
+            scale,
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_kd,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            D_PAD,
+            BLOCK_N,
+            HAS_KEY_POSITIONS,
+            HAS_SUBSET,
+            DOT_PRECISION,
         )
         max_all, sum_all, _ = online_logsumexp(max_all, sum_all, logits)
         max_subset, sum_subset, _ = online_logsumexp(
@@ -239,8 +282,18 @@ def _observation_scores_kernel(
     q_start = tl.load(q_start_ptr + req)
     num_rows = tl.load(q_start_ptr + req + 1) - q_start
     q, row_valid, t = _query_rows(
-        q_ptr, q_start, num_rows, kv_head, stride_qt, stride_qh, stride_qd,
-        GROUP, M_PAD, ROWS, HEAD_DIM, D_PAD,
+        q_ptr,
+        q_start,
+        num_rows,
+        kv_head,
+        stride_qt,
+        stride_qh,
+        stride_qd,
+        GROUP,
+        M_PAD,
+        ROWS,
+        HEAD_DIM,
+        D_PAD,
     )
     q_positions = tl.load(q_pos_ptr + q_start + t, mask=row_valid, other=0)
     head = req * NUM_KV_HEADS + kv_head
@@ -254,10 +307,30 @@ def _observation_scores_kernel(
 
     key_meta_offset = head.to(tl.int64) * max_keys
     logits, key_valid, visible_subset, j = _logits_tile(
-        q, q_positions, row_valid, k_cache_ptr, block_table_ptr + req.to(tl.int64) * stride_bt,
-        key_meta_offset, key_pos_ptr, subset_ptr, tile, live_start, num_keys, kv_head, scale,
-        stride_kb, stride_ks, stride_kh, stride_kd,
-        BLOCK_SIZE, HEAD_DIM, D_PAD, BLOCK_N, HAS_KEY_POSITIONS, HAS_SUBSET, DOT_PRECISION,
+        q,
+        q_positions,
+        row_valid,
+        k_cache_ptr,
+        block_table_ptr + req.to(tl.int64) * stride_bt,
+        key_meta_offset,
+        key_pos_ptr,
+        subset_ptr,
+        tile,
+        live_start,
+        num_keys,
+        kv_head,
+        scale,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_kd,
+        BLOCK_SIZE,
+        HEAD_DIM,
+        D_PAD,
+        BLOCK_N,
+        HAS_KEY_POSITIONS,
+        HAS_SUBSET,
+        DOT_PRECISION,
     )
     # A row with no visible key has lse -inf and only -inf logits: shift by 0, exp gives 0.
     shift_all = tl.where(lse_all == float("-inf"), 0.0, lse_all)
@@ -325,7 +398,9 @@ def observation_scores(
     tiles = triton.cdiv(max_keys, BLOCK_N)
     tiles_per_split = triton.cdiv(tiles, max_splits)
     splits = triton.cdiv(tiles, tiles_per_split)
-    lse_all = torch.empty(num_requests, num_kv_heads, splits, rows, dtype=torch.float32, device=device)
+    lse_all = torch.empty(
+        num_requests, num_kv_heads, splits, rows, dtype=torch.float32, device=device
+    )
     lse_subset = torch.empty_like(lse_all)
     alpha = torch.zeros(num_requests, num_kv_heads, max_keys, dtype=torch.float32, device=device)
     entropy = torch.zeros_like(alpha)
@@ -346,10 +421,17 @@ def observation_scores(
         DOT_PRECISION=dot_precision(key_cache.dtype),
     )
     inputs = (
-        queries, query_start_loc, as_index(query_positions), key_cache, block_table, live_start, seq_lens,
+        queries,
+        query_start_loc,
+        as_index(query_positions),
+        key_cache,
+        block_table,
+        live_start,
+        seq_lens,
         placeholder if key_positions is None else key_positions,
         placeholder if subset is None else subset,
-        lse_all, lse_subset,
+        lse_all,
+        lse_subset,
     )
     strides = (*queries.stride(), *key_cache.stride(), block_table.stride(0))
     _observation_lse_kernel[(num_requests, num_kv_heads, splits)](

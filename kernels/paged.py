@@ -21,7 +21,8 @@ from torch import Tensor
 
 def split_kv_cache(kv_cache: Tensor, head_size: int) -> tuple[Tensor, Tensor]:
     """vLLM's per-layer cache [num_blocks, Hkv, block_size, 2·head_size] -> key and value views
-    [num_blocks, block_size, Hkv, head_size], exactly as vLLM's Triton attention backend splits it."""
+    [num_blocks, block_size, Hkv, head_size], exactly as vLLM's Triton attention backend splits
+    it."""
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key_cache, value_cache
 
@@ -62,7 +63,9 @@ def load_paged_tile(
 ):
     """Rows `slots` [N] of one KV head of a paged cache -> [N, D_PAD] in the cache dtype, 0 where
     masked. block_table_row_ptr points at the request's row of the block table."""
-    blocks = tl.load(block_table_row_ptr + slots // BLOCK_SIZE, mask=slot_valid, other=0).to(tl.int64)
+    blocks = tl.load(block_table_row_ptr + slots // BLOCK_SIZE, mask=slot_valid, other=0).to(
+        tl.int64
+    )
     dims = tl.arange(0, D_PAD)
     ptrs = (
         cache_ptr
@@ -91,7 +94,9 @@ def store_paged_tile(
     D_PAD: tl.constexpr,
 ):
     """Write tile [N, D_PAD] into rows `slots` of one KV head of a paged cache."""
-    blocks = tl.load(block_table_row_ptr + slots // BLOCK_SIZE, mask=slot_valid, other=0).to(tl.int64)
+    blocks = tl.load(block_table_row_ptr + slots // BLOCK_SIZE, mask=slot_valid, other=0).to(
+        tl.int64
+    )
     dims = tl.arange(0, D_PAD)
     ptrs = (
         cache_ptr
@@ -100,7 +105,11 @@ def store_paged_tile(
         + kv_head * stride_head
         + dims[None, :] * stride_dim
     )
-    tl.store(ptrs, tile.to(cache_ptr.dtype.element_ty), mask=slot_valid[:, None] & (dims[None, :] < HEAD_DIM))
+    tl.store(
+        ptrs,
+        tile.to(cache_ptr.dtype.element_ty),
+        mask=slot_valid[:, None] & (dims[None, :] < HEAD_DIM),
+    )
 
 
 @triton.jit

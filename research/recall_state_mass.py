@@ -1,7 +1,8 @@
 """How much of the folded tokens' softmax mass the retentive state carries on the recall model.
 
     python -m research.recall_state_mass [--items 50] [--budgets 0.1 0.2] [--ranks 64 256 1024 4096]
-    python -m research.recall_state_mass --sweep [--items 100] ...   # simulated accuracy of state knobs
+    python -m research.recall_state_mass --sweep [--items 100] ...   # simulated accuracy of state
+    knobs
 
 The shipped recall model runs in transformers with an attention function that compresses the
 prompt as the engine does on the recall task: the context arrives in two 128-token chunks, each
@@ -76,7 +77,9 @@ class Variant:
 
 def _per_head(value, layer: int, heads: int) -> torch.Tensor:
     if isinstance(value, dict):
-        return torch.tensor(value.get(layer, value.get(str(layer), [0.0] * heads)), dtype=torch.float64)
+        return torch.tensor(
+            value.get(layer, value.get(str(layer), [0.0] * heads)), dtype=torch.float64
+        )
     return torch.full((heads,), float(value), dtype=torch.float64)
 
 
@@ -108,19 +111,24 @@ class Simulation:
         tau = _per_head(v.tau, layer, heads)
         out = []
         for h in range(heads):
-            fm = make_feature_map(v.feature, q.shape[-1], v.rank, scale * float(tau[h]), self.config.seed)
+            fm = make_feature_map(
+                v.feature, q.shape[-1], v.rank, scale * float(tau[h]), self.config.seed
+            )
             # prf folds τ into its scale; elu (scale-free) reads √τ·x.
             stretch = 1.0 if v.feature == "prf" else math.sqrt(float(tau[h]))
             c = float(_per_head(v.balance, layer, heads)[h]) or 1.0
             lq = fm.log_features(q[h] * stretch / c).double()
             lk = fm.log_features(k[h] * stretch * c).double()
             if v.normalise:
-                lq = lq - torch.logsumexp(lq + fm.log_features(torch.zeros_like(q[h, :1])).double(), -1, keepdim=True)
+                lq = lq - torch.logsumexp(
+                    lq + fm.log_features(torch.zeros_like(q[h, :1])).double(), -1, keepdim=True
+                )
             out.append(torch.logsumexp(lq[:, None, :] + lk[None, :, :], -1))
         return torch.stack(out)
 
     def read(self, layer, q, k, v, weights, scale, out_local, lse_local):
-        """Merge local attention with the state of `weights` [H, n] for rows q [H, m, d] -> [H, m, dv]."""
+        """Merge local attention with the state of `weights` [H, n] for rows q [H, m, d] -> [H, m, "
+        "dv]."""
         var = self.variant
         if var.feature is None or not (weights > 0).any():
             return out_local
@@ -136,19 +144,25 @@ class Simulation:
             tau = _per_head(var.tau, layer, heads)
             dens, nums = [], []
             for h in range(heads):
-                fm = make_feature_map(var.feature, q.shape[-1], var.rank, scale * float(tau[h]), self.config.seed)
+                fm = make_feature_map(
+                    var.feature, q.shape[-1], var.rank, scale * float(tau[h]), self.config.seed
+                )
                 phi_k = fm.features(k[h]) * weights[h, :, None]  # float32, as the engine folds
                 z, S = phi_k.sum(0), phi_k.T @ v[h].float()
                 phi_q = fm.features(q[h])
                 dens.append(phi_q @ z)
                 nums.append(phi_q @ S)
             den, num = torch.stack(dens).double(), torch.stack(nums).double()
-            log_den = torch.where(den > 0, den, 1.0).log().masked_fill(den <= 0, float("-inf")) + log_gain
+            log_den = (
+                torch.where(den > 0, den, 1.0).log().masked_fill(den <= 0, float("-inf")) + log_gain
+            )
             out_state = num / torch.where(den > 0, den, 1.0)[..., None]
         lse = lse_local.double()
         top = torch.maximum(lse, log_den)
         wl, ws = (lse - top).exp(), (log_den - top).exp()
-        merged = (wl[..., None] * out_local.double() + ws[..., None] * out_state) / (wl + ws)[..., None]
+        merged = (wl[..., None] * out_local.double() + ws[..., None] * out_state) / (wl + ws)[
+            ..., None
+        ]
         return torch.where(torch.isfinite(log_den)[..., None], merged, out_local.double()).float()
 
     # -- one layer, the whole prompt -------------------------------------------------------------
@@ -166,13 +180,34 @@ class Simulation:
             end = min(start + CHUNK, length)
             rows = slice(start, end)
             out_local, lse_local = local_attention(
-                q[:, rows], k[:, :end], v[:, :end], scale, positions[rows], positions[:end], live[:, :end]
+                q[:, rows],
+                k[:, :end],
+                v[:, :end],
+                scale,
+                positions[rows],
+                positions[:end],
+                live[:, :end],
             )
-            out[:, rows] = self.read(index, q[:, rows], k[:, :end], v[:, :end], weights[:, :end], scale,
-                                     out_local, lse_local)
+            out[:, rows] = self.read(
+                index,
+                q[:, rows],
+                k[:, :end],
+                v[:, :end],
+                weights[:, :end],
+                scale,
+                out_local,
+                lse_local,
+            )
             if end == length:
-                self.layers[index] = dict(q=q[:, -1:], k=k, v=v, live=live.clone(), weights=weights.clone(),
-                                          lse=lse_local[:, -1], scale=scale)
+                self.layers[index] = dict(
+                    q=q[:, -1:],
+                    k=k,
+                    v=v,
+                    live=live.clone(),
+                    weights=weights.clone(),
+                    lse=lse_local[:, -1],
+                    scale=scale,
+                )
                 break
             if int(live[0, :end].sum()) <= self.budget:
                 continue
@@ -213,20 +248,24 @@ def mass_stats(sim: Simulation, answer_pos: int, ranks: list[int]) -> dict:
     """Per layer and head, the quantities of the module doc for the question row."""
     out = {}
     for layer, rec in sim.layers.items():
-        q, k, v, w, scale = rec["q"], rec["k"], rec["v"], rec["weights"], rec["scale"]
+        q, k, w, scale = rec["q"], rec["k"], rec["weights"], rec["scale"]
         folded = w > 0
         logits = scale * (q.double() @ k.double().transpose(1, 2))[:, 0]  # [H, L]
         log_w = torch.where(folded, w.double().log(), float("-inf"))
         log_true = torch.logsumexp(logits + log_w, -1)  # [H]
         ans_true = (logits[:, answer_pos] + log_w[:, answer_pos] - log_true).exp()
         for h in range(q.shape[0]):
-            row = {"answer_folded": bool(folded[h, answer_pos]), "n_folded": int(folded[h].sum()),
-                   "log_true_minus_lse": float(log_true[h] - rec["lse"][h]),
-                   "answer_share_true": float(ans_true[h]) if folded[h, answer_pos] else None,
-                   "q_norm_scaled": float(q[h, 0].norm() * math.sqrt(scale)),
-                   "k_norm_scaled_max": float((k[h][folded[h]].norm(dim=-1).max() * math.sqrt(scale)))
-                   if folded[h].any() else None,
-                   "maps": {}}
+            row = {
+                "answer_folded": bool(folded[h, answer_pos]),
+                "n_folded": int(folded[h].sum()),
+                "log_true_minus_lse": float(log_true[h] - rec["lse"][h]),
+                "answer_share_true": float(ans_true[h]) if folded[h, answer_pos] else None,
+                "q_norm_scaled": float(q[h, 0].norm() * math.sqrt(scale)),
+                "k_norm_scaled_max": float(k[h][folded[h]].norm(dim=-1).max() * math.sqrt(scale))
+                if folded[h].any()
+                else None,
+                "maps": {},
+            }
             for name, rank in [("prf", r) for r in ranks] + [("elu", 0)]:
                 var = Variant(name, name, rank or 64)
                 lk = sim.log_kernel(layer, q[h : h + 1], k[h : h + 1], scale, var)[0, 0]  # [L]
@@ -239,10 +278,14 @@ def mass_stats(sim: Simulation, answer_pos: int, ranks: list[int]) -> dict:
                     "log_err": float(log_est - log_true[h]) if name == "prf" else None,
                     "log_est_minus_true": float(log_est - log_true[h]),
                     "underflow": den32 == 0.0,
-                    "answer_share_est": float((lk[answer_pos] + log_w[h, answer_pos] - log_est).exp())
-                    if folded[h, answer_pos] else None,
+                    "answer_share_est": float(
+                        (lk[answer_pos] + log_w[h, answer_pos] - log_est).exp()
+                    )
+                    if folded[h, answer_pos]
+                    else None,
                     "answer_top_est": bool((lk + log_w[h]).argmax() == answer_pos)
-                    if folded[h, answer_pos] else None,
+                    if folded[h, answer_pos]
+                    else None,
                     "state_share": float(torch.sigmoid(log_est - rec["lse"][h].double())),
                 }
             out[f"layer{layer}/head{h}"] = row
@@ -263,13 +306,15 @@ def summarise(rows: list[dict]) -> dict:
     summary = {}
     for key in rows[0]:
         per = [r[key] for r in rows]
-        s = {"answer_folded": sum(p["answer_folded"] for p in per) / len(per),
-             "n_folded": _median([p["n_folded"] for p in per]),
-             "log_true_minus_lse": _median([p["log_true_minus_lse"] for p in per]),
-             "answer_share_true_median": _median([p["answer_share_true"] for p in per]),
-             "q_norm_scaled_median": _median([p["q_norm_scaled"] for p in per]),
-             "k_norm_scaled_max_median": _median([p["k_norm_scaled_max"] for p in per]),
-             "maps": {}}
+        s = {
+            "answer_folded": sum(p["answer_folded"] for p in per) / len(per),
+            "n_folded": _median([p["n_folded"] for p in per]),
+            "log_true_minus_lse": _median([p["log_true_minus_lse"] for p in per]),
+            "answer_share_true_median": _median([p["answer_share_true"] for p in per]),
+            "q_norm_scaled_median": _median([p["q_norm_scaled"] for p in per]),
+            "k_norm_scaled_max_median": _median([p["k_norm_scaled_max"] for p in per]),
+            "maps": {},
+        }
         for m in per[0]["maps"]:
             ms = [p["maps"][m] for p in per]
             s["maps"][m] = {
@@ -288,16 +333,22 @@ def summarise(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--seed", type=int, default=ITEM_SEED)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    parser.add_argument("--sweep", type=Path, default=None, help="JSON list of Variant fields; accuracy mode")
+    parser.add_argument(
+        "--sweep", type=Path, default=None, help="JSON list of Variant fields; accuracy mode"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     task = make_task("recall")
-    model = AutoModelForCausalLM.from_pretrained(recall.recall_model_dir(), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        recall.recall_model_dir(), dtype=torch.float32
+    ).eval()
     items = task.items(args.items, args.seed)
     report = {"items": args.items, "item_seed": args.seed, "budgets": {}}
     for budget in args.budgets:
@@ -312,14 +363,23 @@ def main(argv: list[str] | None = None) -> int:
                 correct += run_model(model, ids, sim) == item.answer
                 answer_pos = ids.index(ids[-1]) + 1
                 rows.append(mass_stats(sim, answer_pos, args.ranks))
-            report["budgets"][str(budget)] = {"no_state_accuracy": correct / len(items), **summarise(rows)}
+            report["budgets"][str(budget)] = {
+                "no_state_accuracy": correct / len(items),
+                **summarise(rows),
+            }
         else:
             variants = [Variant(**v) for v in json.loads(args.sweep.read_text())]
             acc = {}
             for var in variants:
-                hits = sum(run_model(model, it.prompt["prompt_token_ids"],
-                                     Simulation(config, var, len(it.prompt["prompt_token_ids"]))) == it.answer
-                           for it in items)
+                hits = sum(
+                    run_model(
+                        model,
+                        it.prompt["prompt_token_ids"],
+                        Simulation(config, var, len(it.prompt["prompt_token_ids"])),
+                    )
+                    == it.answer
+                    for it in items
+                )
                 acc[var.name] = hits / len(items)
                 print(f"budget {budget} {var.name}: {100 * acc[var.name]:.1f} %", flush=True)
             report["budgets"][str(budget)] = acc

@@ -60,16 +60,28 @@ def second_layer_tensors(model, ids: list[int]):
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024])
     args = parser.parse_args(argv)
     task = make_task("recall")
-    model = AutoModelForCausalLM.from_pretrained(recall.recall_model_dir(), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        recall.recall_model_dir(), dtype=torch.float32
+    ).eval()
     rng = random.Random(5)
     maps = [("prf", r) for r in args.ranks] + [("elu", 0)]
-    stats = {f"{name}{r or ''}": {"state_share": 0.0, "recalled": 0, "log_phi_q": [], "log_space_share": 0.0,
-                                            "log_space_recalled": 0} for name, r in maps}
+    stats = {
+        f"{name}{r or ''}": {
+            "state_share": 0.0,
+            "recalled": 0,
+            "log_phi_q": [],
+            "log_space_share": 0.0,
+            "log_space_recalled": 0,
+        }
+        for name, r in maps
+    }
     exact_share = 0.0
     sinks, window = task.policy_defaults["kv_sinks"], task.policy_defaults["kv_window"]
     for item in task.items(args.items, 99):
@@ -78,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         n = len(ids) - 1  # the context; the last token is the question's key
         answer_pos = next(j for j in range(2, n, 2) if ids[j - 1] == ids[-1])  # the value after it
         candidates = [j for j in range(sinks, n - window) if j != answer_pos]
-        kept = set(rng.sample(candidates, len(candidates) // 5)) | set(range(sinks)) | set(range(n - window, n))
+        kept = (
+            set(rng.sample(candidates, len(candidates) // 5))
+            | set(range(sinks))
+            | set(range(n - window, n))
+        )
         kept.add(n)  # the question itself
         keep = torch.tensor([j in kept for j in range(n + 1)])
         head = 0  # the matching head
@@ -94,8 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, rank in maps:
             phi = make_feature_map(name, k.shape[-1], rank or 1, t["scale"], seed=0)
             ones = torch.ones(1, len(folded))
-            state = fold(RecurrentState.zeros(1, phi.rank, v.shape[-1]), phi.features(k[:, folded]), v[:, folded], ones, ones)
-            out = compressed_attention(q, k, v, t["scale"], q_pos, positions, keep[None], [state], phi)[0, 0]
+            state = fold(
+                RecurrentState.zeros(1, phi.rank, v.shape[-1]),
+                phi.features(k[:, folded]),
+                v[:, folded],
+                ones,
+                ones,
+            )
+            out = compressed_attention(
+                q, k, v, t["scale"], q_pos, positions, keep[None], [state], phi
+            )[0, 0]
             local, lse = local_attention(q, k, v, t["scale"], q_pos, positions, keep[None])
             den = float((phi.query_features(q) @ state.z[:, :, None]).squeeze())
             share = den / (den + float(lse.exp())) if den > 0 else 0.0
@@ -105,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             stats[key]["log_phi_q"].append(float(phi.log_features(q).max()))
             # The same readout in log space (float64): what the state would give without underflow.
             log_kernel = torch.logsumexp(
-                phi.log_features(q)[0, 0].double()[None, :] + phi.log_features(k[0, folded]).double(), dim=-1
+                phi.log_features(q)[0, 0].double()[None, :]
+                + phi.log_features(k[0, folded]).double(),
+                dim=-1,
             )  # [folded]: log φ(q)·φ(k_i)
             log_den = torch.logsumexp(log_kernel, 0)
             stats[key]["log_space_share"] += float(torch.sigmoid(log_den - lse[0, 0].double()))
@@ -113,18 +139,28 @@ def main(argv: list[str] | None = None) -> int:
             state_out = (weights[:, None] * v[0, folded].double()).sum(0)
             share = torch.sigmoid(log_den - lse[0, 0].double())
             merged = share * state_out + (1 - share) * local[0, 0].double()
-            cos = torch.nn.functional.cosine_similarity(values_in_context.double(), merged[None], dim=-1)
-            stats[key]["log_space_recalled"] += int(torch.allclose(values_in_context[cos.argmax()], target))
+            cos = torch.nn.functional.cosine_similarity(
+                values_in_context.double(), merged[None], dim=-1
+            )
+            stats[key]["log_space_recalled"] += int(
+                torch.allclose(values_in_context[cos.argmax()], target)
+            )
             stats[key]["recalled"] += int(torch.allclose(values_in_context[cos.argmax()], target))
     report = {
         "items": args.items,
         "exact_softmax_share_of_folded_tokens": exact_share / args.items,
         # log φ(q) below about -87 underflows to 0 in float32: the state is then unreadable.
-        "maps": {k: {"mean_state_share": s["state_share"] / args.items, "recall": s["recalled"] / args.items,
-                     "largest_log_phi_q": max(s["log_phi_q"]), "smallest_log_phi_q": min(s["log_phi_q"]),
-                     "log_space_mean_state_share": s["log_space_share"] / args.items,
-                     "log_space_recall": s["log_space_recalled"] / args.items}
-                 for k, s in stats.items()},
+        "maps": {
+            k: {
+                "mean_state_share": s["state_share"] / args.items,
+                "recall": s["recalled"] / args.items,
+                "largest_log_phi_q": max(s["log_phi_q"]),
+                "smallest_log_phi_q": min(s["log_phi_q"]),
+                "log_space_mean_state_share": s["log_space_share"] / args.items,
+                "log_space_recall": s["log_space_recalled"] / args.items,
+            }
+            for k, s in stats.items()
+        },
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -49,15 +49,22 @@ PRESSES = {
 }
 
 
-def project_policy_scores(name: str, queries, keys, scale, observation_window: int, sinks: int, window: int):
+def project_policy_scores(
+    name: str, queries, keys, scale, observation_window: int, sinks: int, window: int
+):
     """The project's scores and kept mask for one layer (sinks and window kept), from the engine's
     own compression (`executor.compress`) of the layer's queries [Hq, n, d] and keys [Hkv, n, d]."""
     # Imported here: the engine imports vLLM, which sets environment variables (test_imports).
     from retentivekv_vllm.engine.executor import compress_tensors
 
     num_kv, n, _ = keys.shape
-    config = KVPolicyConfig(policy=name, sinks=sinks, window=window,
-                            observation_window=observation_window, pool_kernel=SNAP_KERNEL)
+    config = KVPolicyConfig(
+        policy=name,
+        sinks=sinks,
+        window=window,
+        observation_window=observation_window,
+        pool_kernel=SNAP_KERNEL,
+    )
     policy = make_policy(config)
     # kvpress's share of the prompt, or the sinks and window alone where they are more (snapkv's
     # 64-token window over a budget of 60: the window is kept, nothing else).
@@ -88,27 +95,48 @@ def compare(dump: dict) -> list[dict]:
         ours, kept, g = project_policy_scores("snapkv", q, k, scale, SNAP_WINDOW, 0, SNAP_WINDOW)
         theirs = data["snapkv"]["scores"][:, : n - SNAP_WINDOW]
         interior = slice(SNAP_KERNEL // 2, n - SNAP_WINDOW - SNAP_KERNEL // 2)
-        rows.append({
-            "layer": layer, "press": "snapkv",
-            "max_rel_diff_interior": max_relative_difference(ours[:, interior] / (g * SNAP_WINDOW), theirs[:, interior]),
-            "max_rel_diff_all": max_relative_difference(ours[:, : n - SNAP_WINDOW] / (g * SNAP_WINDOW), theirs),
-            "kept_overlap": overlap(kept, data["snapkv"]["kept"]),
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "press": "snapkv",
+                "max_rel_diff_interior": max_relative_difference(
+                    ours[:, interior] / (g * SNAP_WINDOW), theirs[:, interior]
+                ),
+                "max_rel_diff_all": max_relative_difference(
+                    ours[:, : n - SNAP_WINDOW] / (g * SNAP_WINDOW), theirs
+                ),
+                "kept_overlap": overlap(kept, data["snapkv"]["kept"]),
+            }
+        )
         # StreamingLLM: sinks + most recent; the project's window is its default 32.
         _, kept, _ = project_policy_scores("streaming", q, k, scale, 32, SINKS, 32)
-        rows.append({"layer": layer, "press": "streaming", "kept_overlap": overlap(kept, data["streaming"]["kept"])})
+        rows.append(
+            {
+                "layer": layer,
+                "press": "streaming",
+                "kept_overlap": overlap(kept, data["streaming"]["kept"]),
+            }
+        )
         # H2O over every prompt query: equal after kvpress's division by the number of queries.
         ours, kept, g = project_policy_scores("h2o", q, k, scale, n, SINKS, 32)
         theirs = data["observed"]["scores"]
         seen_by = (n - positions).double()
-        rows.append({
-            "layer": layer, "press": "h2o (all prompt queries)",
-            "max_rel_diff_all": max_relative_difference(ours / seen_by / g, theirs),
-            "kept_overlap": overlap(kept, data["observed"]["kept"]),
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "press": "h2o (all prompt queries)",
+                "max_rel_diff_all": max_relative_difference(ours / seen_by / g, theirs),
+                "kept_overlap": overlap(kept, data["observed"]["kept"]),
+            }
+        )
         _, kept, _ = project_policy_scores("h2o", q, k, scale, 32, SINKS, 32)
-        rows.append({"layer": layer, "press": "h2o (default observation window 32)",
-                     "kept_overlap": overlap(kept, data["observed"]["kept"])})
+        rows.append(
+            {
+                "layer": layer,
+                "press": "h2o (default observation window 32)",
+                "kept_overlap": overlap(kept, data["observed"]["kept"]),
+            }
+        )
     return rows
 
 
@@ -118,9 +146,16 @@ def run_kvpress(python: Path, model_dir: Path, work: Path) -> dict:
     spec = {"token_ids": ids, "compression_ratio": COMPRESSION_RATIO, "presses": PRESSES}
     (work / "prompt.json").write_text(json.dumps(spec))
     subprocess.run(
-        [str(python), str(REPO / "benchmarks" / "kvpress" / "dump.py"), str(model_dir),
-         str(work / "prompt.json"), str(work / "dump.pt")],
-        check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=600,
+        [
+            str(python),
+            str(REPO / "benchmarks" / "kvpress" / "dump.py"),
+            str(model_dir),
+            str(work / "prompt.json"),
+            str(work / "dump.pt"),
+        ],
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=600,
     )
     return torch.load(work / "dump.pt")
 
@@ -128,19 +163,33 @@ def run_kvpress(python: Path, model_dir: Path, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from retentivekv_vllm.fixtures import build_tiny_model
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kvpress-python", type=Path, default=REPO / ".cache" / "kvpress-venv" / "bin" / "python")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "kvpress_crosscheck.json")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--kvpress-python", type=Path, default=REPO / ".cache" / "kvpress-venv" / "bin" / "python"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "kvpress_crosscheck.json"
+    )
     args = parser.parse_args(argv)
     if not args.kvpress_python.exists():
-        parser.error(f"--kvpress-python: {args.kvpress_python} does not exist (see docs/results.md for the environment)")
+        parser.error(
+            f"--kvpress-python: {args.kvpress_python} does not exist (see docs/results.md for the "
+            "environment)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_tiny_model(work / "tiny-llama", arch="llama")
         rows = compare(run_kvpress(args.kvpress_python, model_dir, work))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"prompt_length": PROMPT_LENGTH, "compression_ratio": COMPRESSION_RATIO,
-                                    "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {"prompt_length": PROMPT_LENGTH, "compression_ratio": COMPRESSION_RATIO, "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
     for r in rows:
         print(json.dumps(r))
     return 0

@@ -21,14 +21,20 @@ from kvpress.utils import get_prerope_query_states
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
-PRESSES = {"snapkv": SnapKVPress, "streaming": StreamingLLMPress, "observed": ObservedAttentionPress}
+PRESSES = {
+    "snapkv": SnapKVPress,
+    "streaming": StreamingLLMPress,
+    "observed": ObservedAttentionPress,
+}
 
 
 def main(model_dir: str, prompt_path: str, out_path: str) -> None:
     transformers.utils.logging.disable_progress_bar()
     spec = json.loads(open(prompt_path).read())
     # eager: ObservedAttentionPress reads the attention weights the layer returns.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager", dtype=torch.float32
+    )
     model.eval()
     ids = torch.tensor([spec["token_ids"]])
     layers: dict[int, dict] = {}
@@ -36,7 +42,9 @@ def main(model_dir: str, prompt_path: str, out_path: str) -> None:
         press = PRESSES[name](compression_ratio=spec["compression_ratio"], **kwargs)
         score = press.score
 
-        def recording_score(module, hidden_states, keys, values, attentions, kw, name=name, score=score):
+        def recording_score(
+            module, hidden_states, keys, values, attentions, kw, name=name, score=score
+        ):
             scores = score(module, hidden_states, keys, values, attentions, kw)
             layer = layers.setdefault(module.layer_idx, {})
             if "queries" not in layer:
@@ -45,12 +53,19 @@ def main(model_dir: str, prompt_path: str, out_path: str) -> None:
                 q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
                 layer["queries"], layer["keys"] = q[0].clone(), keys[0].clone()
             n_kept = int(keys.shape[2] * (1 - spec["compression_ratio"]))
-            layer[name] = {"scores": scores[0].clone(), "kept": scores[0].topk(n_kept, dim=-1).indices.sort(-1).values}
+            layer[name] = {
+                "scores": scores[0].clone(),
+                "kept": scores[0].topk(n_kept, dim=-1).indices.sort(-1).values,
+            }
             return scores
 
         press.score = recording_score
         with torch.no_grad(), press(model):
-            model(input_ids=ids, past_key_values=DynamicCache(), output_attentions=(name == "observed"))
+            model(
+                input_ids=ids,
+                past_key_values=DynamicCache(),
+                output_attentions=(name == "observed"),
+            )
     torch.save({"layers": layers, "scale": model.model.layers[0].self_attn.scaling}, out_path)
 
 

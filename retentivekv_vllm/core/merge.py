@@ -1,4 +1,5 @@
-"""Local softmax attention over the retained cache, and its merge with the readouts of folded-token states.
+"""Local softmax attention over the retained cache, and its merge with the readouts of folded-token
+states.
 
 o = (e^{lse}·o_L + Σ_X num_X) / (e^{lse} + Σ_X den_X), evaluated as a merge of two normalised
 partial outputs in log space, like FlashAttention's merge_attn_states.
@@ -25,8 +26,8 @@ def local_attention(
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention over visible keys: out [H, m, dv], lse [H, m] = log Σ_j exp(scale·q·k_j).
 
-    q [H, m, d], k [H, n, d], v [H, n, dv]; visibility as in `scores.masked_logits`. Rows with no visible
-    key get out 0 and lse -inf.
+    q [H, m, d], k [H, n, d], v [H, n, dv]; visibility as in `scores.masked_logits`. Rows with no
+    visible key get out 0 and lse -inf.
     """
     probs, lse = masked_softmax(masked_logits(q, k, scale, q_positions, k_positions, key_mask))
     return probs @ v.float(), lse
@@ -38,7 +39,8 @@ def merge_with_states(
     numerators: Sequence[Tensor],
     denominators: Sequence[Tensor],
 ) -> Tensor:
-    """Merge local attention out_local [H, m, dv] (lse_local [H, m]) with state readouts -> [H, m, dv].
+    """Merge local attention out_local [H, m, dv] (lse_local [H, m]) with state readouts ->
+    [H, m, dv].
 
     numerators [H, m, dv] and denominators [H, m] come one per state from `state.readout`. Rows
     whose states hold no mass (empty list, zero denominators) return

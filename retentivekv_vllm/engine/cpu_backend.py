@@ -97,8 +97,12 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 self.kv_cache_spec.block_size,
             )
         return RetentiveCPUMetadata(
-            **fields, plans=plans, request_block_table=block_table, kernel_rows=kernel_rows,
-            decode_plans=decode_plans, decode_batch=decode_batch,
+            **fields,
+            plans=plans,
+            request_block_table=block_table,
+            kernel_rows=kernel_rows,
+            decode_plans=decode_plans,
+            decode_batch=decode_batch,
         )
 
     @staticmethod
@@ -162,13 +166,22 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         kernel_rows = getattr(attn_metadata, "kernel_rows", None)
         if kernel_rows is None:
-            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+            output = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+            )
         elif len(kernel_rows):
             # vLLM's kernel over the requests with nothing folded, on their rows gathered in order.
             flat = output.view(output.shape[0], -1)
             computed = super().forward(
-                layer, query[kernel_rows], key, value, kv_cache, attn_metadata,
-                flat.new_empty(len(kernel_rows), flat.shape[1]), *args, **kwargs,
+                layer,
+                query[kernel_rows],
+                key,
+                value,
+                kv_cache,
+                attn_metadata,
+                flat.new_empty(len(kernel_rows), flat.shape[1]),
+                *args,
+                **kwargs,
             )
             flat[kernel_rows] = computed.view(len(kernel_rows), -1)
         plans = getattr(attn_metadata, "plans", None)
@@ -176,12 +189,16 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         rows = output.view(output.shape[0], self.num_heads, self.head_size)
         if attn_metadata.decode_batch is not None:
-            self._decode(layer, attn_metadata.decode_plans, attn_metadata.decode_batch, query, kv_cache, rows)
+            self._decode(
+                layer, attn_metadata.decode_plans, attn_metadata.decode_batch, query, kv_cache, rows
+            )
         for plan in plans:
             self._run_plan(layer, plan, query, kv_cache, attn_metadata.request_block_table, rows)
         return output
 
-    def _decode(self, layer, plans: list[RequestPlan], batch: DecodeBatch, query, kv_cache, rows) -> None:
+    def _decode(
+        self, layer, plans: list[RequestPlan], batch: DecodeBatch, query, kv_cache, rows
+    ) -> None:
         """The rows of every recomputed request that decodes: attention over the live blocks in one
         batch, merged with each request's states (one batch per policy and number of states)."""
         # A fresh tensor (advanced indexing copies): each request remembers its row as a view.
@@ -189,9 +206,13 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
         q = rows_q.view(len(plans), self.num_kv_heads, self.num_queries_per_kv, -1)
         out, lse = batch.attend(kv_cache, q, self.scale, layer.isa)
         groups: dict[tuple[int, int], list[int]] = {}
-        memories = [plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len) for plan in plans]
+        memories = [
+            plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len) for plan in plans
+        ]
         for i, (plan, memory) in enumerate(zip(plans, memories)):
-            memory.remember_queries(rows_q[i : i + 1], plan.seq_len - 1, plan.policy.config.observation_window)
+            memory.remember_queries(
+                rows_q[i : i + 1], plan.seq_len - 1, plan.policy.config.observation_window
+            )
             if memory.states:
                 groups.setdefault((id(plan.policy), len(memory.states)), []).append(i)
         in_kernel = decode_extension().module is not None
@@ -202,18 +223,24 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             )
             rows_of = torch.tensor(members)
             if in_kernel:  # reads each state where it is; no stacked copy
-                merge_state_readouts(out, lse, feature_map.query_log_features(q[rows_of]), rows_of, states)
+                merge_state_readouts(
+                    out, lse, feature_map.query_log_features(q[rows_of]), rows_of, states
+                )
                 continue
             pick = slice(None) if len(members) == len(plans) else rows_of
             stacked = [RecurrentState.stack([s[k] for s in states]) for k in range(len(states[0]))]
-            out[pick] = merge_with_state_readouts(out[pick], lse[pick], q[pick], stacked, feature_map)
+            out[pick] = merge_with_state_readouts(
+                out[pick], lse[pick], q[pick], stacked, feature_map
+            )
         # [R, Hkv, g, dv] -> [R, Hq, dv]
         rows[batch.query_rows] = out.view(len(plans), self.num_heads, -1).to(rows.dtype)
 
     def _run_plan(self, layer, plan: RequestPlan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
-        batched = plan.recomputed and plan.decodes  # attended, and its query remembered, by `_decode`
+        batched = (
+            plan.recomputed and plan.decodes
+        )  # attended, and its query remembered, by `_decode`
         chunk = plan.recomputed and not plan.decodes
         if not batched:
             q = query[plan.query_start : plan.query_end].float()

@@ -53,8 +53,12 @@ def block_layout(
         cache = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
         key_cache, value_cache = split_kv_cache(cache)
         ops.cpu_attn_reshape_and_cache(
-            digit.to(dtype), digit.to(dtype), key_cache, value_cache,
-            torch.arange(block_size), isa,
+            digit.to(dtype),
+            digit.to(dtype),
+            key_cache,
+            value_cache,
+            torch.arange(block_size),
+            isa,
         )
         stored_k.append(key_cache.reshape(-1).long())
         stored_v.append(value_cache.reshape(-1).long())
@@ -70,11 +74,15 @@ def block_layout(
 
 
 @functools.cache
-def block_orders(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[str | None, str | None]:
+def block_orders(
+    isa: str, block_size: int, head_size: int, dtype: torch.dtype
+) -> tuple[str | None, str | None]:
     """For keys and values: TOKEN_MAJOR or DIM_MAJOR when a (block, head) region is that plain
     matrix, None for any other order (read through the offsets of `block_layout`)."""
     token_major = torch.arange(block_size * head_size)
-    dim_major = (torch.arange(head_size)[None, :] * block_size + torch.arange(block_size)[:, None]).reshape(-1)
+    dim_major = (
+        torch.arange(head_size)[None, :] * block_size + torch.arange(block_size)[:, None]
+    ).reshape(-1)
 
     def order(offsets: torch.Tensor) -> str | None:
         if torch.equal(offsets, token_major):
@@ -89,7 +97,9 @@ def block_orders(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
 class RequestSlots(Slots):
     """The cache blocks of one request covering slots [start, end), in token order."""
 
-    def __init__(self, kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int, isa: str):
+    def __init__(
+        self, kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int, isa: str
+    ):
         self.kv_cache = kv_cache
         self.caches = split_kv_cache(kv_cache)
         _, self.heads, self.block_size, self.head_size = self.caches[0].shape
@@ -109,15 +119,21 @@ class RequestSlots(Slots):
         reordered through the measured offsets, on the request's blocks only."""
         n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
         if None in block_orders(self.isa, bs, d, self.kv_cache.dtype):
-            keys, values = stored_matrices(self.kv_cache[self.blocks], self.isa)  # [n, h, d, bs], [n, h, bs, d]
+            keys, values = stored_matrices(
+                self.kv_cache[self.blocks], self.isa
+            )  # [n, h, d, bs], [n, h, bs, d]
             picked = slice(None)
         else:
             keys, values = stored_matrices(self.kv_cache, self.isa)  # views of every block
             picked = self.blocks
-        return (keys.permute(1, 0, 3, 2)[:, picked].reshape(h, n * bs, d),
-                values.permute(1, 0, 2, 3)[:, picked].reshape(h, n * bs, d))
+        return (
+            keys.permute(1, 0, 3, 2)[:, picked].reshape(h, n * bs, d),
+            values.permute(1, 0, 2, 3)[:, picked].reshape(h, n * bs, d),
+        )
 
-    def attend_chunk(self, q: torch.Tensor, num_new: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend_chunk(
+        self, q: torch.Tensor, num_new: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal softmax attention of a chunk of num_new new tokens over the live slots
         -> out [Hkv, m, d] float32 and its log-sum-exp [Hkv, m].
 
@@ -138,8 +154,11 @@ class RequestSlots(Slots):
         new_k, new_v = (x[:, -num_new:, None].expand(-1, -1, group, -1) for x in (keys, values))
         per_query_head = lambda x: x.transpose(1, 2).reshape(1, heads * group, num_new, -1)  # noqa: E731
         out, lse = attention(
-            q.view(1, heads * group, num_new, d), per_query_head(new_k), per_query_head(new_v),
-            is_causal=True, scale=scale,
+            q.view(1, heads * group, num_new, d),
+            per_query_head(new_k),
+            per_query_head(new_v),
+            is_causal=True,
+            scale=scale,
         )
         out, lse = out.reshape(heads, m, -1), lse.reshape(heads, m)
         if keys.shape[1] == num_new:
@@ -148,7 +167,10 @@ class RequestSlots(Slots):
             q[None], keys[None, :, :-num_new], values[None, :, :-num_new], scale=scale
         )
         total = torch.logaddexp(lse, lse_prefix[0])
-        merged = out * (lse - total).exp()[..., None] + out_prefix[0] * (lse_prefix[0] - total).exp()[..., None]
+        merged = (
+            out * (lse - total).exp()[..., None]
+            + out_prefix[0] * (lse_prefix[0] - total).exp()[..., None]
+        )
         return merged, total
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,10 +190,15 @@ class RequestSlots(Slots):
         """Overwrite slots [start, start + m) (inside the span) with [Hkv, m, d] keys and values,
         through vLLM's own cache write: only those slots are touched, in the kernel's layout."""
         slots = torch.arange(start, start + keys.shape[1])
-        mapping = self.block_row[slots // self.block_size].long() * self.block_size + slots % self.block_size
+        mapping = (
+            self.block_row[slots // self.block_size].long() * self.block_size
+            + slots % self.block_size
+        )
         dtype = self.kv_cache.dtype
         token_major = lambda x: x.transpose(0, 1).to(dtype).contiguous()  # noqa: E731
-        ops.cpu_attn_reshape_and_cache(token_major(keys), token_major(values), *self.caches, mapping, self.isa)
+        ops.cpu_attn_reshape_and_cache(
+            token_major(keys), token_major(values), *self.caches, mapping, self.isa
+        )
         self._tokens = None
 
 
@@ -187,23 +214,45 @@ class DecodeBatch:
     block_size: int
 
     @classmethod
-    def plan(cls, query_rows: list[int], block_rows: torch.Tensor, starts: list[int], ends: list[int], block_size: int):
-        return cls(torch.tensor(query_rows), block_rows.int(), torch.tensor(starts), torch.tensor(ends), block_size)
+    def plan(
+        cls,
+        query_rows: list[int],
+        block_rows: torch.Tensor,
+        starts: list[int],
+        ends: list[int],
+        block_size: int,
+    ):
+        return cls(
+            torch.tensor(query_rows),
+            block_rows.int(),
+            torch.tensor(starts),
+            torch.tensor(ends),
+            block_size,
+        )
 
-    def attend(self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax attention of one query row per request and query head over its live slots, read
         from the blocks as stored: q [R, Hkv, g, d] -> out [R, Hkv, g, d] float32, lse [R, Hkv, g].
         The C++ kernel (`cpu_kernel`) where it is built and the cache has its layout, else
         `attend_torch`."""
-        if kv_cache.is_contiguous() and uses_decode_kernel(isa, self.block_size, q.shape[-1], kv_cache.dtype):
+        if kv_cache.is_contiguous() and uses_decode_kernel(
+            isa, self.block_size, q.shape[-1], kv_cache.dtype
+        ):
             blocks, heads, block_size, _ = kv_cache.shape
-            regions = kv_cache.view(blocks, heads, 2 * block_size, -1)  # keys, then values, per block and head
-            return paged_decode_attention(q.float(), regions, self.block_rows, self.starts, self.ends, scale)
+            regions = kv_cache.view(
+                blocks, heads, 2 * block_size, -1
+            )  # keys, then values, per block and head
+            return paged_decode_attention(
+                q.float(), regions, self.block_rows, self.starts, self.ends, scale
+            )
         return self.attend_torch(kv_cache, q, scale, isa)
 
     @functools.cached_property
     def _torch_plan(self) -> tuple[list[slice | torch.Tensor], torch.Tensor]:
-        """Per request, its blocks as a slice of the cache when they are consecutive (the usual case:
+        """Per request, its blocks as a slice of the cache when they are consecutive (the usual
+        case:
         read in place), else their ids (gathered into a reused workspace); and the mask
         [R, N, 1, 1, bs], True for the slots outside a request's live span."""
         bs = self.block_size
@@ -220,22 +269,29 @@ class DecodeBatch:
         hidden = (slots < self.starts[:, None]) | (slots >= self.ends[:, None])
         return blocks, hidden.view(len(starts), num_blocks, 1, 1, bs)
 
-    def attend_torch(self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend_torch(
+        self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`attend` in torch, for any measured layout: q·K and p·V are one product per request (over
         its blocks and heads, q broadcast over blocks) on the blocks in place; the softmax runs once
         for the batch. Blocks that are not consecutive are first gathered into a workspace that is
-        kept between calls (a fresh allocation of that size costs more in page faults than the copy)."""
+        kept between calls (a fresh allocation of that size costs more in page faults than the
+        copy)."""
         block_lists, hidden = self._torch_plan
         requests, num_blocks, _, _, block_size = hidden.shape
         num_gathered = sum(len(b) for b in block_lists if isinstance(b, torch.Tensor))
-        space = _workspace(num_gathered * kv_cache[0].numel(), kv_cache.dtype).view(-1, *kv_cache.shape[1:])
+        space = _workspace(num_gathered * kv_cache[0].numel(), kv_cache.dtype).view(
+            -1, *kv_cache.shape[1:]
+        )
         logits = torch.empty(requests, num_blocks, q.shape[1], q.shape[2], block_size)
         values, used = [], 0
         for i, blocks in enumerate(block_lists):
             if isinstance(blocks, slice):
                 picked = kv_cache[blocks]
             else:
-                picked = torch.index_select(kv_cache, 0, blocks, out=space[used : used + len(blocks)])
+                picked = torch.index_select(
+                    kv_cache, 0, blocks, out=space[used : used + len(blocks)]
+                )
                 used += len(blocks)
             keys, request_values = stored_matrices(picked, isa)
             if keys.dtype != torch.float32:
@@ -266,7 +322,9 @@ def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """At least numel elements of dtype, the same memory from call to call (grown geometrically)."""
     space = _workspaces.get(dtype)
     if space is None or space.numel() < numel:
-        space = _workspaces[dtype] = torch.empty(max(numel, 2 * (0 if space is None else space.numel())), dtype=dtype)
+        space = _workspaces[dtype] = torch.empty(
+            max(numel, 2 * (0 if space is None else space.numel())), dtype=dtype
+        )
     return space[:numel]
 
 

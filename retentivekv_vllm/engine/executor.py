@@ -45,14 +45,24 @@ class RequestPlan:
 
     @classmethod
     def make(
-        cls, policy: KVPolicy, memory: RequestMemory, row: int, start: int, end: int,
-        seq_len: int, block_size: int,
+        cls,
+        policy: KVPolicy,
+        memory: RequestMemory,
+        row: int,
+        start: int,
+        end: int,
+        seq_len: int,
+        block_size: int,
     ) -> RequestPlan:
         """The plan of a step that adds tokens [start, end) of the batch (the request's newest
         end - start) to a cache of seq_len tokens, by the folding rule the KV manager applies."""
         fold_to = folded_after_step(
-            policy.config, memory.num_prompt_tokens, memory.num_folded, seq_len - (end - start),
-            seq_len, block_size,
+            policy.config,
+            memory.num_prompt_tokens,
+            memory.num_folded,
+            seq_len - (end - start),
+            seq_len,
+            block_size,
         )
         return cls(memory, policy, row, start, end, seq_len, memory.num_folded, fold_to)
 
@@ -101,8 +111,14 @@ def ungroup_rows(out: torch.Tensor, num_heads: int, num_tokens: int) -> torch.Te
 
 
 def attend_live(
-    plan: RequestPlan, memory: LayerMemory, q: torch.Tensor, keys: torch.Tensor,
-    values: torch.Tensor, scale: float, layer: int, merge=None,
+    plan: RequestPlan,
+    memory: LayerMemory,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    layer: int,
+    merge=None,
 ) -> torch.Tensor:
     """The step's rows q [T, Hq, d] (the newest T tokens) over the live slots' keys and values
     [Hkv, n, d], causal by position, merged with the states of layer `layer` -> [T, Hq, dv]
@@ -137,8 +153,12 @@ def compress(
     layout = plan.memory.patch_layout(positions)
     queries, q_positions = memory.observation_queries(policy.config.observation_window)
     probs, statistics = slots.observe(
-        group_queries(queries, heads), keys, scale,
-        q_positions.repeat(queries.shape[1] // heads), positions, layout,
+        group_queries(queries, heads),
+        keys,
+        scale,
+        q_positions.repeat(queries.shape[1] // heads),
+        positions,
+        layout,
     )
     alpha = accumulated_attention(probs) if statistics is None else statistics[0]
     accumulated = memory.accumulated[:, live] + alpha
@@ -163,8 +183,14 @@ def compress(
 
 
 def compress_tensors(
-    policy: KVPolicy, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    scale: float, budget: int, layer: int, token_layout=None,
+    policy: KVPolicy,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    budget: int,
+    layer: int,
+    token_layout=None,
 ) -> tuple[DenseSlots, LayerMemory, Observation, torch.Tensor]:
     """`compress` of a prompt held as plain tensors (the transformers reference, the benchmarks):
     keys and values [Hkv, n, d] down to `budget` tokens, scored by the prompt's last queries

@@ -109,10 +109,15 @@ class PagedSlots(Slots):
         # reads the same rows either way, and α and H are sums over rows.
         rows, device = queries.shape[1], keys.device
         alpha, entropy = observation_scores(
-            queries.transpose(0, 1), torch.tensor([0, rows], device=device), q_positions,
-            self.key_cache, self.block_table,
-            torch.tensor([self.start], device=device), torch.tensor([self.end], device=device),
-            scale, key_positions=positions[None],
+            queries.transpose(0, 1),
+            torch.tensor([0, rows], device=device),
+            q_positions,
+            self.key_cache,
+            self.block_table,
+            torch.tensor([self.start], device=device),
+            torch.tensor([self.end], device=device),
+            scale,
+            key_positions=positions[None],
         )
         return None, (alpha[0], entropy[0])
 
@@ -122,8 +127,13 @@ class PagedSlots(Slots):
 
         device = self.key_cache.device
         write_slots(
-            self.key_cache, self.value_cache, self.block_table, keys[None], values[None],
-            torch.tensor([start], device=device), torch.tensor([keys.shape[1]], device=device),
+            self.key_cache,
+            self.value_cache,
+            self.block_table,
+            keys[None],
+            values[None],
+            torch.tensor([start], device=device),
+            torch.tensor([keys.shape[1]], device=device),
         )
         self._tokens = None
 
@@ -163,7 +173,9 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         for plan in plans:
             if not (plan.recomputed and plan.decodes):
                 continue
-            memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, plan.seq_len, query.device)
+            memory = plan.memory.layer(
+                layer.layer_name, self.num_kv_heads, plan.seq_len, query.device
+            )
             feature_map = None
             if memory.states:
                 feature_map = plan.policy.feature_map(self.head_size, self.scale, index)
@@ -182,21 +194,28 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         if feature_map is not None:
             # The requests' states as one pool: request i reads pool slots index[i, :].
             pool = []
-            index = torch.full((len(members), max(len(m.states) for _, m in members)), -1, dtype=torch.int32)
+            index = torch.full(
+                (len(members), max(len(m.states) for _, m in members)), -1, dtype=torch.int32
+            )
             for i, (_, memory) in enumerate(members):
                 for k, state in enumerate(memory.states):
                     index[i, k] = len(pool)
                     pool.append(state)
             states = PagedStates(
-                S=torch.stack([s.S for s in pool]), z=torch.stack([s.z for s in pool]),
+                S=torch.stack([s.S for s in pool]),
+                z=torch.stack([s.z for s in pool]),
                 index=index.to(device),
             )
         tokens = torch.tensor([p.query_start for p in plans], device=device)
         out, _ = decode_attention(
-            query[tokens], *caches, block_table[torch.tensor([p.row for p in plans], device=device)],
+            query[tokens],
+            *caches,
+            block_table[torch.tensor([p.row for p in plans], device=device)],
             torch.tensor([p.live_start for p in plans], device=device),
             torch.tensor([p.seq_len for p in plans], device=device),
-            self.scale, states, feature_map,
+            self.scale,
+            states,
+            feature_map,
         )
         rows[tokens] = out.to(rows.dtype)
 

@@ -46,7 +46,9 @@ class RetentiveAttentionSpec(FullAttentionSpec):
         """Most blocks a request of num_tokens holds at once under kv_policy (the server's by
         default): its peak live slots span at most one block more than their count (the first
         may be part-folded)."""
-        peak = peak_live_tokens(kv_policy or self.kv_policy, num_tokens, self.max_step_tokens, self.block_size)
+        peak = peak_live_tokens(
+            kv_policy or self.kv_policy, num_tokens, self.max_step_tokens, self.block_size
+        )
         return min(cdiv(num_tokens, self.block_size), cdiv(peak, self.block_size) + 1)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
@@ -102,8 +104,12 @@ class RetentiveAttentionManager(FullAttentionManager):
         computed, folded = self.progress.get(request_id, (0, 0))
         if processed_computed_tokens != computed and num_prompt_tokens is not None:
             folded = folded_after_step(
-                self.policy_of(request_id), num_prompt_tokens, folded, computed,
-                processed_computed_tokens, self.block_size,
+                self.policy_of(request_id),
+                num_prompt_tokens,
+                folded,
+                computed,
+                processed_computed_tokens,
+                self.block_size,
             )
             self.progress[request_id] = (processed_computed_tokens, folded)
         blocks = self.req_to_blocks.get(request_id)

@@ -42,7 +42,9 @@ class LayerMemory:
     # ([T, Hq, d] queries the caller will not overwrite, position of the first).  A deque, so that
     # remembering a decode step's query costs no tensor op.
     recent: deque[tuple[torch.Tensor, int]] = field(default_factory=deque)
-    recent_rows: int = 0  # rows of `recent`, so trimming it is O(1) a step (not a sum over the window)
+    recent_rows: int = (
+        0  # rows of `recent`, so trimming it is O(1) a step (not a sum over the window)
+    )
 
     @classmethod
     def empty(cls, num_kv_heads: int, capacity: int, device=None) -> LayerMemory:
@@ -111,7 +113,9 @@ class RequestMemory:
         inside = positions < n
         at = positions.clamp(max=n - 1)
         pick = lambda x: torch.where(inside, x.to(positions.device)[at], -1)  # noqa: E731
-        return PatchLayout(pick(layout.image), pick(layout.row), pick(layout.col), tuple(layout.grids))
+        return PatchLayout(
+            pick(layout.image), pick(layout.row), pick(layout.col), tuple(layout.grids)
+        )
 
     def layer(self, name: str, num_kv_heads: int, n: int, device=None) -> LayerMemory:
         """The request's memory in layer `name`, created on `device` (the cache's) on first use."""
@@ -123,9 +127,7 @@ class RequestMemory:
 
     @property
     def state_bytes(self) -> int:
-        return sum(
-            s.S.nbytes + s.z.nbytes for layer in self.layers.values() for s in layer.states
-        )
+        return sum(s.S.nbytes + s.z.nbytes for layer in self.layers.values() for s in layer.states)
 
     def stats(self) -> dict:
         state_elements = sum(m.state_elements for m in self.layers.values())
@@ -182,10 +184,14 @@ class MemoryRegistry:
         its oldest slots, so every whole block of them (kv_manager.py applies the same rule)."""
         return memory.num_folded // self.block_size if self.block_size else 0
 
-    def get_or_create(self, req_id: str, num_prompt_tokens: int, budget: int, token_layout=None) -> RequestMemory:
+    def get_or_create(
+        self, req_id: str, num_prompt_tokens: int, budget: int, token_layout=None
+    ) -> RequestMemory:
         memory = self.live.get(req_id)
         if memory is None:
-            memory = self.live[req_id] = RequestMemory(req_id, num_prompt_tokens, budget, token_layout=token_layout)
+            memory = self.live[req_id] = RequestMemory(
+                req_id, num_prompt_tokens, budget, token_layout=token_layout
+            )
         return memory
 
     def restart(self, req_id: str) -> None:
@@ -207,9 +213,15 @@ class MemoryRegistry:
                     "retentivekv: request %s kept %d of %d cached tokens (budget %d), folded %d "
                     "(prompt %d, %d images, %d image-token slots folded over layers and heads) "
                     "in %d compressions",
-                    req_id, stats["tokens_kept"], stats["tokens_cached"], stats["budget_tokens"],
-                    stats["tokens_folded"], stats["num_prompt_tokens"], stats["images"],
-                    stats["visual_slots_folded"], stats["compressions"],
+                    req_id,
+                    stats["tokens_kept"],
+                    stats["tokens_cached"],
+                    stats["budget_tokens"],
+                    stats["tokens_folded"],
+                    stats["num_prompt_tokens"],
+                    stats["images"],
+                    stats["visual_slots_folded"],
+                    stats["compressions"],
                 )
                 while len(self.finished) > FINISHED_STATS_KEPT:
                     self.finished.popitem(last=False)
@@ -268,8 +280,10 @@ def check_state_reservation(kv_memory_bytes: int, vllm_config) -> int:
         from retentivekv_vllm.engine.settings import kv_config_from_vllm_config
 
         raise ConfigError(
-            f"--kv-policy {kv_config_from_vllm_config(vllm_config).policy}: the recurrent states of --max-num-seqs "
-            f"{vllm_config.scheduler_config.max_num_seqs} requests need {reserved / 2**20:.1f} MiB, "
+            f"--kv-policy {kv_config_from_vllm_config(vllm_config).policy}: the recurrent states "
+            "of --max-num-seqs "
+            f"{vllm_config.scheduler_config.max_num_seqs} requests need {reserved / 2**20:.1f} "
+            "MiB, "
             f"not less than the {kv_memory_bytes / 2**20:.1f} MiB of KV-cache memory; lower "
             "--max-num-seqs or raise --kv-cache-memory-bytes"
         )
@@ -288,7 +302,9 @@ def reserve_state_memory(kv_memory_bytes: int, vllm_config) -> int:
         logger.info(
             "retentivekv: %.1f MiB of the %.1f MiB KV-cache memory reserved for the states of "
             "%d requests (--max-num-seqs)",
-            reserved / 2**20, kv_memory_bytes / 2**20, vllm_config.scheduler_config.max_num_seqs,
+            reserved / 2**20,
+            kv_memory_bytes / 2**20,
+            vllm_config.scheduler_config.max_num_seqs,
         )
     return kv_memory_bytes - reserved
 
@@ -313,7 +329,14 @@ def log_memory_plan(policy, kv_cache_spec, num_layers: int, vllm_config) -> None
     logger.info(
         "retentivekv: policy %s, budget %s: KV %d B/token, state %d B/request; a %d-token "
         "request keeps at most %d tokens: %.2f MiB against %.2f MiB (%.1fx)%s",
-        c.policy, c.budget, kv_per_token, state, max_len, kept, ours / 2**20, stock / 2**20,
-        stock / ours, capacity,
+        c.policy,
+        c.budget,
+        kv_per_token,
+        state,
+        max_len,
+        kept,
+        ours / 2**20,
+        stock / 2**20,
+        stock / ours,
+        capacity,
     )
-

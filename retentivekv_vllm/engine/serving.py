@@ -31,16 +31,34 @@ METRIC_PREFIX = "retentivekv:"
 
 # name -> (kind, help); names are the keys of MemoryRegistry.metrics().
 METRICS = {
-    "tokens_folded_total": ("counter", "Cached tokens folded out of the KV cache (into a state or evicted)."),
+    "tokens_folded_total": (
+        "counter",
+        "Cached tokens folded out of the KV cache (into a state or evicted).",
+    ),
     "tokens_cached_total": ("counter", "Tokens written to the KV cache, folded ones included."),
-    "blocks_freed_total": ("counter", "KV-cache blocks returned to vLLM's pool because their tokens were folded."),
-    "compressions_total": ("counter", "Compressions (one per request and step that went over its budget)."),
+    "blocks_freed_total": (
+        "counter",
+        "KV-cache blocks returned to vLLM's pool because their tokens were folded.",
+    ),
+    "compressions_total": (
+        "counter",
+        "Compressions (one per request and step that went over its budget).",
+    ),
     "compress_seconds_total": ("counter", "Wall time spent compressing, all layers (rank 0)."),
-    "requests_released_total": ("counter", "Requests whose memory was released (finished, aborted or preempted)."),
+    "requests_released_total": (
+        "counter",
+        "Requests whose memory was released (finished, aborted or preempted).",
+    ),
     "requests_live": ("gauge", "Requests holding per-request memory (live slots and states)."),
     "tokens_kept": ("gauge", "Live cache tokens of the requests running now."),
-    "state_bytes": ("gauge", "Bytes of recurrent state held by the requests running now (all workers)."),
-    "compression_ratio": ("gauge", "Tokens cached over tokens kept, over every request so far (1 = none folded)."),
+    "state_bytes": (
+        "gauge",
+        "Bytes of recurrent state held by the requests running now (all workers).",
+    ),
+    "compression_ratio": (
+        "gauge",
+        "Tokens cached over tokens kept, over every request so far (1 = none folded).",
+    ),
 }
 
 
@@ -69,7 +87,9 @@ class MetricsCollector:
         for name, (kind, help_text) in METRICS.items():
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             # CounterMetricFamily appends _total itself.
-            metric_name = METRIC_PREFIX + (name.removesuffix("_total") if kind == "counter" else name)
+            metric_name = METRIC_PREFIX + (
+                name.removesuffix("_total") if kind == "counter" else name
+            )
             metric = family(metric_name, help_text, labels=["model_name"])
             metric.add_metric([self.model_name], self.latest[name])
             yield metric
@@ -93,14 +113,16 @@ class RetentiveKVEndpoints:
             if config is None:
                 return JSONResponse({"kv_policy": None})
             per_worker = await engine_client.collective_rpc("retentivekv_stats")
-            return JSONResponse({
-                "kv_policy": config.to_additional_config(),
-                "totals": combine([w["metrics"] for w in per_worker]),
-                "workers": [w["metrics"] for w in per_worker],
-                # Per request, from rank 0 (live ones and the last finished ones).
-                "live": per_worker[0]["live"],
-                "finished": per_worker[0]["finished"],
-            })
+            return JSONResponse(
+                {
+                    "kv_policy": config.to_additional_config(),
+                    "totals": combine([w["metrics"] for w in per_worker]),
+                    "workers": [w["metrics"] for w in per_worker],
+                    # Per request, from rank 0 (live ones and the last finished ones).
+                    "live": per_worker[0]["live"],
+                    "finished": per_worker[0]["finished"],
+                }
+            )
 
     async def init_state(self, engine_client, state, args) -> None:
         from retentivekv_vllm.engine.settings import kv_config_from_vllm_config

@@ -43,26 +43,43 @@ def _request_policy(server: KVPolicyConfig, ours: tuple) -> KVPolicy:
 
 # vLLM option -> why the policy cannot serve it ("" when the option is not in use).
 _UNSUPPORTED_ENGINE_OPTIONS = {
-    "--kv-cache-dtype": lambda c: c.cache_config.cache_dtype != "auto" and (
-        f"the cache is {c.cache_config.cache_dtype}; compression reads and packs the cache in the "
-        "model's dtype (use --kv-cache-dtype auto)"
+    "--kv-cache-dtype": lambda c: (
+        c.cache_config.cache_dtype != "auto"
+        and (
+            f"the cache is {c.cache_config.cache_dtype}; compression reads and packs the cache in "
+            "the "
+            "model's dtype (use --kv-cache-dtype auto)"
+        )
     ),
-    "--speculative-config": lambda c: c.speculative_config is not None and (
-        "speculative decoding adds and rolls back tokens within a step, which the folding rule "
-        "shared by the scheduler and the workers does not model"
+    "--speculative-config": lambda c: (
+        c.speculative_config is not None
+        and (
+            "speculative decoding adds and rolls back tokens within a step, which the folding rule "
+            "shared by the scheduler and the workers does not model"
+        )
     ),
-    "--pipeline-parallel-size": lambda c: c.parallel_config.pipeline_parallel_size > 1 and (
-        f"got {c.parallel_config.pipeline_parallel_size}; pipeline parallelism is not supported "
-        "(tensor parallelism is)"
+    "--pipeline-parallel-size": lambda c: (
+        c.parallel_config.pipeline_parallel_size > 1
+        and (
+            f"got {c.parallel_config.pipeline_parallel_size}; pipeline parallelism is not "
+            "supported "
+            "(tensor parallelism is)"
+        )
     ),
-    "--kv-transfer-config": lambda c: c.kv_transfer_config is not None and (
-        "a KV connector would move blocks whose tokens the policy has folded or packed"
+    "--kv-transfer-config": lambda c: (
+        c.kv_transfer_config is not None
+        and ("a KV connector would move blocks whose tokens the policy has folded or packed")
     ),
 }
 
 
 def refuse_unsupported_layer(
-    policy: KVPolicy | None, attn_type, sliding_window: bool, alibi: bool, soft_cap: bool, sinks: bool
+    policy: KVPolicy | None,
+    attn_type,
+    sliding_window: bool,
+    alibi: bool,
+    soft_cap: bool,
+    sinks: bool,
 ) -> None:
     """Refuse, while the model loads, a decoder layer with features the policy cannot serve."""
     from vllm.v1.attention.backend import AttentionType
@@ -77,7 +94,9 @@ def refuse_unsupported_layer(
     }
     found = [name for name, present in unsupported.items() if present]
     if found:
-        raise ValueError(f"--kv-policy {policy.name}: models with {', '.join(found)} are not supported")
+        raise ValueError(
+            f"--kv-policy {policy.name}: models with {', '.join(found)} are not supported"
+        )
 
 
 def validate_engine(vllm_config) -> None:

@@ -25,8 +25,13 @@ class Slots:
         raise NotImplementedError
 
     def observe(
-        self, queries: torch.Tensor, keys: torch.Tensor, scale: float, q_positions: torch.Tensor,
-        positions: torch.Tensor, layout: PatchLayout | None,
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        scale: float,
+        q_positions: torch.Tensor,
+        positions: torch.Tensor,
+        layout: PatchLayout | None,
     ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """The observation rows queries [Hkv, rows, d] at q_positions [rows] over the live keys
         [Hkv, n, d] at positions [Hkv, n]: (probs, None), or (None, (α, H)) where a kernel gives

@@ -75,7 +75,8 @@ class WorkerState:
         self.batch = BatchView(
             list(input_batch.req_ids[:num_reqs]),
             [int(n) for n in input_batch.num_prompt_tokens[:num_reqs]],
-            runner.requests, runner.model_config.hf_config,
+            runner.requests,
+            runner.model_config.hf_config,
         )
 
     def plan(self, server: KVPolicy, cm, block_size: int) -> list[RequestPlan]:
@@ -96,7 +97,9 @@ class WorkerState:
             num_prompt = view.num_prompt_tokens[row]
             policy = request_policy(server, view.requests.get(req_id))
             memory = registry.live.get(req_id) or registry.get_or_create(
-                req_id, num_prompt, policy.config.budget_tokens(num_prompt),
+                req_id,
+                num_prompt,
+                policy.config.budget_tokens(num_prompt),
                 request_token_layout(view, req_id, num_prompt),
             )
             plans.append(RequestPlan.make(policy, memory, row, start, end, seq_len, block_size))

@@ -15,14 +15,16 @@ KVPRESS_PYTHON = REPO / ".cache" / "kvpress-venv" / "bin" / "python"
     "(docs/results.md says how to create it)",
 )
 def test_scores_and_kept_sets_agree_with_kvpress():
+    import tempfile
+
     from benchmarks.kvpress.crosscheck import compare, run_kvpress
     from retentivekv_vllm.fixtures import build_tiny_model
 
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = compare(run_kvpress(KVPRESS_PYTHON, build_tiny_model(work / "tiny-llama", arch="llama"), work))
+        rows = compare(
+            run_kvpress(KVPRESS_PYTHON, build_tiny_model(work / "tiny-llama", arch="llama"), work)
+        )
     by_press = {}
     for row in rows:
         by_press.setdefault(row["press"], []).append(row)

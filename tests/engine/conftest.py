@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from retentivekv_vllm.fixtures import build_tiny_model
 
@@ -15,3 +16,13 @@ def in_process_engine():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama"))
+
+
+PROMPT_LENGTHS = (300, 150, 40)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Seeded random-token prompts, longest first (a long one compresses at every budget)."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(5, 2000, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]

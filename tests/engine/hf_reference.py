@@ -44,7 +44,8 @@ def _compress_prompt(policy, q, k, v, scale, layer, layout):
 
 def _per_token_padded(mm_inputs: dict | None, length: int) -> dict:
     """The processor's outputs for a sequence of ``length`` tokens: per-prompt-token ones (such as
-    Qwen-VL's ``mm_token_type_ids``, [1, P]) extended with zeros (text) over the generated tokens."""
+    Qwen-VL's ``mm_token_type_ids``, [1, P]) extended with zeros (text) over the generated
+    tokens."""
     padded = {}
     for key, value in (mm_inputs or {}).items():
         if key.endswith("token_type_ids"):
@@ -76,8 +77,12 @@ def reference_greedy(
         prompt = slice(0, num_prompt)
         positions = torch.arange(length)
         prompt_out, _ = local_attention(
-            grouped[:, :, prompt].reshape(heads, -1, dim), k[:, prompt], v[:, prompt],
-            scaling, positions[prompt].repeat(g), positions[prompt],
+            grouped[:, :, prompt].reshape(heads, -1, dim),
+            k[:, prompt],
+            v[:, prompt],
+            scaling,
+            positions[prompt].repeat(g),
+            positions[prompt],
         )
         out[:, :, prompt] = prompt_out.view(heads, g, num_prompt, -1)
         if length > num_prompt:
@@ -88,10 +93,14 @@ def reference_greedy(
             feature_map = policy.feature_map(dim, scaling, module.layer_idx) if states else None
             decode_out = compressed_attention(
                 grouped[:, :, generated].reshape(heads, -1, dim),
-                torch.cat([kept_k, k[:, generated]], 1), torch.cat([kept_v, v[:, generated]], 1),
-                scaling, positions[generated].repeat(g),
-                torch.cat([kept_positions, positions[generated].expand(heads, -1)], 1), None,
-                states, feature_map,
+                torch.cat([kept_k, k[:, generated]], 1),
+                torch.cat([kept_v, v[:, generated]], 1),
+                scaling,
+                positions[generated].repeat(g),
+                torch.cat([kept_positions, positions[generated].expand(heads, -1)], 1),
+                None,
+                states,
+                feature_map,
             )
             out[:, :, num_prompt:] = decode_out.view(heads, g, length - num_prompt, -1)
         attn = out.reshape(num_q_heads, length, -1).transpose(0, 1).unsqueeze(0)
@@ -99,16 +108,21 @@ def reference_greedy(
 
     AttentionInterface.register(NAME, attention)
     if mm_inputs is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=NAME, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation=NAME, dtype=torch.float32
+        )
     else:
         model = AutoModelForImageTextToText.from_pretrained(
-            model_dir, attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": NAME},
+            model_dir,
+            attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": NAME},
             dtype=torch.float32,
         )
     model.eval()
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids]), **_per_token_padded(mm_inputs, len(ids))).logits[0, -1]
+            logits = model(
+                input_ids=torch.tensor([ids]), **_per_token_padded(mm_inputs, len(ids))
+            ).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[num_prompt:]

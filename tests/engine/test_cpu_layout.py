@@ -9,7 +9,12 @@ from vllm import _custom_ops as ops
 
 from retentivekv_vllm.core import local_attention
 from retentivekv_vllm.engine import cpu_layout
-from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots, split_kv_cache, uses_decode_kernel
+from retentivekv_vllm.engine.cpu_layout import (
+    DecodeBatch,
+    RequestSlots,
+    split_kv_cache,
+    uses_decode_kernel,
+)
 
 HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 2, 64, 128, 24
 ISA = "vec"
@@ -29,11 +34,16 @@ ALIGNED = (torch.tensor([14, 15, 16, 20]), 256, 512)  # whole blocks only
 ONE_BLOCK = (torch.tensor([21, 22]), 130, 140)  # the live span in one block
 
 
-def fill(cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fill(
+    cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write num_tokens random tokens into the request's blocks (block_row) with vLLM's own op;
     returns the keys and values written, [num_tokens, Hkv, d]."""
     generator = torch.Generator().manual_seed(seed)
-    keys, values = (torch.randn(num_tokens, HEADS, HEAD_SIZE, generator=generator).to(cache.dtype) for _ in range(2))
+    keys, values = (
+        torch.randn(num_tokens, HEADS, HEAD_SIZE, generator=generator).to(cache.dtype)
+        for _ in range(2)
+    )
     slots = torch.arange(num_tokens)
     slot_mapping = block_row[slots // BLOCK_SIZE].long() * BLOCK_SIZE + slots % BLOCK_SIZE
     ops.cpu_attn_reshape_and_cache(keys, values, *split_kv_cache(cache), slot_mapping, ISA)
@@ -41,7 +51,11 @@ def fill(cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int, seed: in
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("span", [CONSECUTIVE, SCATTERED, ALIGNED, ONE_BLOCK], ids=["consecutive", "scattered", "aligned", "one-block"])
+@pytest.mark.parametrize(
+    "span",
+    [CONSECUTIVE, SCATTERED, ALIGNED, ONE_BLOCK],
+    ids=["consecutive", "scattered", "aligned", "one-block"],
+)
 @pytest.mark.parametrize("order", ["matrices", "offsets"])
 def test_read_returns_the_tokens_vllm_wrote(dtype, span, order, monkeypatch):
     """Both read paths: the views of plain matrices, and the measured offsets that serve any
@@ -54,7 +68,9 @@ def test_read_returns_the_tokens_vllm_wrote(dtype, span, order, monkeypatch):
     got_keys, got_values = RequestSlots(cache, block_row.int(), start, end, ISA).read()
     assert got_keys.dtype == got_values.dtype == torch.float32
     torch.testing.assert_close(got_keys, keys[start:end].transpose(0, 1).float(), atol=0, rtol=0)
-    torch.testing.assert_close(got_values, values[start:end].transpose(0, 1).float(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        got_values, values[start:end].transpose(0, 1).float(), atol=0, rtol=0
+    )
 
 
 def reference(cache, block_row, start, end, q):
@@ -63,9 +79,9 @@ def reference(cache, block_row, start, end, q):
     return local_attention(q, keys, values, SCALE, q_positions, torch.arange(start, end))
 
 
-
-
-@pytest.mark.parametrize("attend", [DecodeBatch.attend, DecodeBatch.attend_torch], ids=["kernel", "torch"])
+@pytest.mark.parametrize(
+    "attend", [DecodeBatch.attend, DecodeBatch.attend_torch], ids=["kernel", "torch"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize(
@@ -78,11 +94,19 @@ def test_decode_batch_matches_local_attention(attend, dtype, group, requests):
     for seed, (block_row, _, end) in enumerate(requests):
         fill(cache, block_row, end, seed)
     max_blocks = max(len(r[0]) for r in requests) + 1
-    block_rows = torch.stack([torch.cat([r[0], torch.zeros(max_blocks - len(r[0]), dtype=torch.long)]) for r in requests])
-    batch = DecodeBatch.plan(
-        list(range(len(requests))), block_rows.int(), [r[1] for r in requests], [r[2] for r in requests], BLOCK_SIZE
+    block_rows = torch.stack(
+        [torch.cat([r[0], torch.zeros(max_blocks - len(r[0]), dtype=torch.long)]) for r in requests]
     )
-    q = torch.randn(len(requests), HEADS, group, HEAD_SIZE, generator=torch.Generator().manual_seed(7))
+    batch = DecodeBatch.plan(
+        list(range(len(requests))),
+        block_rows.int(),
+        [r[1] for r in requests],
+        [r[2] for r in requests],
+        BLOCK_SIZE,
+    )
+    q = torch.randn(
+        len(requests), HEADS, group, HEAD_SIZE, generator=torch.Generator().manual_seed(7)
+    )
 
     out, lse = attend(batch, cache, q, SCALE, ISA)
 
@@ -116,13 +140,17 @@ def test_chunk_matches_local_attention(dtype, blocks, num_queries, group):
     cache = random_cache(dtype)
     fill(cache, block_row, end, 0)
     slots = RequestSlots(cache, block_row.int(), start, end, ISA)
-    q = torch.randn(HEADS, group * num_queries, HEAD_SIZE, generator=torch.Generator().manual_seed(1))
+    q = torch.randn(
+        HEADS, group * num_queries, HEAD_SIZE, generator=torch.Generator().manual_seed(1)
+    )
     q_positions = torch.arange(end - num_queries, end).repeat(group)
 
     out, lse = slots.attend_chunk(q, num_queries, SCALE)
 
     keys, values = slots.read()
-    want_out, want_lse = local_attention(q, keys, values, SCALE, q_positions, torch.arange(start, end))
+    want_out, want_lse = local_attention(
+        q, keys, values, SCALE, q_positions, torch.arange(start, end)
+    )
     torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
     torch.testing.assert_close(out, want_out, **TOLERANCE[dtype])
 
@@ -138,7 +166,9 @@ def test_write_replaces_exactly_the_given_slots(dtype, blocks):
     before_keys, before_values = RequestSlots(cache, block_row.int(), start, end, ISA).read()
     before_cache = cache.clone()
     generator = torch.Generator().manual_seed(3)
-    new_keys, new_values = (torch.randn(HEADS, 300, HEAD_SIZE, generator=generator) for _ in range(2))
+    new_keys, new_values = (
+        torch.randn(HEADS, 300, HEAD_SIZE, generator=generator) for _ in range(2)
+    )
 
     slots = RequestSlots(cache, block_row.int(), start, end, ISA)
     slots.read()  # a read before the write must not be returned after it

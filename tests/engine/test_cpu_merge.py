@@ -1,5 +1,7 @@
-"""The C++ merge of decode rows with their requests' recurrent states (`cpu_kernel.merge_state_readouts`)
-against its plain-torch definition, `core.merge_with_state_readouts`, on states built by `core.fold`."""
+"""The C++ merge of decode rows with their requests' recurrent states
+(`cpu_kernel.merge_state_readouts`)
+against its plain-torch definition, `core.merge_with_state_readouts`, on states built by
+`core.fold`."""
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_rea
 HEADS, HEAD_SIZE, RANK = 2, 64, 32  # RANK: prf's; elu's is HEAD_SIZE
 SCALE = HEAD_SIZE**-0.5
 
-pytestmark = pytest.mark.skipif(decode_extension().module is None, reason="the CPU kernel is not built here")
+pytestmark = pytest.mark.skipif(
+    decode_extension().module is None, reason="the CPU kernel is not built here"
+)
 
 
 def folded_state(feature_map, generator, tokens: int) -> RecurrentState:
@@ -39,7 +43,9 @@ def test_merge_matches_the_torch_definition(feature_map_name, group, num_states)
 
     want = out.clone()
     for member, row in enumerate(rows.tolist()):
-        want[row] = merge_with_state_readouts(out[row], lse[row], q[row], states[member], feature_map)
+        want[row] = merge_with_state_readouts(
+            out[row], lse[row], q[row], states[member], feature_map
+        )
     got = out.clone()
     merge_state_readouts(got, lse, feature_map.query_log_features(q[rows]), rows, states)
 

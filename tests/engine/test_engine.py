@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from vllm import LLM, SamplingParams
 
 from retentivekv_vllm.config import KVPolicyConfig
@@ -27,21 +26,25 @@ ENGINE = dict(
 )
 REPO = pathlib.Path(__file__).parents[2]
 MAX_TOKENS = 24  # below the decode interval: only the prefill compression runs
-PROMPT_LENGTHS = (300, 150, 40)
 
 
-@pytest.fixture(scope="module")
-def prompts():
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(5, 2000, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-
-
-def generate_in_subprocess(model_dir, prompts, engine, env, work, max_tokens=MAX_TOKENS) -> list[list[int]]:
+def generate_in_subprocess(
+    model_dir, prompts, engine, env, work, max_tokens=MAX_TOKENS
+) -> list[list[int]]:
     spec = {"model": model_dir, "prompts": prompts, "max_tokens": max_tokens, "engine": engine}
     (work / "spec.json").write_text(json.dumps(spec))
     subprocess.run(
-        [sys.executable, "-m", "tests.engine.generate_in_subprocess", work / "spec.json", work / "out.json"],
-        check=True, env={**os.environ, **env}, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "tests.engine.generate_in_subprocess",
+            work / "spec.json",
+            work / "out.json",
+        ],
+        check=True,
+        env={**os.environ, **env},
+        timeout=600,
+        cwd=REPO,
     )
     return json.loads((work / "out.json").read_text())
 
@@ -158,8 +161,11 @@ def test_prefill_chunks_are_compressed_once_over_budget(model_dir, prompts):
     ids = prompts[0]
     budget = math.ceil(0.2 * len(ids))
     tokens, (s,) = generate(
-        model_dir, [ids], {"kv_policy": "retentive", "kv_budget": 0.2},
-        max_num_batched_tokens=chunk, enable_chunked_prefill=True,
+        model_dir,
+        [ids],
+        {"kv_policy": "retentive", "kv_budget": 0.2},
+        max_num_batched_tokens=chunk,
+        enable_chunked_prefill=True,
     )
     chunk_ends = list(range(chunk, len(ids), chunk)) + [len(ids)]
     assert s["compressions"] == sum(end > budget for end in chunk_ends)
@@ -171,14 +177,20 @@ def test_tensor_parallel_two_gives_the_same_tokens(model_dir, prompts, tmp_path)
     """TP=2 (two CPU workers, one KV head each: the state is sharded with the heads)."""
     config = {"kv_policy": "retentive", "kv_budget": 0.2}
     expected, _ = generate(model_dir, prompts, config)
-    engine = {**ENGINE, "additional_config": config, "enable_prefix_caching": False,
-              "tensor_parallel_size": 2}
+    engine = {
+        **ENGINE,
+        "additional_config": config,
+        "enable_prefix_caching": False,
+        "tensor_parallel_size": 2,
+    }
     # One core per worker: vLLM's CPU workers each bind to their own cores.
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     assert generate_in_subprocess(model_dir, prompts, engine, env, tmp_path) == expected
 
 
-def test_chunked_prefill_equals_one_shot_when_only_the_last_chunk_ends_over_budget(model_dir, prompts):
+def test_chunked_prefill_equals_one_shot_when_only_the_last_chunk_ends_over_budget(
+    model_dir, prompts
+):
     """Chunking itself changes nothing: with compression at the prompt's end only, a prompt
     processed in 48-token chunks generates what one-shot prefill generates (the last chunk is
     shorter than the observation window, so the scoring queries span two chunks).  (A budget that

@@ -11,8 +11,8 @@ import pytest
 from vllm import LLM, SamplingParams
 
 from retentivekv_vllm.config import KVPolicyConfig
-from retentivekv_vllm.engine.worker import WORKER, worker_stats
 from retentivekv_vllm.engine.memory import logger as plugin_logger
+from retentivekv_vllm.engine.worker import WORKER, worker_stats
 from retentivekv_vllm.fixtures import IMAGE_MARKUP, VLM_ARCHS, build_tiny_vlm
 
 from ..images import decode, png_bytes, processor_layout
@@ -57,22 +57,37 @@ def vlm(request, tmp_path_factory):
 
 def generate(arch, model_dir, config, max_tokens=MAX_TOKENS, **engine):
     """Greedy tokens and the worker's per-request stats for every prompt of PROMPTS."""
-    llm = LLM(model=model_dir, additional_config=config, enable_prefix_caching=False, **{**mm_engine(arch), **engine})
+    llm = LLM(
+        model=model_dir,
+        additional_config=config,
+        enable_prefix_caching=False,
+        **{**mm_engine(arch), **engine},
+    )
     try:
         prompts = []
         for parts in PROMPTS.values():
             text, images = request(arch, parts)
-            prompts.append({"prompt": text, "multi_modal_data": {"image": [decode(PNGS[i]) for i in images]}})
+            prompts.append(
+                {"prompt": text, "multi_modal_data": {"image": [decode(PNGS[i]) for i in images]}}
+            )
         outputs = llm.generate(
-            prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+            prompts,
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            use_tqdm=False,
         )
         (stats,) = llm.collective_rpc(worker_stats)
     finally:
         del llm
         gc.collect()
     by_id = {**stats["finished"], **stats["live"]}
-    per_request = [next(s for rid, s in by_id.items() if rid.split("-")[0] == o.request_id) for o in outputs]
-    return [list(o.outputs[0].token_ids) for o in outputs], [o.prompt_token_ids for o in outputs], per_request
+    per_request = [
+        next(s for rid, s in by_id.items() if rid.split("-")[0] == o.request_id) for o in outputs
+    ]
+    return (
+        [list(o.outputs[0].token_ids) for o in outputs],
+        [o.prompt_token_ids for o in outputs],
+        per_request,
+    )
 
 
 def text_config(model_dir):
@@ -88,7 +103,9 @@ def test_budget_one_gives_stock_tokens(vlm, tmp_path):
         text, images = request(arch, parts)
         specs.append({"prompt": text, "images": [str(paths[i]) for i in images]})
     env = {"VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    stock = generate_in_subprocess(model_dir, specs, mm_engine(arch), env, tmp_path, max_tokens=MAX_TOKENS)
+    stock = generate_in_subprocess(
+        model_dir, specs, mm_engine(arch), env, tmp_path, max_tokens=MAX_TOKENS
+    )
 
     tokens, _, stats = generate(arch, model_dir, {**COMPRESSED, "kv_budget": 1.0})
     assert tokens == stock
@@ -132,7 +149,10 @@ def test_folded_image_blocks_return_to_the_pool(vlm):
         folded = n - math.ceil(0.2 * n)
         assert memory.num_folded == folded and folded >= 2 * engine.block_size
         engine.engine.step()  # frees the folded blocks before allocating the next slot
-        assert engine.held_blocks() == math.ceil((n + 1) / engine.block_size) - folded // engine.block_size
+        assert (
+            engine.held_blocks()
+            == math.ceil((n + 1) / engine.block_size) - folded // engine.block_size
+        )
         engine.drain()
         assert engine.held_blocks() == 0 and not WORKER.memories.live
     finally:
@@ -142,7 +162,10 @@ def test_folded_image_blocks_return_to_the_pool(vlm):
 # Qwen3-VL writes each frame's timestamp as text before it ("<0.2 seconds>"), from the video's
 # metadata (vLLM takes a video as (frames, metadata)); Qwen2-VL takes the frames alone.
 VIDEO_METADATA = {
-    "fps": 10.0, "frames_indices": [0, 1, 2, 3], "total_num_frames": 4, "duration": 0.4,
+    "fps": 10.0,
+    "frames_indices": [0, 1, 2, 3],
+    "total_num_frames": 4,
+    "duration": 0.4,
 }
 
 
@@ -161,7 +184,9 @@ def test_video_is_scored_as_text_with_a_warning(arch, tmp_path):
     timestamped = arch == "qwen3_vl"
     video_input = (video, VIDEO_METADATA) if timestamped else video
     llm = LLM(
-        model=model_dir, additional_config=COMPRESSED, enable_prefix_caching=False,
+        model=model_dir,
+        additional_config=COMPRESSED,
+        enable_prefix_caching=False,
         **{**mm_engine(arch), "limit_mm_per_prompt": {"image": 0, "video": 1}},
     )
     # Listened to directly: vLLM (re)configures its loggers when an engine starts, and its
@@ -173,7 +198,8 @@ def test_video_is_scored_as_text_with_a_warning(arch, tmp_path):
     try:
         (output,) = llm.generate(
             [{"prompt": prompt, "multi_modal_data": {"video": video_input}}],
-            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False,
+            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+            use_tqdm=False,
         )
         (stats,) = llm.collective_rpc(worker_stats)
     finally:
@@ -181,7 +207,11 @@ def test_video_is_scored_as_text_with_a_warning(arch, tmp_path):
         del llm
         gc.collect()
     assert any("is scored as text only: modality 'video'" in w for w in warnings), warnings
-    (s,) = [s for rid, s in {**stats["finished"], **stats["live"]}.items() if rid.split("-")[0] == output.request_id]
+    (s,) = [
+        s
+        for rid, s in {**stats["finished"], **stats["live"]}.items()
+        if rid.split("-")[0] == output.request_id
+    ]
     ids = list(output.prompt_token_ids)
     assert s["images"] == 0 and s["tokens_folded"] == len(ids) - math.ceil(0.2 * len(ids))
 
@@ -189,7 +219,10 @@ def test_video_is_scored_as_text_with_a_warning(arch, tmp_path):
     if timestamped:
         metadata = VideoMetadata(**VIDEO_METADATA)
         inputs = processor(
-            text=prompt, videos=[video], video_metadata=[metadata], do_sample_frames=False,
+            text=prompt,
+            videos=[video],
+            video_metadata=[metadata],
+            do_sample_frames=False,
             return_tensors="pt",
         )
         assert inputs["input_ids"][0].tolist() == ids
@@ -202,4 +235,6 @@ def test_video_is_scored_as_text_with_a_warning(arch, tmp_path):
     assert inputs["input_ids"][0].tolist() == ids
     mm_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     kv = KVPolicyConfig.from_additional_config(COMPRESSED)
-    assert list(output.outputs[0].token_ids) == reference_greedy(model_dir, ids, kv, MAX_TOKENS, mm_inputs)
+    assert list(output.outputs[0].token_ids) == reference_greedy(
+        model_dir, ids, kv, MAX_TOKENS, mm_inputs
+    )

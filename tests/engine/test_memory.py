@@ -25,7 +25,9 @@ class Engine:
 
     def __init__(self, model_dir, additional_config, **engine):
         self.llm = LLM(
-            model=model_dir, additional_config=additional_config, enable_prefix_caching=False,
+            model=model_dir,
+            additional_config=additional_config,
+            enable_prefix_caching=False,
             **{**ENGINE, **engine},
         )
         self.engine = self.llm.llm_engine
@@ -69,7 +71,9 @@ def test_request_holds_the_blocks_of_its_live_slots(model_dir, make_engine, budg
     blocks (docs/method.md); everything returns to the pool when it finishes."""
     engine = make_engine(model_dir, {"kv_policy": "retentive", "kv_budget": budget})
     prompt_len = 1000
-    engine.engine.add_request("r", random_prompt(prompt_len, 0), SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.engine.add_request(
+        "r", random_prompt(prompt_len, 0), SamplingParams(max_tokens=6, ignore_eos=True)
+    )
     engine.engine.step()  # the whole prompt, then folded down to the budget
     assert engine.held_blocks() == math.ceil(prompt_len / engine.block_size)
     folded = prompt_len - math.ceil(budget * prompt_len)
@@ -86,7 +90,9 @@ def test_request_holds_the_blocks_of_its_live_slots(model_dir, make_engine, budg
 
 def test_stock_run_holds_every_block(model_dir, make_engine):
     engine = make_engine(model_dir, {})
-    engine.engine.add_request("r", random_prompt(1000, 0), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.engine.add_request(
+        "r", random_prompt(1000, 0), SamplingParams(max_tokens=4, ignore_eos=True)
+    )
     engine.engine.step()
     engine.engine.step()
     assert engine.held_blocks() == math.ceil(1001 / engine.block_size)
@@ -112,7 +118,8 @@ def run_with_aborts(engine, num_requests: int, seed: int) -> int:
         while pending and len(live) < 12:
             i = pending.pop()
             engine.engine.add_request(
-                str(i), random_prompt(rng.randint(100, 1000), i),
+                str(i),
+                random_prompt(rng.randint(100, 1000), i),
                 SamplingParams(max_tokens=rng.randint(1, 300), ignore_eos=True),
             )
             live.add(str(i))
@@ -134,8 +141,12 @@ def test_aborts_and_preemption_return_every_block_and_state(model_dir, make_engi
     engine = make_engine(
         # A long decode interval lets decoding outgrow the small pool, so requests are
         # preempted (and recomputed) as well as aborted and finished.
-        model_dir, {"kv_policy": "retentive", "kv_budget": 0.5, "kv_decode_interval": 256},
-        kv_cache_memory_bytes=8 * 2**20, max_model_len=1536, max_num_batched_tokens=512, enable_chunked_prefill=True,
+        model_dir,
+        {"kv_policy": "retentive", "kv_budget": 0.5, "kv_decode_interval": 256},
+        kv_cache_memory_bytes=8 * 2**20,
+        max_model_len=1536,
+        max_num_batched_tokens=512,
+        enable_chunked_prefill=True,
         max_num_seqs=6,
     )
     preemptions = run_with_aborts(engine, num_requests, seed=num_requests)
@@ -163,15 +174,24 @@ def test_budget_0_2_runs_at_least_four_times_the_requests_of_stock(tmp_path_fact
     """Same KV pool, long prompts, vLLM's own admission (the whole request must fit): at budget
     0.2 the scheduler runs at least 4x as many requests at once as stock vLLM."""
     prompt_len, max_tokens, block_size = 8000, 160, 32
-    model_dir = str(build_tiny_model(
-        tmp_path_factory.mktemp("models") / "tiny-llama-8k", arch="llama", max_position_embeddings=8192
-    ))
+    model_dir = str(
+        build_tiny_model(
+            tmp_path_factory.mktemp("models") / "tiny-llama-8k",
+            arch="llama",
+            max_position_embeddings=8192,
+        )
+    )
     stock_blocks_per_request = math.ceil((prompt_len + max_tokens) / block_size)
-    # 2 (K and V) x 4 layers x 2 KV heads x 64 dims x 4 bytes per token; one block more for vLLM's null block.
+    # 2 (K and V) x 4 layers x 2 KV heads x 64 dims x 4 bytes per token; one block more for vLLM's
+    # null block.
     pool_bytes = (4 * stock_blocks_per_request + 1) * block_size * 2 * 4 * 2 * 64 * 4
     engine = dict(
-        kv_cache_memory_bytes=pool_bytes, block_size=block_size, max_model_len=prompt_len + max_tokens,
-        enable_chunked_prefill=True, max_num_batched_tokens=1024, max_num_seqs=4 * 4 + 1,
+        kv_cache_memory_bytes=pool_bytes,
+        block_size=block_size,
+        max_model_len=prompt_len + max_tokens,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=1024,
+        max_num_seqs=4 * 4 + 1,
     )
     stock = make_engine(model_dir, {}, **engine)
     stock_running = max_running(stock, [random_prompt(prompt_len, i) for i in range(5)], max_tokens)
@@ -192,12 +212,17 @@ def test_states_of_max_num_seqs_requests_are_reserved_out_of_the_kv_memory(model
     block_bytes = memory // (stock.free_at_start + 1)  # vLLM keeps one null block
     stock.close()
     retentive = make_engine(
-        model_dir, {"kv_policy": "retentive"}, kv_cache_memory_bytes=memory, max_num_seqs=max_num_seqs
+        model_dir,
+        {"kv_policy": "retentive"},
+        kv_cache_memory_bytes=memory,
+        max_num_seqs=max_num_seqs,
     )
     # 4 layers x 1 text state x 2 KV heads x rank 64 x (64 + 1) float32 numbers per request.
     state_bytes = 4 * 2 * 64 * 65 * 4
     assert retentive.free_at_start + 1 == (memory - max_num_seqs * state_bytes) // block_bytes
-    retentive.engine.add_request("r", random_prompt(600, 0), SamplingParams(max_tokens=2, ignore_eos=True))
+    retentive.engine.add_request(
+        "r", random_prompt(600, 0), SamplingParams(max_tokens=2, ignore_eos=True)
+    )
     retentive.drain()
     (stats,) = retentive.llm.collective_rpc(worker_stats)
     (finished,) = stats["finished"].values()

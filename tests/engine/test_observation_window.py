@@ -20,7 +20,9 @@ def test_observation_queries_are_the_last_window_of_every_step(window):
         kept = queries[-window:]  # the caller remembers at most a window of a step
         memory.remember_queries(kept.clone(), position + step_size - kept.shape[0], window)
         every_query.append(kept)
-        every_position.append(torch.arange(position + step_size - kept.shape[0], position + step_size))
+        every_position.append(
+            torch.arange(position + step_size - kept.shape[0], position + step_size)
+        )
         position += step_size
 
         got_queries, got_positions = memory.observation_queries(window)

@@ -12,7 +12,7 @@ from vllm.exceptions import VLLMValidationError
 
 from retentivekv_vllm.engine.worker import WORKER, worker_stats
 
-from .test_engine import ENGINE, MAX_TOKENS, prompts  # noqa: F401  (prompts is a fixture)
+from .test_engine import ENGINE, MAX_TOKENS
 
 SERVER = {"kv_policy": "retentive", "kv_budget": 0.2}
 
@@ -22,7 +22,9 @@ def random_prompt(n: int, seed: int) -> list[int]:
 
 
 def make_llm(model_dir, additional_config) -> LLM:
-    return LLM(model=model_dir, additional_config=additional_config, enable_prefix_caching=False, **ENGINE)
+    return LLM(
+        model=model_dir, additional_config=additional_config, enable_prefix_caching=False, **ENGINE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,10 @@ def test_scheduler_and_worker_fold_each_request_by_its_own_budget(llm):
         # The blocks the manager still holds are the worker's live slots [folded, cached + 1).
         held = [b for b in manager.req_to_blocks[rid] if b is not null_block]
         slots = memory.num_cached + 1
-        assert len(held) == math.ceil(slots / manager.block_size) - memory.num_folded // manager.block_size
+        assert (
+            len(held)
+            == math.ceil(slots / manager.block_size) - memory.num_folded // manager.block_size
+        )
     while engine.has_unfinished_requests():
         engine.step()
 
@@ -147,6 +152,8 @@ def test_a_snapkv_request_on_a_lookm_server_generates_what_a_snapkv_server_does(
 )
 def test_bad_request_settings_are_refused_naming_the_field(llm, extra_args, field):
     with pytest.raises(VLLMValidationError) as refused:
-        llm.generate([{"prompt_token_ids": random_prompt(50, 5)}], greedy(**extra_args), use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": random_prompt(50, 5)}], greedy(**extra_args), use_tqdm=False
+        )
     assert refused.value.parameter == field
     assert str(refused.value).startswith(field), str(refused.value)

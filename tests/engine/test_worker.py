@@ -16,7 +16,8 @@ PROMPT, BLOCK_SIZE = 300, 16
 def step_metadata(starts: list[int], seq_lens: list[int]):
     """The fields of vLLM's CommonAttentionMetadata that planning reads."""
     return SimpleNamespace(
-        num_reqs=len(seq_lens), query_start_loc_cpu=torch.tensor(starts),
+        num_reqs=len(seq_lens),
+        query_start_loc_cpu=torch.tensor(starts),
         seq_lens=torch.tensor(seq_lens),
     )
 

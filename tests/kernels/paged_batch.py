@@ -4,9 +4,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from retentivekv_vllm.kernels import split_kv_cache
+from torch import Tensor
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,10 +38,14 @@ def make_paged_batch(
     blocks_per_request = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_request) + 3
     if slot_major:
-        storage = torch.full((num_blocks, block_size, num_kv_heads, 2 * head_dim), float("nan"), dtype=dtype)
+        storage = torch.full(
+            (num_blocks, block_size, num_kv_heads, 2 * head_dim), float("nan"), dtype=dtype
+        )
         kv_cache = storage.permute(0, 2, 1, 3)
     else:
-        kv_cache = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_dim), float("nan"), dtype=dtype)
+        kv_cache = torch.full(
+            (num_blocks, num_kv_heads, block_size, 2 * head_dim), float("nan"), dtype=dtype
+        )
     kv_cache = kv_cache.to(DEVICE)
     key_cache, value_cache = split_kv_cache(kv_cache, head_dim)
     order = torch.randperm(num_blocks, generator=gen)
@@ -56,12 +59,19 @@ def make_paged_batch(
         slots = torch.arange(n)
         blocks = block_table[r, slots // block_size].long()
         key_cache[blocks.to(DEVICE), (slots % block_size).to(DEVICE)] = k.transpose(0, 1).to(DEVICE)
-        value_cache[blocks.to(DEVICE), (slots % block_size).to(DEVICE)] = v.transpose(0, 1).to(DEVICE)
+        value_cache[blocks.to(DEVICE), (slots % block_size).to(DEVICE)] = v.transpose(0, 1).to(
+            DEVICE
+        )
         keys.append(k.float())
         values.append(v.float())
     return PagedBatch(
-        kv_cache, key_cache, value_cache, block_table.to(DEVICE),
-        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), keys, values,
+        kv_cache,
+        key_cache,
+        value_cache,
+        block_table.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        keys,
+        values,
     )
 
 
@@ -87,4 +97,6 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float) -> None:
     against the tensor's scale where an entry is a cancelled sum near 0."""
     expected = expected.float()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual.float().cpu(), expected.cpu(), rtol=tol, atol=tol * max(scale, 1e-30))
+    torch.testing.assert_close(
+        actual.float().cpu(), expected.cpu(), rtol=tol, atol=tol * max(scale, 1e-30)
+    )

@@ -8,7 +8,6 @@ so sources and destinations overlap. These kernels copy, so the results must be 
 
 import pytest
 import torch
-
 from retentivekv_vllm.kernels import gather_slots, write_slots
 
 from .paged_batch import DEVICE, DTYPES, make_paged_batch
@@ -29,7 +28,9 @@ def kept_slots(gen: torch.Generator) -> torch.Tensor:
     return slots
 
 
-def cache_rows(cache: torch.Tensor, block_table: torch.Tensor, request: int, slots: torch.Tensor, head: int):
+def cache_rows(
+    cache: torch.Tensor, block_table: torch.Tensor, request: int, slots: torch.Tensor, head: int
+):
     """cache[...] rows of the given slots of one request's head, by plain indexing."""
     block_size = cache.shape[1]
     blocks = block_table[request, (slots // block_size).to(block_table.device)].long()
@@ -37,26 +38,41 @@ def cache_rows(cache: torch.Tensor, block_table: torch.Tensor, request: int, slo
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("block_size, slot_major", [(16, False), (8, True)], ids=["bs16-hnd", "bs8-nhd"])
+@pytest.mark.parametrize(
+    "block_size, slot_major", [(16, False), (8, True)], ids=["bs16-hnd", "bs8-nhd"]
+)
 def test_compaction_equals_torch_indexing(dtype, block_size, slot_major):
     gen = torch.Generator().manual_seed(4)
-    batch = make_paged_batch(SEQ_LENS, NUM_KV_HEADS, 24, block_size, dtype, seed=5, slot_major=slot_major)
+    batch = make_paged_batch(
+        SEQ_LENS, NUM_KV_HEADS, 24, block_size, dtype, seed=5, slot_major=slot_major
+    )
     slots = kept_slots(gen)
     counts = torch.tensor(COUNTS)
     fold_to = torch.tensor(SEQ_LENS) - counts
     before = batch.kv_cache.clone()
     key_before, value_before = batch.key_cache.clone(), batch.value_cache.clone()
 
-    keys, values = gather_slots(batch.key_cache, batch.value_cache, batch.block_table, slots.to(DEVICE), counts.to(DEVICE))
+    keys, values = gather_slots(
+        batch.key_cache, batch.value_cache, batch.block_table, slots.to(DEVICE), counts.to(DEVICE)
+    )
     for r, count in enumerate(COUNTS):
         for h in range(NUM_KV_HEADS):
             src = slots[r, h, :count]
-            assert torch.equal(keys[r, h, :count], cache_rows(key_before, batch.block_table, r, src, h))
-            assert torch.equal(values[r, h, :count], cache_rows(value_before, batch.block_table, r, src, h))
+            assert torch.equal(
+                keys[r, h, :count], cache_rows(key_before, batch.block_table, r, src, h)
+            )
+            assert torch.equal(
+                values[r, h, :count], cache_rows(value_before, batch.block_table, r, src, h)
+            )
 
     # Every source is read (above) before any destination is written.
     write_slots(
-        batch.key_cache, batch.value_cache, batch.block_table, keys, values, fold_to.to(DEVICE),
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_table,
+        keys,
+        values,
+        fold_to.to(DEVICE),
         counts.to(DEVICE),
     )
 
@@ -66,7 +82,9 @@ def test_compaction_equals_torch_indexing(dtype, block_size, slot_major):
         for h in range(NUM_KV_HEADS):
             src = slots[r, h, :count]
             blocks = batch.block_table[r, (dst // block_size).to(DEVICE)].long()
-            expected_key[blocks, (dst % block_size).to(DEVICE), h] = cache_rows(key_before, batch.block_table, r, src, h)
+            expected_key[blocks, (dst % block_size).to(DEVICE), h] = cache_rows(
+                key_before, batch.block_table, r, src, h
+            )
             expected_value[blocks, (dst % block_size).to(DEVICE), h] = cache_rows(
                 value_before, batch.block_table, r, src, h
             )

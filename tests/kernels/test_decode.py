@@ -4,6 +4,7 @@ and log-sum-exp), `core.state.readout` and `merge_with_states` for the states, t
 
 import pytest
 import torch
+from retentivekv_vllm.kernels import PagedStates, decode_attention
 
 from retentivekv_vllm.core import (
     EluPlusOne,
@@ -14,9 +15,15 @@ from retentivekv_vllm.core import (
     local_attention,
     retention_from_entropy,
 )
-from retentivekv_vllm.kernels import PagedStates, decode_attention
 
-from .paged_batch import DEVICE, DTYPES, assert_close_scaled, grouped_rows, make_paged_batch, tolerance
+from .paged_batch import (
+    DEVICE,
+    DTYPES,
+    assert_close_scaled,
+    grouped_rows,
+    make_paged_batch,
+    tolerance,
+)
 
 NUM_KV_HEADS = 2
 SEQ_LENS = [37, 9, 150, 3]
@@ -47,7 +54,9 @@ def state_pool(feature_map, head_dim: int, gen: torch.Generator) -> list[Recurre
         keys = torch.randn(NUM_KV_HEADS, n, head_dim, generator=gen)
         values = torch.randn(NUM_KV_HEADS, n, head_dim, generator=gen)
         gamma = retention_from_entropy(torch.rand(NUM_KV_HEADS, n, generator=gen), 0.5)
-        states.append(fold(empty, feature_map.features(keys), values, gamma, torch.ones(NUM_KV_HEADS, n)))
+        states.append(
+            fold(empty, feature_map.features(keys), values, gamma, torch.ones(NUM_KV_HEADS, n))
+        )
     return states
 
 
@@ -60,9 +69,13 @@ def state_pool(feature_map, head_dim: int, gen: torch.Generator) -> list[Recurre
     # many splits: one tile each, combined by the second launch.
     ids=["d32-g1-bs16-hnd-splits", "d64-g4-bs32-nhd-onesplit"],
 )
-def test_decode_equals_naive_twin(dtype, feature, head_dim, group, block_size, slot_major, max_splits):
+def test_decode_equals_naive_twin(
+    dtype, feature, head_dim, group, block_size, slot_major, max_splits
+):
     gen = torch.Generator().manual_seed(11)
-    batch = make_paged_batch(SEQ_LENS, NUM_KV_HEADS, head_dim, block_size, dtype, seed=2, slot_major=slot_major)
+    batch = make_paged_batch(
+        SEQ_LENS, NUM_KV_HEADS, head_dim, block_size, dtype, seed=2, slot_major=slot_major
+    )
     num_q_heads = NUM_KV_HEADS * group
     query = torch.randn(len(SEQ_LENS), num_q_heads, head_dim, generator=gen).to(dtype)
     scale = head_dim**-0.5
@@ -77,8 +90,15 @@ def test_decode_equals_naive_twin(dtype, feature, head_dim, group, block_size, s
         )
 
     out, lse = decode_attention(
-        query.to(DEVICE), batch.key_cache, batch.value_cache, batch.block_table,
-        torch.tensor(LIVE_START, device=DEVICE), batch.seq_lens, scale, paged, feature_map,
+        query.to(DEVICE),
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_table,
+        torch.tensor(LIVE_START, device=DEVICE),
+        batch.seq_lens,
+        scale,
+        paged,
+        feature_map,
         max_splits=max_splits,
     )
 
@@ -86,13 +106,28 @@ def test_decode_equals_naive_twin(dtype, feature, head_dim, group, block_size, s
     for r, (n, s) in enumerate(zip(SEQ_LENS, LIVE_START)):
         q = grouped_rows(query[r : r + 1].float(), NUM_KV_HEADS)
         q_positions = torch.full((group,), n - 1)
-        keys, values, k_positions = batch.keys[r][:, s:n], batch.values[r][:, s:n], torch.arange(s, n)
-        present = [k for k, slot in enumerate(STATE_INDEX[r]) if feature_map is not None and slot >= 0]
+        keys, values, k_positions = (
+            batch.keys[r][:, s:n],
+            batch.values[r][:, s:n],
+            torch.arange(s, n),
+        )
+        present = [
+            k for k, slot in enumerate(STATE_INDEX[r]) if feature_map is not None and slot >= 0
+        ]
         expected = compressed_attention(
-            q, keys, values, scale, q_positions, k_positions, None,
-            [pool[STATE_INDEX[r][k]] for k in present], feature_map,
+            q,
+            keys,
+            values,
+            scale,
+            q_positions,
+            k_positions,
+            None,
+            [pool[STATE_INDEX[r][k]] for k in present],
+            feature_map,
         ).reshape(num_q_heads, head_dim)
-        expected_lse = local_attention(q, keys, values, scale, q_positions, k_positions)[1].reshape(num_q_heads)
+        expected_lse = local_attention(q, keys, values, scale, q_positions, k_positions)[1].reshape(
+            num_q_heads
+        )
         reduction = n - s + head_dim + (0 if feature_map is None else feature_map.rank)
         assert_close_scaled(out[r], expected, tolerance(dtype, reduction))
         if n > s:
@@ -104,13 +139,21 @@ def test_decode_equals_naive_twin(dtype, feature, head_dim, group, block_size, s
 def test_states_need_their_feature_map():
     batch = make_paged_batch([5], NUM_KV_HEADS, 32, 16, torch.float32, seed=0)
     states = PagedStates(
-        S=torch.zeros(1, NUM_KV_HEADS, 32, 32, device=DEVICE), z=torch.zeros(1, NUM_KV_HEADS, 32, device=DEVICE),
+        S=torch.zeros(1, NUM_KV_HEADS, 32, 32, device=DEVICE),
+        z=torch.zeros(1, NUM_KV_HEADS, 32, device=DEVICE),
         index=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
     )
     with pytest.raises(ValueError, match="feature map"):
         decode_attention(
-            torch.zeros(1, NUM_KV_HEADS, 32, device=DEVICE), batch.key_cache, batch.value_cache,
-            batch.block_table, torch.zeros(1, device=DEVICE), batch.seq_lens, 1.0, states, None,
+            torch.zeros(1, NUM_KV_HEADS, 32, device=DEVICE),
+            batch.key_cache,
+            batch.value_cache,
+            batch.block_table,
+            torch.zeros(1, device=DEVICE),
+            batch.seq_lens,
+            1.0,
+            states,
+            None,
         )
 
 
@@ -123,7 +166,9 @@ def test_decode_reads_states_of_sharp_queries_in_log_space():
     scale = head_dim**-0.5
     gen = torch.Generator().manual_seed(7)
     batch = make_paged_batch([n], NUM_KV_HEADS, head_dim, 4, torch.float32, seed=3)
-    direction = torch.nn.functional.normalize(torch.randn(NUM_KV_HEADS, head_dim, generator=gen), dim=-1)
+    direction = torch.nn.functional.normalize(
+        torch.randn(NUM_KV_HEADS, head_dim, generator=gen), dim=-1
+    )
     query = (25.0 / scale**0.5) * direction[None]  # [1, Hkv, d], group 1
     feature_map = PositiveRandomFeatures(head_dim, rank, scale, seed=5)
     assert (feature_map.query_features(query) == 0).all()
@@ -135,29 +180,56 @@ def test_decode_reads_states_of_sharp_queries_in_log_space():
     state = fold(empty, feature_map.features(k_folded), v_folded, ones, ones)
     # Live keys along -direction, with the logit that puts their mass next to the state's.
     log_den = torch.logsumexp(
-        torch.logsumexp(feature_map.log_features(query[0])[:, None, :] + feature_map.log_features(k_folded), -1), -1
+        torch.logsumexp(
+            feature_map.log_features(query[0])[:, None, :] + feature_map.log_features(k_folded), -1
+        ),
+        -1,
     )  # [Hkv], around −250
     assert (log_den < -100).all()
     logit = log_den - torch.log(torch.tensor(float(n - live_start)))
     live_keys = (logit / (scale * query[0].norm(dim=-1)))[:, None, None] * direction[:, None, :]
-    live_keys = live_keys + 0.01 * torch.randn(NUM_KV_HEADS, n - live_start, head_dim, generator=gen)
+    live_keys = live_keys + 0.01 * torch.randn(
+        NUM_KV_HEADS, n - live_start, head_dim, generator=gen
+    )
     slots = torch.arange(live_start, n)
     blocks = batch.block_table[0, slots // 4].long()
-    batch.key_cache[blocks.to(DEVICE), (slots % 4).to(DEVICE)] = live_keys.transpose(0, 1).to(DEVICE)
+    batch.key_cache[blocks.to(DEVICE), (slots % 4).to(DEVICE)] = live_keys.transpose(0, 1).to(
+        DEVICE
+    )
     batch.keys[0][:, live_start:n] = live_keys
-    paged = PagedStates(S=state.S[None].to(DEVICE), z=state.z[None].to(DEVICE),
-                        index=torch.tensor([[0]], device=DEVICE))
+    paged = PagedStates(
+        S=state.S[None].to(DEVICE),
+        z=state.z[None].to(DEVICE),
+        index=torch.tensor([[0]], device=DEVICE),
+    )
 
     out, _ = decode_attention(
-        query.to(DEVICE), batch.key_cache, batch.value_cache, batch.block_table,
-        torch.tensor([live_start], device=DEVICE), batch.seq_lens, scale, paged, feature_map,
+        query.to(DEVICE),
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_table,
+        torch.tensor([live_start], device=DEVICE),
+        batch.seq_lens,
+        scale,
+        paged,
+        feature_map,
     )
     q = grouped_rows(query.float(), NUM_KV_HEADS)
     keys, values = batch.keys[0][:, live_start:n], batch.values[0][:, live_start:n]
     expected = compressed_attention(
-        q, keys, values, scale, torch.full((1,), n - 1), slots, None, [state], feature_map,
+        q,
+        keys,
+        values,
+        scale,
+        torch.full((1,), n - 1),
+        slots,
+        None,
+        [state],
+        feature_map,
     ).reshape(NUM_KV_HEADS, head_dim)
     local, _ = local_attention(q, keys, values, scale, torch.full((1,), n - 1), slots)
     # The state carries a real share: the merged output is far from the kept part's alone.
-    assert ((expected - local.reshape(NUM_KV_HEADS, head_dim)).norm(dim=-1) > 0.1 * local.norm()).all()
+    assert (
+        (expected - local.reshape(NUM_KV_HEADS, head_dim)).norm(dim=-1) > 0.1 * local.norm()
+    ).all()
     torch.testing.assert_close(out[0].cpu(), expected, rtol=1e-3, atol=1e-3)

@@ -4,6 +4,7 @@ machine and must give the twin's result."""
 
 import pytest
 import torch
+from retentivekv_vllm.kernels import cuda_extension, merge_with_state
 
 from retentivekv_vllm.core import (
     RecurrentState,
@@ -12,7 +13,6 @@ from retentivekv_vllm.core import (
     merge_with_state_readouts,
     merge_with_states,
 )
-from retentivekv_vllm.kernels import cuda_extension, merge_with_state
 
 from .paged_batch import DEVICE, DTYPES, assert_close_scaled, tolerance
 
@@ -42,7 +42,9 @@ def test_merge_equals_twin(dtype):
     out_local, lse_local, numerator, denominator = merge_inputs(dtype)
     expected = merge_with_states(out_local, lse_local, [numerator], [denominator])
 
-    merged = merge_with_state(*(x.to(DEVICE) for x in (out_local, lse_local, numerator, denominator)))
+    merged = merge_with_state(
+        *(x.to(DEVICE) for x in (out_local, lse_local, numerator, denominator))
+    )
 
     assert merged.dtype == dtype and merged.shape == out_local.shape
     assert_close_scaled(merged, expected, tolerance(dtype, 2))

@@ -56,27 +56,39 @@ def test_extends_the_triton_backend():
 def test_spec_is_tritons_without_a_loaded_policy(monkeypatch):
     # An engine started earlier in this process records its policy; this worker has none.
     monkeypatch.setattr(WORKER, "loaded", None)
-    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16)
-    assert RetentiveTritonAttentionBackend.customize_spec(spec) == TritonAttentionBackend.customize_spec(spec)
+    spec = FullAttentionSpec(
+        block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16
+    )
+    assert RetentiveTritonAttentionBackend.customize_spec(
+        spec
+    ) == TritonAttentionBackend.customize_spec(spec)
 
 
 def test_request_slots_read_and_write_the_paged_cache():
     batch = make_paged_batch([40], NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float16, seed=3)
     slots = PagedSlots(batch.key_cache, batch.value_cache, batch.block_table[0], 7, 40)
     keys, values = slots.read()
-    assert torch.equal(keys.cpu(), batch.keys[0][:, 7:40]) and torch.equal(values.cpu(), batch.values[0][:, 7:40])
+    assert torch.equal(keys.cpu(), batch.keys[0][:, 7:40]) and torch.equal(
+        values.cpu(), batch.values[0][:, 7:40]
+    )
 
     packed_keys, packed_values = keys[:, ::3], values[:, ::3]  # 11 tokens, written from slot 29
     slots.write(29, packed_keys, packed_values)
     after_keys, after_values = slots.read()
-    assert torch.equal(after_keys[:, 22:], packed_keys) and torch.equal(after_values[:, 22:], packed_values)
+    assert torch.equal(after_keys[:, 22:], packed_keys) and torch.equal(
+        after_values[:, 22:], packed_values
+    )
     assert torch.equal(after_keys[:, :22], keys[:, :22])  # below the written range: untouched
 
 
 def make_impl(feature_map: str):
     with set_current_vllm_config(VllmConfig()):
-        impl = RetentiveTritonAttentionImpl(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, None, "auto")
-    policy = make_policy(KVPolicyConfig(policy="retentive", budget=0.5, feature_map=feature_map, state_rank=16))
+        impl = RetentiveTritonAttentionImpl(
+            NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, None, "auto"
+        )
+    policy = make_policy(
+        KVPolicyConfig(policy="retentive", budget=0.5, feature_map=feature_map, state_rank=16)
+    )
     return impl, policy
 
 
@@ -120,8 +132,13 @@ def test_decode_rows_equal_the_cpu_path(feature_map):
         memory = plans[row].memory.layer(Layer.layer_name, NUM_KV_HEADS, n, DEVICE)
         assert len(memory.states) == (row in with_state)
         expected = attend_live(
-            plans[row], on_cpu(memory), query[row : row + 1].float().cpu(), batch.keys[row][:, s:n],
-            batch.values[row][:, s:n], impl.scale, 0,
+            plans[row],
+            on_cpu(memory),
+            query[row : row + 1].float().cpu(),
+            batch.keys[row][:, s:n],
+            batch.values[row][:, s:n],
+            impl.scale,
+            0,
         )[0]
         reduction = n - s + HEAD_DIM + phi.rank
         assert_close_scaled(rows[row], expected, tolerance(torch.float32, reduction))
@@ -129,7 +146,9 @@ def test_decode_rows_equal_the_cpu_path(feature_map):
 
 def on_cpu(memory):
     """The layer memory with its states on the CPU, for the torch path."""
-    copy = RequestMemory("cpu", 0, 0).layer("cpu", memory.positions.shape[0], memory.positions.shape[1])
+    copy = RequestMemory("cpu", 0, 0).layer(
+        "cpu", memory.positions.shape[0], memory.positions.shape[1]
+    )
     copy.states = [RecurrentState(s.S.cpu(), s.z.cpu()) for s in memory.states]
     return copy
 
@@ -140,12 +159,22 @@ def test_layers_the_policy_cannot_serve_are_refused():
     impl_class = RetentiveTritonAttentionImpl
     config = VllmConfig(additional_config={"kv_policy": "retentive", "kv_budget": 0.5})
     try:
-        with set_current_vllm_config(config), pytest.raises(ValueError, match="--kv-policy retentive: models with sliding window"):
-            impl_class(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto")
+        with (
+            set_current_vllm_config(config),
+            pytest.raises(ValueError, match="--kv-policy retentive: models with sliding window"),
+        ):
+            impl_class(
+                NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto"
+            )
     finally:
         WORKER.record_loaded_policy(None, config)
     with set_current_vllm_config(VllmConfig()):
-        assert impl_class(NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto").policy is None
+        assert (
+            impl_class(
+                NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto"
+            ).policy
+            is None
+        )
 
 
 @pytest.mark.parametrize("policy_name", ["retentive", "lookm"])
@@ -165,9 +194,12 @@ def test_compression_on_the_paged_cache_equals_the_dense_one(policy_name):
     earlier = [
         torch.randperm(n - 6, generator=gen)[: n - live_start - 6] + 2 for _ in range(NUM_KV_HEADS)
     ]
-    live_positions = torch.stack([
-        torch.cat([torch.arange(2), kept.sort().values, torch.arange(n - 4, n)]) for kept in earlier
-    ])
+    live_positions = torch.stack(
+        [
+            torch.cat([torch.arange(2), kept.sort().values, torch.arange(n - 4, n)])
+            for kept in earlier
+        ]
+    )
     results = []
     for paged in (True, False):
         memory = LayerMemory.empty(NUM_KV_HEADS, n)

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from retentivekv_vllm.kernels import observation_scores
 
 from retentivekv_vllm.core import accumulated_attention, attention_probs, entropy_potential
-from retentivekv_vllm.kernels import observation_scores
 
 from .paged_batch import DEVICE, DTYPES, grouped_rows, make_paged_batch
 
@@ -33,7 +33,9 @@ def compacted_positions(gen, live_start, seq_len, num_heads):
 )
 def test_scores_equal_naive_twin(dtype, head_dim, group, block_size, compacted, max_splits):
     gen = torch.Generator().manual_seed(0)
-    batch = make_paged_batch(SEQ_LENS, NUM_KV_HEADS, head_dim, block_size, dtype, seed=1, slot_major=compacted)
+    batch = make_paged_batch(
+        SEQ_LENS, NUM_KV_HEADS, head_dim, block_size, dtype, seed=1, slot_major=compacted
+    )
     num_q_heads = NUM_KV_HEADS * group
     live_start = [5, 0, 33] if compacted else [0, 0, 0]
     max_keys = max(n - s for n, s in zip(SEQ_LENS, live_start))
@@ -49,9 +51,16 @@ def test_scores_equal_naive_twin(dtype, head_dim, group, block_size, compacted, 
 
     scale = head_dim**-0.5
     alpha, entropy = observation_scores(
-        queries.to(DEVICE), starts.to(DEVICE), q_positions.to(DEVICE), batch.key_cache, batch.block_table,
-        torch.tensor(live_start, device=DEVICE), batch.seq_lens, scale,
-        None if key_positions is None else key_positions.to(DEVICE), None if subset is None else subset.to(DEVICE),
+        queries.to(DEVICE),
+        starts.to(DEVICE),
+        q_positions.to(DEVICE),
+        batch.key_cache,
+        batch.block_table,
+        torch.tensor(live_start, device=DEVICE),
+        batch.seq_lens,
+        scale,
+        None if key_positions is None else key_positions.to(DEVICE),
+        None if subset is None else subset.to(DEVICE),
         max_splits=max_splits,
     )
 
@@ -59,9 +68,19 @@ def test_scores_equal_naive_twin(dtype, head_dim, group, block_size, compacted, 
     for r, (n, s) in enumerate(zip(SEQ_LENS, live_start)):
         q = grouped_rows(queries[starts[r] : starts[r + 1]].float(), NUM_KV_HEADS)
         k_pos = torch.arange(s, n) if key_positions is None else key_positions[r, :, : n - s]
-        probs = attention_probs(q, batch.keys[r][:, s:n], scale, q_positions[starts[r] : starts[r + 1]].repeat(group), k_pos)
+        probs = attention_probs(
+            q,
+            batch.keys[r][:, s:n],
+            scale,
+            q_positions[starts[r] : starts[r + 1]].repeat(group),
+            k_pos,
+        )
         expected_alpha = accumulated_attention(probs)
-        expected_entropy = entropy_potential(probs, None if subset is None else subset[r, :, : n - s])
+        expected_entropy = entropy_potential(
+            probs, None if subset is None else subset[r, :, : n - s]
+        )
         torch.testing.assert_close(alpha[r, :, : n - s].cpu(), expected_alpha, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(entropy[r, :, : n - s].cpu(), expected_entropy, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            entropy[r, :, : n - s].cpu(), expected_entropy, rtol=1e-4, atol=1e-5
+        )
         assert not alpha[r, :, n - s :].any() and not entropy[r, :, n - s :].any()

@@ -13,7 +13,8 @@ def setuptools_config() -> dict:
 
 
 def package_directory(name: str, package_dir: dict[str, str]) -> Path:
-    """Where setuptools takes package `name` from: the longest mapped prefix, else its dotted path."""
+    """Where setuptools takes package `name` from: the longest mapped prefix, else its dotted "
+    "path."""
     for mapped in sorted(package_dir, key=len, reverse=True):
         if name == mapped or name.startswith(mapped + "."):
             return ROOT / package_dir[mapped] / Path(*name[len(mapped) :].split(".")[1:])
@@ -43,7 +44,9 @@ def test_every_listed_package_exists_with_its_data():
     config = setuptools_config()
     for name in config["packages"]:
         directory = package_directory(name, config["package-dir"])
-        assert directory.is_dir(), f"{name} is listed but {directory.relative_to(ROOT)} does not exist"
+        assert directory.is_dir(), (
+            f"{name} is listed but {directory.relative_to(ROOT)} does not exist"
+        )
     for name, patterns in config["package-data"].items():
         directory = package_directory(name, config["package-dir"])
         for pattern in patterns:
