@@ -29,8 +29,9 @@ from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import make_feature_map
 from retentivekv_vllm.learned_maps import load_maps, model_identity
 from retentivekv_vllm.policies import make_policy
+from retentivekv_vllm.policies.retentive import RetentiveSettings
 
-PRF_DEFAULT_RANK = KVPolicyConfig().state_rank
+PRF_DEFAULT_RANK = RetentiveSettings().state_rank
 
 
 def state_tokens(rank: int, head_dim: int) -> int:
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     policies = {"eviction": budget, **{f"eviction+{n}": budget + n for n in extra.values()}}
     policies = {
-        name: make_policy(KVPolicyConfig(policy="retentive", budget=tokens, states="single"))
+        name: make_policy(
+            KVPolicyConfig.from_knobs(policy="retentive", budget=tokens, states="single")
+        )
         for name, tokens in policies.items()
     }
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -112,7 +112,7 @@ class Simulation:
         out = []
         for h in range(heads):
             fm = make_feature_map(
-                v.feature, q.shape[-1], v.rank, scale * float(tau[h]), self.config.seed
+                v.feature, q.shape[-1], v.rank, scale * float(tau[h]), self.config.retentive.seed
             )
             # prf folds τ into its scale; elu (scale-free) reads √τ·x.
             stretch = 1.0 if v.feature == "prf" else math.sqrt(float(tau[h]))
@@ -145,7 +145,11 @@ class Simulation:
             dens, nums = [], []
             for h in range(heads):
                 fm = make_feature_map(
-                    var.feature, q.shape[-1], var.rank, scale * float(tau[h]), self.config.seed
+                    var.feature,
+                    q.shape[-1],
+                    var.rank,
+                    scale * float(tau[h]),
+                    self.config.retentive.seed,
                 )
                 phi_k = fm.features(k[h]) * weights[h, :, None]  # float32, as the engine folds
                 z, S = phi_k.sum(0), phi_k.T @ v[h].float()
@@ -270,7 +274,9 @@ def mass_stats(sim: Simulation, answer_pos: int, ranks: list[int]) -> dict:
                 var = Variant(name, name, rank or 64)
                 lk = sim.log_kernel(layer, q[h : h + 1], k[h : h + 1], scale, var)[0, 0]  # [L]
                 log_est = torch.logsumexp(lk + log_w[h], -1)
-                fm = make_feature_map(name, q.shape[-1], rank or 64, scale, sim.config.seed)
+                fm = make_feature_map(
+                    name, q.shape[-1], rank or 64, scale, sim.config.retentive.seed
+                )
                 z = (fm.features(k[h]) * w[h, :, None]).sum(0)
                 den32 = float(fm.features(q[h, 0]) @ z)
                 key = f"{name}{rank or ''}"

@@ -10,6 +10,7 @@ emptied.  Folded tokens always form the oldest `num_folded` cache slots of a req
 from __future__ import annotations
 
 from retentivekv_vllm.config import KVPolicyConfig
+from retentivekv_vllm.policies import POLICIES
 
 
 def folded_after_step(
@@ -31,8 +32,6 @@ def folded_after_step(
     next one: this way every decode compression frees a block, and the live span starts on a
     block boundary (no part-used block in front).
     """
-    from retentivekv_vllm.policies import POLICIES
-
     if not POLICIES[config.policy].compresses:
         return 0
     budget = config.budget_tokens(num_prompt_tokens)
@@ -52,8 +51,6 @@ def live_tokens_after_step(config: KVPolicyConfig, num_tokens: int, block_size: 
     with the tokens it is taken of, so num_tokens (prompt and any output a resumed request
     recomputes) bounds it from above.
     """
-    from retentivekv_vllm.policies import POLICIES
-
     if not POLICIES[config.policy].compresses:
         return num_tokens
     slack = max(config.decode_interval, block_size - 1)
@@ -67,8 +64,6 @@ def peak_live_tokens(
     while a step runs: a step of up to max_step_tokens (one prefill chunk, or a recomputed span
     after preemption) starts from at most the budget, a decode step of one token from at most
     what a step leaves live."""
-    from retentivekv_vllm.policies import POLICIES
-
     if not POLICIES[config.policy].compresses:
         return num_tokens
     budget = config.budget_tokens(num_tokens)

@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     identity = model_identity(args.model)
-    config = KVPolicyConfig(policy="retentive", budget=args.budget, states="single")
+    config = KVPolicyConfig.from_knobs(policy="retentive", budget=args.budget, states="single")
     config.validate()
     policy = make_policy(config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

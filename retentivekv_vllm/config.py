@@ -1,4 +1,9 @@
-"""Every knob of a KV policy in one dataclass, with defaults and start-up validation.
+"""The settings of a KV policy: the common knobs, and each policy's own settings dataclass.
+
+The common knobs (policy, budget, sinks, window, observation window, decode interval, ...) are
+fields of ``KVPolicyConfig``; a policy's own parameters are a small dataclass next to the policy
+(``policies/retentive.py``'s ``RetentiveSettings``), held in one field. Flags and keys stay flat
+(``--kv-lambda``, ``kv_lambda``), and every knob is validated with an error naming its flag.
 
 The settings travel inside vLLM's own ``additional_config`` (keys ``kv_policy``,
 ``kv_budget``, ...), so the same dictionary reaches the API server, the engine core
@@ -10,51 +15,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from retentivekv_vllm.policy_facts import FEATURE_MAP_NAMES, POLICY_NAMES, keeps_state
+from retentivekv_vllm.knobs import (
+    KEY_PREFIX,
+    SHOWN_CHARACTERS,
+    ConfigError,
+    KnobError,
+    check_choice,
+    coerce,
+    knob,
+    knob_name,
+    option,
+    shown,
+)
+from retentivekv_vllm.policies import POLICIES
+from retentivekv_vllm.policies.retentive import RetentiveSettings
 
-KEY_PREFIX = "kv_"
-STATE_MODES = ("dual", "single", "none")
-STATE_QUERIES = ("query", "fixed")
-STATE_READOUTS = ("unbiased", "normalised")
+__all__ = ["KEY_PREFIX", "ConfigError", "KVPolicyConfig", "RequestConfigError", "request_config"]
+
 # Knobs a request may set for itself in the OpenAI request's extra fields (vllm_xargs, which
 # vLLM hands on as SamplingParams.extra_args); every other knob is the server's.
 REQUEST_KNOBS = ("policy", "budget")
 # Whether the server lets requests set REQUEST_KNOBS (--kv-request-overrides).
 REQUEST_OVERRIDES = ("allow", "deny")
-# Numbers beyond 2**53 are not exact in a float, and no knob means anything there; the largest
-# token budget any model could use is its maximum length (checked where that is known).
-LARGEST_NUMBER = 2**53
-SHOWN_CHARACTERS = 40  # of a refused value, in an error message
-
-
-def shown(value: Any) -> str:
-    """A refused value as an error message shows it: its repr, cut to SHOWN_CHARACTERS."""
-    text = repr(value)
-    if len(text) <= SHOWN_CHARACTERS:
-        return text
-    return f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
-
-
-class ConfigError(ValueError):
-    """A bad KV-policy setting; the message names the option."""
-
-
-def _option(name: str) -> str:
-    return f"--kv-{name.replace('_', '-')} (additional_config.{KEY_PREFIX}{name})"
-
-
-class KnobError(ConfigError):
-    """A bad value of one knob, named by its command-line spelling."""
-
-    def __init__(self, knob: str, why: str) -> None:
-        super().__init__(f"{_option(knob)}: {why}")
-        self.knob, self.why = knob, why
 
 
 class RequestConfigError(ConfigError):
@@ -65,90 +51,53 @@ class RequestConfigError(ConfigError):
         self.field = field
 
 
-def _knob(default: Any, help: str, kind: type) -> Any:
-    return field(default=default, metadata={"help": help, "kind": kind})
+def _policy_settings(settings_class: type) -> Any:
+    """The field of KVPolicyConfig that holds one policy's own settings dataclass."""
+    return field(default_factory=settings_class, metadata={"settings": settings_class})
 
 
 @dataclass(frozen=True)
 class KVPolicyConfig:
-    policy: str = _knob(
+    policy: str = knob(
         None, "KV-cache policy: full, streaming, h2o, snapkv, knorm, lookm, retentive.", str
     )
-    budget: float = _knob(
+    budget: float = knob(
         0.2,
         "Cache tokens kept per request: a ratio of the prompt (0 < b <= 1) or a "
         "token count (an integer > 1).",
         float,
     )
-    sinks: int = _knob(4, "First tokens of a request that are never compressed.", int)
-    window: int = _knob(32, "Most recent tokens that are never compressed.", int)
-    observation_window: int = _knob(
+    sinks: int = knob(4, "First tokens of a request that are never compressed.", int)
+    window: int = knob(32, "Most recent tokens that are never compressed.", int)
+    observation_window: int = knob(
         32, "Last queries whose attention scores the cache (SnapKV's window).", int
     )
-    lambda_: float = _knob(
-        0.5, "Weight of attention against entropy in the retention score.", float
-    )
-    pool_kernel: int = _knob(7, "Width of the 1-D average pooling of scores (odd).", int)
-    feature_map: str = _knob(
-        "prf",
-        "State feature map: prf (positive random features), elu, or learned (per layer and "
-        "KV head, read from --kv-maps).",
-        str,
-    )
-    maps: str = _knob(
-        "",
-        "Learned feature maps for --kv-feature-map learned: the file `python -m "
-        "retentivekv_vllm.calibrate MODEL --out FILE` wrote for the served model.",
-        Path,
-    )
-    state_rank: int = _knob(
-        64, "Feature dimension r of the recurrent state (prf; a maps file sets its own).", int
-    )
-    gamma0: float = _knob(0.99, "Base retention of the state per folded token.", float)
-    absorption_min: float = _knob(0.5, "Lower clamp of the absorption weight.", float)
-    absorption_max: float = _knob(2.0, "Upper clamp of the absorption weight.", float)
-    decode_interval: int = _knob(
+    decode_interval: int = knob(
         64,
         "Tokens over budget that decoding may add before compressing again (it then folds whole "
         "blocks, back to the highest block boundary that leaves the budget live).",
         int,
     )
-    seed: int = _knob(0, "Seed of the random-feature projection.", int)
-    state_query: str = _knob(
-        "query",
-        "How retentive reads its states: query (each query reads them through its own "
-        "features) or fixed (every query reads them through the zero query's features, so "
-        "each folded token weighs the same whatever the query: the no-query-conditioned-"
-        "retrieval ablation).",
-        str,
+    pool_kernel: int = knob(
+        7, "Width of the 1-D average pooling of scores (odd; snapkv and retentive).", int
     )
-    state_readout: str = _knob(
-        "unbiased",
-        "How a state's readout is scaled: unbiased (φ(q)ᵀS, the random-feature estimate of the "
-        "folded tokens' softmax terms) or normalised (divided by φ(q)·φ(0), the feature map's "
-        "own estimate of exp(0) = 1: a ratio estimator whose error does not grow with the "
-        "query's norm, biased; pair it with --kv-state-log-gain).",
-        str,
-    )
-    state_log_gain: float = _knob(
-        0.0, "Natural log of the gain g every state's readout is multiplied by in the merge.", float
-    )
-    states: str = _knob(
-        "dual",
-        "Recurrent states of retentive: dual (visual and text), single (one for both) or "
-        "none (folded tokens are dropped: eviction by the retention score).",
-        str,
-    )
-    request_overrides: str = _knob(
+    request_overrides: str = knob(
         "allow",
         "Whether a request may choose its own policy and budget (vllm_xargs.kv_policy, "
         "vllm_xargs.kv_budget): allow, or deny (such a request gets HTTP 400).",
         str,
     )
+    # Each policy's own knobs, in a dataclass next to the policy (flags and keys stay flat).
+    retentive: RetentiveSettings = _policy_settings(RetentiveSettings)
 
     @property
     def budget_is_ratio(self) -> bool:
         return self.budget <= 1
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether folded tokens live on in recurrent states (memory reserved at start-up)."""
+        return POLICIES[self.policy].keeps_state_under(self)
 
     def check_model_length(self, max_model_len: int) -> None:
         """Refuse (KnobError) a token-count budget longer than the model's maximum length, and
@@ -162,7 +111,7 @@ class KVPolicyConfig:
         if self.sinks + self.window >= max_model_len:
             raise KnobError(
                 "sinks",
-                f"{self.sinks} sinks and the {self.window}-token window ({_option('window')}) "
+                f"{self.sinks} sinks and the {self.window}-token window ({option('window')}) "
                 f"are never compressed, and together reach the model's maximum length "
                 f"{max_model_len}: no request could be compressed",
             )
@@ -175,12 +124,20 @@ class KVPolicyConfig:
 
     @classmethod
     def knobs(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls))
+        """Every knob, the common ones first, then each policy's own (flat: one flag each)."""
+        common = [f for f in dataclasses.fields(cls) if "settings" not in f.metadata]
+        own = [
+            knob
+            for f in dataclasses.fields(cls)
+            if "settings" in f.metadata
+            for knob in dataclasses.fields(f.metadata["settings"])
+        ]
+        return common + own
 
     @staticmethod
     def key(f: dataclasses.Field) -> str:
         """The additional_config key of a knob (``lambda_`` is spelled ``kv_lambda``)."""
-        return KEY_PREFIX + f.name.rstrip("_")
+        return KEY_PREFIX + knob_name(f)
 
     @classmethod
     def from_additional_config(
@@ -190,9 +147,8 @@ class KVPolicyConfig:
 
         Raises ConfigError naming the option for unknown keys and bad values.
         """
-        extra = dict(additional_config or {})
         by_key = {cls.key(f): f for f in cls.knobs()}
-        ours = {k: v for k, v in extra.items() if k.startswith(KEY_PREFIX)}
+        ours = {k: v for k, v in (additional_config or {}).items() if k.startswith(KEY_PREFIX)}
         unknown = sorted(set(ours) - set(by_key))
         if unknown:
             raise ConfigError(
@@ -202,104 +158,66 @@ class KVPolicyConfig:
         if ours.get("kv_policy") is None:
             if len(ours) > 0:
                 raise ConfigError(
-                    f"{_option('policy')} is required when other KV options are set "
-                    f"({sorted(ours)})"
+                    f"{option('policy')} is required when other KV options are set ({sorted(ours)})"
                 )
             return None
-        values = {}
-        for key, value in ours.items():
-            f = by_key[key]
-            values[f.name] = _coerce(f, value)
-        config = cls(**values)
+        values = {by_key[key].name: coerce(by_key[key], value) for key, value in ours.items()}
+        config = cls.from_knobs(**values)
         config.validate()
         return config
 
+    @classmethod
+    def from_knobs(cls, **values: Any) -> KVPolicyConfig:
+        """The settings from knobs named flat, as in flags and keys (``feature_map="elu"``), each
+        routed to the common settings or to the policy settings it belongs to; not validated."""
+        nested = {}
+        for f in dataclasses.fields(cls):
+            settings = f.metadata.get("settings")
+            if settings is not None:
+                names = {knob.name for knob in dataclasses.fields(settings)}
+                own = {name: values.pop(name) for name in names & values.keys()}
+                nested[f.name] = settings(**own)
+        return cls(**values, **nested)
+
     def to_additional_config(self) -> dict[str, Any]:
-        return {self.key(f): getattr(self, f.name) for f in self.knobs()}
+        flat = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "settings" in f.metadata:
+                flat.update(
+                    {self.key(k): getattr(value, k.name) for k in dataclasses.fields(value)}
+                )
+            else:
+                flat[self.key(f)] = value
+        return flat
 
     def validate(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise KnobError(name, why)
-
-        if self.policy not in POLICY_NAMES:
-            fail(
-                "policy",
-                f"unknown policy {shown(self.policy)}; choose one of {sorted(POLICY_NAMES)}",
-            )
+        """KnobError naming the flag of the first bad value, the policies' own knobs included."""
+        check_choice("policy", self.policy, sorted(POLICIES), "policy")
         if not (0 < self.budget <= 1 or (self.budget > 1 and self.budget == int(self.budget))):
-            fail(
+            raise KnobError(
                 "budget",
                 f"got {shown(self.budget)}; use a ratio 0 < b <= 1 or a whole token count > 1",
             )
         for name in ("sinks", "window"):
             if getattr(self, name) < 0:
-                fail(name, f"must be >= 0, got {getattr(self, name)}")
+                raise KnobError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.budget_is_ratio and self.sinks + self.window > self.budget:
-            fail(
+            raise KnobError(
                 "budget",
                 f"{int(self.budget)} tokens cannot hold the {self.sinks} sinks and the "
-                f"{self.window}-token window ({_option('sinks')}, {_option('window')}), which "
+                f"{self.window}-token window ({option('sinks')}, {option('window')}), which "
                 "are never compressed",
             )
-        for name in ("observation_window", "state_rank", "decode_interval"):
+        for name in ("observation_window", "decode_interval"):
             if getattr(self, name) < 1:
-                fail(name, f"must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.lambda_ <= 1:
-            fail("lambda", f"must lie in [0, 1], got {self.lambda_}")
+                raise KnobError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            fail("pool_kernel", f"must be a positive odd number, got {self.pool_kernel}")
-        if self.feature_map not in FEATURE_MAP_NAMES:
-            fail(
-                "feature_map",
-                f"unknown feature map {shown(self.feature_map)}; choose one of "
-                f"{sorted(FEATURE_MAP_NAMES)}",
-            )
-        if self.feature_map == "learned" and not self.maps:
-            fail(
-                "maps",
-                "--kv-feature-map learned needs a maps file; fit one with "
-                "python -m retentivekv_vllm.calibrate MODEL --out FILE",
-            )
-        if self.maps and self.feature_map != "learned":
-            fail(
-                "maps",
-                f"a maps file is read with --kv-feature-map learned only, got {self.feature_map}",
-            )
-        if self.maps:
-            # Not at the top: reading maps needs torch, which the flags' parsing does not.
-            from retentivekv_vllm.learned_maps import MapsFileError, load_maps
-
-            try:
-                load_maps(self.maps)
-            except MapsFileError as error:
-                fail("maps", str(error))
-        if self.state_query not in STATE_QUERIES:
-            fail(
-                "state_query",
-                f"unknown mode {self.state_query!r}; choose one of {list(STATE_QUERIES)}",
-            )
-        if self.state_readout not in STATE_READOUTS:
-            fail(
-                "state_readout",
-                f"unknown mode {self.state_readout!r}; choose one of {list(STATE_READOUTS)}",
-            )
-        if not math.isfinite(self.state_log_gain):
-            fail("state_log_gain", f"must be finite, got {self.state_log_gain}")
-        if self.states not in STATE_MODES:
-            fail("states", f"unknown mode {self.states!r}; choose one of {list(STATE_MODES)}")
-        if self.request_overrides not in REQUEST_OVERRIDES:
-            fail(
-                "request_overrides",
-                f"got {self.request_overrides!r}; choose one of {list(REQUEST_OVERRIDES)}",
-            )
-        if not 0 < self.gamma0 <= 1:
-            fail("gamma0", f"must lie in (0, 1], got {self.gamma0}")
-        if not 0 <= self.absorption_min <= self.absorption_max:
-            fail(
-                "absorption_min",
-                f"need 0 <= absorption_min <= absorption_max ({_option('absorption_max')}), "
-                f"got {self.absorption_min} and {self.absorption_max}",
-            )
+            raise KnobError("pool_kernel", f"must be a positive odd number, got {self.pool_kernel}")
+        check_choice("request_overrides", self.request_overrides, REQUEST_OVERRIDES)
+        for f in dataclasses.fields(self):
+            if "settings" in f.metadata:
+                getattr(self, f.name).validate()
 
 
 def request_config(
@@ -332,18 +250,18 @@ def request_config(
         raise RequestConfigError(
             _xarg_field(sorted(ours)[0]),
             f"this server does not let requests choose their KV settings (started with "
-            f"{_option('request_overrides')} deny); send the request without vllm_xargs.kv_*",
+            f"{option('request_overrides')} deny); send the request without vllm_xargs.kv_*",
         )
     knobs = {f.name: f for f in server.knobs()}
     try:
-        values = {allowed[k]: _coerce(knobs[allowed[k]], v) for k, v in ours.items()}
+        values = {allowed[k]: coerce(knobs[allowed[k]], v) for k, v in ours.items()}
         config = dataclasses.replace(server, **values)
         config.validate()
         if max_model_len is not None:
             config.check_model_length(max_model_len)
     except KnobError as error:
         raise RequestConfigError(f"vllm_xargs.{KEY_PREFIX}{error.knob}", error.why) from None
-    if keeps_state(config.policy, config.states) and not keeps_state(server.policy, server.states):
+    if config.keeps_state and not server.keeps_state:
         raise RequestConfigError(
             "vllm_xargs.kv_policy",
             f"{config.policy!r} folds tokens into recurrent states, and this server's policy "
@@ -357,30 +275,3 @@ def _xarg_field(key: str) -> str:
     if len(key) > SHOWN_CHARACTERS:
         key = f"{key[:SHOWN_CHARACTERS]}..."
     return f"vllm_xargs.{key}"
-
-
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    kind = f.metadata["kind"]
-    name = f.name.rstrip("_")
-    if kind is Path:  # kept as written: a path is case-sensitive
-        if not isinstance(value, str | os.PathLike):
-            raise KnobError(name, f"expected a file path, got {value!r}")
-        return str(value).strip()
-    if kind is str:
-        if not isinstance(value, str):
-            raise KnobError(name, f"expected a string, got {shown(value)}")
-        return value.strip().lower()
-    # bool is an int to Python, not a number to a user; lists, None and objects are no numbers.
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise KnobError(name, f"expected a number, got {shown(value)}")
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):  # OverflowError: an int too large for a float
-        raise KnobError(name, f"expected a number, got {shown(value)}") from None
-    if not math.isfinite(number) or abs(number) > LARGEST_NUMBER:
-        raise KnobError(name, f"must be a finite number of at most 2**53, got {shown(value)}")
-    if kind is int:
-        if number != int(number):
-            raise KnobError(name, f"expected an integer, got {shown(value)}")
-        return int(number)
-    return number

@@ -130,7 +130,7 @@ def config(**knobs):
 
 def test_kv_maps_knob_validation(maps_file, tmp_path):
     learned = config(kv_feature_map="learned", kv_maps=str(maps_file))
-    assert learned.maps == str(maps_file)  # a path keeps its case
+    assert learned.retentive.maps == str(maps_file)  # a path keeps its case
     with pytest.raises(ConfigError, match=r"--kv-maps .*needs a maps file"):
         config(kv_feature_map="learned")
     with pytest.raises(ConfigError, match=r"--kv-maps .*--kv-feature-map learned only"):

@@ -41,7 +41,12 @@ def test_budget_is_a_ratio_or_a_token_count(budget, prompt, expected):
 def test_defaults_and_spelling():
     config = parse(policy=" Retentive ")
     assert config == KVPolicyConfig(policy="retentive")
-    assert (config.budget, config.sinks, config.window, config.feature_map) == (0.2, 4, 32, "prf")
+    assert (config.budget, config.sinks, config.window, config.retentive.feature_map) == (
+        0.2,
+        4,
+        32,
+        "prf",
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,7 +80,7 @@ def test_bad_values_name_the_option(extra, option):
 
 def test_lambda_key_and_round_trip():
     config = parse(policy="retentive", **{"lambda": 0.25})
-    assert config.lambda_ == 0.25
+    assert config.retentive.lambda_ == 0.25
     assert KVPolicyConfig.from_additional_config(config.to_additional_config()) == config
 
 
@@ -93,7 +98,7 @@ def test_flags_land_in_additional_config():
     merge_kv_arguments(args)
     assert args.additional_config == {"kv_policy": "h2o", "kv_budget": "0.5", "kv_lambda": "0.3"}
     config = KVPolicyConfig.from_additional_config(args.additional_config)
-    assert (config.policy, config.budget, config.lambda_) == ("h2o", 0.5, 0.3)
+    assert (config.policy, config.budget, config.retentive.lambda_) == ("h2o", 0.5, 0.3)
 
 
 def test_every_knob_has_a_flag():
@@ -169,27 +174,32 @@ def test_request_overrides_default_to_allow():
     assert parse(policy="retentive", request_overrides=" DENY ").request_overrides == "deny"
 
 
-def test_the_settings_facts_about_policies_are_the_policies_own():
-    """config.py validates with policy_facts (importing the policies would be a cycle)."""
-    from retentivekv_vllm.core import FEATURE_MAPS
+def test_only_retentive_with_states_keeps_state():
     from retentivekv_vllm.policies import POLICIES, make_policy
-    from retentivekv_vllm.policy_facts import FEATURE_MAP_NAMES, POLICY_NAMES, keeps_state
 
-    assert set(POLICY_NAMES) == set(POLICIES)
-    assert set(FEATURE_MAP_NAMES) == {*FEATURE_MAPS, "learned"}
-    for policy in POLICY_NAMES:
+    for policy in POLICIES:
         for states in ("dual", "single", "none"):
-            config = KVPolicyConfig(policy=policy, states=states)
-            assert make_policy(config).keeps_state == keeps_state(policy, states), (policy, states)
+            config = KVPolicyConfig.from_knobs(policy=policy, states=states)
+            expected = policy == "retentive" and states != "none"
+            assert config.keeps_state == make_policy(config).keeps_state == expected
 
 
-def test_the_settings_import_no_policy():
+def test_every_knob_has_its_own_flat_name():
+    """A policy's own settings share the flat flag namespace with the common ones."""
+    keys = [KVPolicyConfig.key(knob) for knob in KVPolicyConfig.knobs()]
+    assert len(keys) == len(set(keys)), keys
+    assert "kv_lambda" in keys and "kv_retentive" not in keys
+
+
+def test_the_policies_import_no_settings():
+    """The settings import the policies (for their names and own settings), never the reverse:
+    no import cycle."""
     import subprocess
     import sys
 
     code = (
-        "import sys, retentivekv_vllm.config; "
-        "print(sorted(m for m in sys.modules if m.startswith('retentivekv_vllm.policies')))"
+        "import sys, retentivekv_vllm.policies; "
+        "print(sorted(m for m in sys.modules if m.startswith('retentivekv_vllm.config')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

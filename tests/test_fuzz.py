@@ -187,7 +187,8 @@ def test_any_start_up_value_is_accepted_in_range_or_refused_naming_the_option(kn
         # A cross-field refusal names both options (e.g. absorption min and max, sinks and window).
         assert option(knob) in str(error) or knob.name in ("budget", "sinks", "window"), str(error)
         return
-    for name in ("budget", "sinks", "window", "lambda_", "gamma0", "state_log_gain", "seed"):
-        number = getattr(config, name)
+    values = config.to_additional_config()
+    for name in ("budget", "sinks", "window", "lambda", "gamma0", "state_log_gain", "seed"):
+        number = values[f"kv_{name}"]
         assert math.isfinite(number) and abs(number) <= 2**53, (name, number)
     assert config.budget_tokens(MAX_MODEL_LEN) <= MAX_MODEL_LEN

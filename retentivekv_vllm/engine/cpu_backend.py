@@ -1,21 +1,19 @@
 """The CPU attention backend with a KV policy: vLLM's CPU_ATTN trio, extended.
 
-Registered in place of CPU_ATTN (the CPU platform ignores --attention-backend), so it
-is a pass-through whenever no policy is configured.  With a policy:
+Registered in place of CPU_ATTN (the CPU platform ignores --attention-backend), so it is a
+pass-through whenever no policy is configured. With a policy:
 
-* the builder plans, once per step and request, which cache slots are live and how
-  many tokens the request has folded after the step (``budget.folded_after_step``,
-  the rule the scheduler's KV manager applies too);
-* the impl runs vLLM's C++ kernel for the requests with nothing folded (exact for
-  them; the others are left out of its call), computes the rows of requests with
-  folded tokens itself (attention over the live blocks with
-  its log-sum-exp, state readout, merge: all decoding requests of the step in one
-  batch, read from the blocks as stored and merged with the states where they are, by
-  the C++ kernels of `cpu_kernel`; a prefill
-  chunk per request, in torch's fused CPU attention), then
-  compresses the requests over budget: each head's kept tokens are packed, in
-  position order, into the slots right below the newest token, so the folded ones
-  are always a request's oldest slots and the KV manager frees their blocks.
+* the builder plans, once per step and request, which cache slots are live and how many tokens
+  the request has folded after the step (``budget.folded_after_step``, the rule the scheduler's
+  KV manager applies too);
+* the impl runs vLLM's C++ kernel for the requests with nothing folded (exact for them; the
+  others are left out of its call) and computes the rows of requests with folded tokens itself:
+  all decoding requests of the step in one batch, attended over their live blocks as stored and
+  merged with their states by the C++ kernels of `cpu_kernel`; a prefill chunk per request, in
+  torch's fused CPU attention;
+* then it compresses the requests over budget (``executor.compress``): each head's kept tokens
+  are packed, in position order, into the slots right below the newest token, so the folded
+  ones are always a request's oldest slots and the KV manager frees their blocks.
 """
 
 from __future__ import annotations
@@ -238,9 +236,7 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def _run_plan(self, layer, plan: RequestPlan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
-        batched = (
-            plan.recomputed and plan.decodes
-        )  # attended, and its query remembered, by `_decode`
+        batched = plan.recomputed and plan.decodes  # attended, query remembered, by `_decode`
         chunk = plan.recomputed and not plan.decodes
         if not batched:
             q = query[plan.query_start : plan.query_end].float()

@@ -119,9 +119,8 @@ class RequestSlots(Slots):
         reordered through the measured offsets, on the request's blocks only."""
         n, h, bs, d = len(self.blocks), self.heads, self.block_size, self.head_size
         if None in block_orders(self.isa, bs, d, self.kv_cache.dtype):
-            keys, values = stored_matrices(
-                self.kv_cache[self.blocks], self.isa
-            )  # [n, h, d, bs], [n, h, bs, d]
+            # [n, h, d, bs], [n, h, bs, d]
+            keys, values = stored_matrices(self.kv_cache[self.blocks], self.isa)
             picked = slice(None)
         else:
             keys, values = stored_matrices(self.kv_cache, self.isa)  # views of every block
@@ -241,9 +240,8 @@ class DecodeBatch:
             isa, self.block_size, q.shape[-1], kv_cache.dtype
         ):
             blocks, heads, block_size, _ = kv_cache.shape
-            regions = kv_cache.view(
-                blocks, heads, 2 * block_size, -1
-            )  # keys, then values, per block and head
+            # Keys, then values, per block and head.
+            regions = kv_cache.view(blocks, heads, 2 * block_size, -1)
             return paged_decode_attention(
                 q.float(), regions, self.block_rows, self.starts, self.ends, scale
             )
@@ -252,8 +250,7 @@ class DecodeBatch:
     @functools.cached_property
     def _torch_plan(self) -> tuple[list[slice | torch.Tensor], torch.Tensor]:
         """Per request, its blocks as a slice of the cache when they are consecutive (the usual
-        case:
-        read in place), else their ids (gathered into a reused workspace); and the mask
+        case: read in place), else their ids (gathered into a reused workspace); and the mask
         [R, N, 1, 1, bs], True for the slots outside a request's live span."""
         bs = self.block_size
         starts, ends = self.starts.tolist(), self.ends.tolist()

@@ -36,12 +36,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from retentivekv_vllm.engine.cpu_backend import RetentiveCPUAttentionBackend, layer_policy
-from retentivekv_vllm.engine.executor import (
-    RequestPlan,
-    attend_live,
-    compress,
-    layer_index,
-)
+from retentivekv_vllm.engine.executor import RequestPlan, attend_live, compress, layer_index
 from retentivekv_vllm.engine.memory import log_memory_plan
 from retentivekv_vllm.engine.patches import install_runner_hooks
 from retentivekv_vllm.engine.settings import policy_from_vllm_config

@@ -42,9 +42,8 @@ class LayerMemory:
     # ([T, Hq, d] queries the caller will not overwrite, position of the first).  A deque, so that
     # remembering a decode step's query costs no tensor op.
     recent: deque[tuple[torch.Tensor, int]] = field(default_factory=deque)
-    recent_rows: int = (
-        0  # rows of `recent`, so trimming it is O(1) a step (not a sum over the window)
-    )
+    # Rows of `recent`, so trimming it is O(1) a step (not a sum over the window).
+    recent_rows: int = 0
 
     @classmethod
     def empty(cls, num_kv_heads: int, capacity: int, device=None) -> LayerMemory:
@@ -262,30 +261,22 @@ def state_bytes_per_request(policy, vllm_config) -> int:
     return model.get_num_layers(parallel) * num_states * num_kv_heads * rank * (head_size + 1) * 4
 
 
-def states_reserved_bytes(vllm_config) -> int:
-    """Bytes set aside for the states of max_num_seqs requests (0 without a stateful policy)."""
+def check_state_reservation(kv_memory_bytes: int, vllm_config) -> int:
+    """Bytes set aside for the states of max_num_seqs requests (0 without a stateful policy),
+    refusing a KV memory they would use up (an error naming the options)."""
     from retentivekv_vllm.engine.settings import policy_from_vllm_config
 
     policy = policy_from_vllm_config(vllm_config)
-    if policy is None:
-        return 0
-    return vllm_config.scheduler_config.max_num_seqs * state_bytes_per_request(policy, vllm_config)
-
-
-def check_state_reservation(kv_memory_bytes: int, vllm_config) -> int:
-    """The reservation, refusing a KV memory it would use up (an error naming the options)."""
-    reserved = states_reserved_bytes(vllm_config)
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    reserved = 0 if policy is None else max_num_seqs * state_bytes_per_request(policy, vllm_config)
     if reserved and reserved >= kv_memory_bytes:
         from retentivekv_vllm.config import ConfigError
-        from retentivekv_vllm.engine.settings import kv_config_from_vllm_config
 
         raise ConfigError(
-            f"--kv-policy {kv_config_from_vllm_config(vllm_config).policy}: the recurrent states "
-            "of --max-num-seqs "
-            f"{vllm_config.scheduler_config.max_num_seqs} requests need {reserved / 2**20:.1f} "
-            "MiB, "
-            f"not less than the {kv_memory_bytes / 2**20:.1f} MiB of KV-cache memory; lower "
-            "--max-num-seqs or raise --kv-cache-memory-bytes"
+            f"--kv-policy {policy.name}: the recurrent states of --max-num-seqs {max_num_seqs} "
+            f"requests need {reserved / 2**20:.1f} MiB, not less than the "
+            f"{kv_memory_bytes / 2**20:.1f} MiB of KV-cache memory; lower --max-num-seqs or "
+            "raise --kv-cache-memory-bytes"
         )
     return reserved
 

@@ -6,87 +6,32 @@ original and only adds behaviour; the runner hooks are installed only once a pol
 is active.  Checked against the versions in CHECKED_VLLM_VERSIONS; internals change
 every release, so a new vLLM version must be re-checked here first.
 
-Patched or overridden symbols:
+Patched or overridden symbols, and why:
 
-==========================================================================
-=========================================
-symbol                                                                      why
-==========================================================================
-=========================================
-``AttentionBackendEnum.CPU_ATTN`` (via ``register_backend``)                CPU attention with KV
-policies (pass-through
-                                                                            without one); the CPU
-                                                                            platform ignores
-                                                                            ``--attention-backend``
-``AttentionBackendEnum.CUSTOM`` (via ``register_backend``)                  GPU attention with KV
-policies
-                                                                            (``engine/gpu_backend.py``,
-                                                                            a subclass of
-                                                                            the Triton backend);
-                                                                            selected by
-                                                                            ``--kv-policy`` on CUDA
-``vllm.engine.arg_utils.EngineArgs.add_cli_args``                           adds the ``--kv-*``
-flags
-``vllm.engine.arg_utils.EngineArgs.from_cli_args``                          moves them into
-``additional_config``
-``vllm.engine.arg_utils.EngineArgs.create_engine_config``                   prefix caching off by
-default under a
-                                                                            policy;
-                                                                            ``--attention-backend
-                                                                            CUSTOM`` by
-                                                                            default under a policy
-                                                                            on GPU; start-up
-                                                                            validation
-``vllm.v1.engine.input_processor.InputProcessor._validate_params``          validates a request's
-own policy and budget
-                                                                            (``vllm_xargs.kv_*``):
-                                                                            HTTP 400 naming the
-                                                                            field
-``vllm.entrypoints.openai.completion.protocol.CompletionRequest``           refuses
-``vllm_xargs.kv_*`` with
-``.to_beam_search_params`` (and ``chat_completion.protocol``'s              ``use_beam_search``:
-vLLM builds beam search
-``ChatCompletionRequest.to_beam_search_params``)                            without ``vllm_xargs``,
-so they would be
-                                                                            ignored unchecked (HTTP
-                                                                            400 naming the field)
-``CompletionRequest``, ``ChatCompletionRequest``, ``ResponsesRequest``      their ``vllm_xargs``
-field gains a check
-(``vllm.entrypoints.openai.*.protocol``): field ``vllm_xargs``              that refuses JSON
-booleans in ``kv_*``:
-                                                                            pydantic reads ``true``
-                                                                            as 1, which would
-                                                                            pass as a budget (HTTP
-                                                                            400 naming the field)
-``vllm.v1.worker.worker_base.WorkerBase`` (added methods)                  ``retentivekv_metrics``
-and ``retentivekv_stats``,
-                                                                            read by
-                                                                            ``collective_rpc`` from
-                                                                            the API
-                                                                            server
-                                                                            (``engine/serving.py``)
-``vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots``             hands each request's own
-settings to the
-                                                                            KV manager (installed
-                                                                            with a policy only)
-``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` records request ids,
-prompt lengths and
-                                                                            multimodal features of
-                                                                            the step
-                                                                            (``engine/worker.py``)
-``vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model``            commits the folds the
-step planned, once
-                                                                            its forward has run
-``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``            releases the memory of
-finished, aborted
-                                                                            and preempted requests
-``vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory``          reserves the recurrent
-states of
-(``vllm.v1.worker.gpu_worker.Worker.determine_available_memory`` on GPU)    ``max_num_seqs``
-requests out of the KV
-                                                                            memory
-==========================================================================
-=========================================
+- ``AttentionBackendEnum.CPU_ATTN`` (``register_backend``): CPU attention with KV policies, a
+  pass-through without one (the CPU platform ignores ``--attention-backend``).
+- ``AttentionBackendEnum.CUSTOM`` (``register_backend``): GPU attention with KV policies
+  (``engine/gpu_backend.py``, a subclass of the Triton backend), chosen by ``--kv-policy`` on CUDA.
+- ``vllm.engine.arg_utils.EngineArgs``: ``add_cli_args`` adds the ``--kv-*`` flags,
+  ``from_cli_args`` moves them into ``additional_config``, ``create_engine_config`` turns prefix
+  caching off and picks ``CUSTOM`` on GPU under a policy, and validates at start-up.
+- ``vllm.v1.engine.input_processor.InputProcessor._validate_params``: validates a request's own
+  policy and budget (``vllm_xargs.kv_*``): HTTP 400 naming the field.
+- ``CompletionRequest.to_beam_search_params`` and ``ChatCompletionRequest.to_beam_search_params``
+  (``vllm.entrypoints.openai.{completion,chat_completion}.protocol``): refuse ``vllm_xargs.kv_*``
+  with beam search, which vLLM builds without ``vllm_xargs`` (HTTP 400 naming the field).
+- The ``vllm_xargs`` field of ``CompletionRequest``, ``ChatCompletionRequest`` and
+  ``ResponsesRequest``: refuses JSON booleans in ``kv_*``, which pydantic would read as 1.
+- ``vllm.v1.worker.worker_base.WorkerBase`` (added methods ``retentivekv_metrics``,
+  ``retentivekv_stats``): read by ``collective_rpc`` from the API server (``engine/serving.py``).
+- ``vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots``: hands each request's own
+  settings to the KV manager (installed with a policy only).
+- ``vllm.v1.worker.gpu_model_runner.GPUModelRunner``: ``_build_attention_metadata`` records the
+  step's request ids, prompt lengths and multimodal features (``engine/worker.py``),
+  ``execute_model`` commits the folds the step planned once its forward has run, and
+  ``_update_states`` releases the memory of finished, aborted and preempted requests.
+- ``determine_available_memory`` of ``vllm.v1.worker.cpu_worker.CPUWorker`` (``gpu_worker.Worker``
+  on GPU): reserves the recurrent states of ``max_num_seqs`` requests out of the KV memory.
 
 Extended through vLLM's own registries and subclassing (no patch): the CPU backend
 trio (``engine/cpu_backend.py``) and, registered in ``KVCacheSpecRegistry``,

@@ -41,36 +41,22 @@ def _request_policy(server: KVPolicyConfig, ours: tuple) -> KVPolicy:
     return _policy(request_config(server, dict(ours)))
 
 
-# vLLM option -> why the policy cannot serve it ("" when the option is not in use).
-_UNSUPPORTED_ENGINE_OPTIONS = {
-    "--kv-cache-dtype": lambda c: (
-        c.cache_config.cache_dtype != "auto"
-        and (
-            f"the cache is {c.cache_config.cache_dtype}; compression reads and packs the cache in "
-            "the "
-            "model's dtype (use --kv-cache-dtype auto)"
-        )
-    ),
-    "--speculative-config": lambda c: (
-        c.speculative_config is not None
-        and (
-            "speculative decoding adds and rolls back tokens within a step, which the folding rule "
-            "shared by the scheduler and the workers does not model"
-        )
-    ),
-    "--pipeline-parallel-size": lambda c: (
-        c.parallel_config.pipeline_parallel_size > 1
-        and (
-            f"got {c.parallel_config.pipeline_parallel_size}; pipeline parallelism is not "
-            "supported "
-            "(tensor parallelism is)"
-        )
-    ),
-    "--kv-transfer-config": lambda c: (
-        c.kv_transfer_config is not None
-        and ("a KV connector would move blocks whose tokens the policy has folded or packed")
-    ),
-}
+def _unsupported_engine_options(c) -> dict[str, str]:
+    """vLLM option -> why the policy cannot serve it, for the options in use."""
+    cache_dtype, pipeline = c.cache_config.cache_dtype, c.parallel_config.pipeline_parallel_size
+    why = {
+        "--kv-cache-dtype": cache_dtype != "auto"
+        and f"the cache is {cache_dtype}; compression reads and packs the cache in the model's "
+        "dtype (use --kv-cache-dtype auto)",
+        "--speculative-config": c.speculative_config is not None
+        and "speculative decoding adds and rolls back tokens within a step, which the folding "
+        "rule shared by the scheduler and the workers does not model",
+        "--pipeline-parallel-size": pipeline > 1
+        and f"got {pipeline}; pipeline parallelism is not supported (tensor parallelism is)",
+        "--kv-transfer-config": c.kv_transfer_config is not None
+        and "a KV connector would move blocks whose tokens the policy has folded or packed",
+    }
+    return {option: reason for option, reason in why.items() if reason}
 
 
 def refuse_unsupported_layer(
@@ -110,10 +96,8 @@ def validate_engine(vllm_config) -> None:
             f"{flag} needs prefix caching off (--enable-prefix-caching is on): a compressed "
             "cache cannot be shared between requests; pass --no-enable-prefix-caching"
         )
-    for option, unsupported in _UNSUPPORTED_ENGINE_OPTIONS.items():
-        why = unsupported(vllm_config)
-        if why:
-            raise ConfigError(f"{flag} cannot run with {option}: {why}")
+    for option, why in _unsupported_engine_options(vllm_config).items():
+        raise ConfigError(f"{flag} cannot run with {option}: {why}")
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu()
@@ -132,7 +116,7 @@ def validate_engine(vllm_config) -> None:
     if model is None:
         return
     config.check_model_length(model.max_model_len)
-    if config.maps:  # first: the states' reservation reads the file's rank
+    if config.retentive.maps:  # first: the states' reservation reads the file's rank
         check_maps(config, vllm_config)
     kv_memory = vllm_config.cache_config.kv_cache_memory_bytes
     if kv_memory:
@@ -165,13 +149,13 @@ def check_maps(config: KVPolicyConfig, vllm_config) -> None:
     differs), and tensor parallelism, which would split the file's KV heads across workers."""
     from retentivekv_vllm.learned_maps import MapsFileError, check_maps_for_model
 
-    option = f"--kv-maps {config.maps}"
+    option = f"--kv-maps {config.retentive.maps}"
     tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
     if tensor_parallel > 1:
         raise ConfigError(
             f"{option}: learned maps need --tensor-parallel-size 1 (got {tensor_parallel})"
         )
     try:
-        check_maps_for_model(config.maps, vllm_config.model_config.model)
+        check_maps_for_model(config.retentive.maps, vllm_config.model_config.model)
     except MapsFileError as error:
         raise ConfigError(f"{option}: {error}") from None

@@ -13,11 +13,10 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import (
     PatchLayout,
     RecurrentState,
@@ -25,7 +24,9 @@ from retentivekv_vllm.core import (
     modality_entropy,
     select_topk,
 )
-from retentivekv_vllm.policy_facts import POLICY_NAMES
+
+if TYPE_CHECKING:  # the settings import the policies, never the other way round
+    from retentivekv_vllm.config import KVPolicyConfig
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,16 @@ class KVPolicy(ABC):
     name: ClassVar[str]
     # False for `full`: the engine never compresses, whatever the budget.
     compresses: ClassVar[bool] = True
-    # True when folded tokens live on in a recurrent state read by later queries.
-    keeps_state: ClassVar[bool] = False
+
+    @classmethod
+    def keeps_state_under(cls, config: KVPolicyConfig) -> bool:
+        """Whether folded tokens live on in recurrent states read by later queries (whose memory
+        is reserved at start-up), under `config`."""
+        return False
+
+    @property
+    def keeps_state(self) -> bool:
+        return self.keeps_state_under(self.config)
 
     @abstractmethod
     def score(self, obs: Observation) -> torch.Tensor:
@@ -113,8 +122,6 @@ POLICIES: dict[str, type[KVPolicy]] = {}
 
 
 def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
-    # The settings validate names against policy_facts, which cannot import this registry.
-    assert cls.name in POLICY_NAMES, f"add {cls.name!r} to policy_facts.POLICY_NAMES"
     POLICIES[cls.name] = cls
     return cls
 

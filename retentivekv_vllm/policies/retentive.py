@@ -16,11 +16,14 @@ over each image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from retentivekv_vllm.core import (
+    FEATURE_MAPS,
     FeatureMap,
     FixedQuery,
     RecurrentState,
@@ -34,8 +37,103 @@ from retentivekv_vllm.core import (
     retention_score,
     visual_fold_plan,
 )
+from retentivekv_vllm.knobs import KnobError, check_choice, knob, option
+from retentivekv_vllm.learned_maps import MapsFileError, load_maps
 from retentivekv_vllm.policies.base import KVPolicy, Observation, register_policy
-from retentivekv_vllm.policy_facts import keeps_state
+
+FEATURE_MAP_NAMES = (*FEATURE_MAPS, "learned")  # learned: per layer, from a maps file
+STATE_MODES = ("dual", "single", "none")
+STATE_QUERIES = ("query", "fixed")
+STATE_READOUTS = ("unbiased", "normalised")
+
+
+@dataclass(frozen=True)
+class RetentiveSettings:
+    """`retentive`'s own knobs (``KVPolicyConfig.retentive``); flat like the common ones:
+    ``--kv-lambda`` is ``additional_config.kv_lambda``. The last four are ablations."""
+
+    lambda_: float = knob(0.5, "Weight of attention against entropy in the retention score.", float)
+    feature_map: str = knob(
+        "prf",
+        "State feature map: prf (positive random features), elu, or learned (per layer and "
+        "KV head, read from --kv-maps).",
+        str,
+    )
+    maps: str = knob(
+        "",
+        "Learned feature maps for --kv-feature-map learned: the file `python -m "
+        "retentivekv_vllm.calibrate MODEL --out FILE` wrote for the served model.",
+        Path,
+    )
+    state_rank: int = knob(
+        64, "Feature dimension r of the recurrent state (prf; a maps file sets its own).", int
+    )
+    gamma0: float = knob(0.99, "Base retention of the state per folded token.", float)
+    absorption_min: float = knob(0.5, "Lower clamp of the absorption weight.", float)
+    absorption_max: float = knob(2.0, "Upper clamp of the absorption weight.", float)
+    seed: int = knob(0, "Seed of the random-feature projection.", int)
+    states: str = knob(
+        "dual",
+        "Recurrent states of retentive: dual (visual and text), single (one for both) or "
+        "none (folded tokens are dropped: eviction by the retention score).",
+        str,
+    )
+    state_query: str = knob(
+        "query",
+        "How retentive reads its states: query (each query reads them through its own "
+        "features) or fixed (every query reads them through the zero query's features, so "
+        "each folded token weighs the same whatever the query: the no-query-conditioned-"
+        "retrieval ablation).",
+        str,
+    )
+    state_readout: str = knob(
+        "unbiased",
+        "How a state's readout is scaled: unbiased (φ(q)ᵀS, the random-feature estimate of the "
+        "folded tokens' softmax terms) or normalised (divided by φ(q)·φ(0), the feature map's "
+        "own estimate of exp(0) = 1: a ratio estimator whose error does not grow with the "
+        "query's norm, biased; pair it with --kv-state-log-gain).",
+        str,
+    )
+    state_log_gain: float = knob(
+        0.0, "Natural log of the gain g every state's readout is multiplied by in the merge.", float
+    )
+
+    def validate(self) -> None:
+        """KnobError naming the flag of the first bad value."""
+        if not 0 <= self.lambda_ <= 1:
+            raise KnobError("lambda", f"must lie in [0, 1], got {self.lambda_}")
+        check_choice("feature_map", self.feature_map, sorted(FEATURE_MAP_NAMES), "feature map")
+        if self.feature_map == "learned" and not self.maps:
+            raise KnobError(
+                "maps",
+                "--kv-feature-map learned needs a maps file; fit one with "
+                "python -m retentivekv_vllm.calibrate MODEL --out FILE",
+            )
+        if self.maps and self.feature_map != "learned":
+            raise KnobError(
+                "maps",
+                f"a maps file is read with --kv-feature-map learned only, got {self.feature_map}",
+            )
+        if self.maps:
+            try:
+                load_maps(self.maps)
+            except MapsFileError as error:
+                raise KnobError("maps", str(error)) from None
+        if self.state_rank < 1:
+            raise KnobError("state_rank", f"must be >= 1, got {self.state_rank}")
+        if not 0 < self.gamma0 <= 1:
+            raise KnobError("gamma0", f"must lie in (0, 1], got {self.gamma0}")
+        if not 0 <= self.absorption_min <= self.absorption_max:
+            raise KnobError(
+                "absorption_min",
+                f"need 0 <= absorption_min <= absorption_max ({option('absorption_max')}), "
+                f"got {self.absorption_min} and {self.absorption_max}",
+            )
+        check_choice("states", self.states, STATE_MODES)
+        check_choice("state_query", self.state_query, STATE_QUERIES)
+        check_choice("state_readout", self.state_readout, STATE_READOUTS)
+        if not math.isfinite(self.state_log_gain):
+            raise KnobError("state_log_gain", f"must be finite, got {self.state_log_gain}")
 
 
 @register_policy
@@ -46,17 +144,21 @@ class RetentivePolicy(KVPolicy):
         default_factory=dict, init=False, repr=False
     )
 
+    @classmethod
+    def keeps_state_under(cls, config) -> bool:
+        return config.retentive.states != "none"
+
     @property
-    def keeps_state(self) -> bool:
-        return keeps_state(self.name, self.config.states)
+    def settings(self) -> RetentiveSettings:
+        return self.config.retentive
 
     def num_states(self, has_images: bool) -> int:
-        return {"none": 0, "single": 1, "dual": 2 if has_images else 1}[self.config.states]
+        return {"none": 0, "single": 1, "dual": 2 if has_images else 1}[self.settings.states]
 
     def feature_map(self, head_dim: int, scale: float, layer: int | None = None) -> FeatureMap:
         """The map layer `layer` (its index in the model) folds and reads its states with; every
         layer shares one map except with ``--kv-feature-map learned``, where `layer` is required."""
-        c = self.config
+        c = self.settings
         key = (head_dim, scale, layer if c.feature_map == "learned" else None)
         if key not in self._feature_maps:
             if c.feature_map == "learned":
@@ -75,38 +177,33 @@ class RetentivePolicy(KVPolicy):
     def state_rank(self, head_dim: int) -> int:
         """Features per state, r of a state's r·(d_v + 1) numbers: the same in every layer, so
         memory can be planned without a layer index."""
-        if self.config.feature_map == "learned":
-            from retentivekv_vllm.learned_maps import load_maps
-
-            return load_maps(self.config.maps).rank
+        if self.settings.feature_map == "learned":
+            return load_maps(self.settings.maps).rank
         return self.feature_map(head_dim, 1.0).rank
 
     def _learned_map(self, head_dim: int, layer: int | None) -> FeatureMap:
-        from retentivekv_vllm.learned_maps import load_maps
-
-        feature_map = load_maps(self.config.maps).layer(layer)
+        feature_map = load_maps(self.settings.maps).layer(layer)
         if feature_map.head_dim != head_dim:
             raise ValueError(
-                f"--kv-maps {self.config.maps}: maps for head size {feature_map.head_dim}, "
+                f"--kv-maps {self.settings.maps}: maps for head size {feature_map.head_dim}, "
                 f"the model's is {head_dim}"
             )
         return feature_map
 
     def score(self, obs: Observation) -> torch.Tensor:
-        c = self.config
         return retention_score(
             obs.alpha,
             obs.entropy,
-            c.lambda_,
+            self.settings.lambda_,
             obs.candidates,
-            c.pool_kernel,
+            self.config.pool_kernel,
             obs.layout,
         )
 
     def fold_gates(self, obs, folded):
         """The folded tokens' slots index [H, f] (in position order) and their gates: retention γ
         from the entropy potential, absorption a from the accumulated attention, both [H, f]."""
-        c = self.config
+        c = self.settings
         # The same number of tokens is folded in every head; nonzero() lists them in
         # slot order, which is position order (oldest first).
         index = folded.nonzero()[:, 1].view(folded.shape[0], int(folded[0].sum()))

@@ -133,7 +133,9 @@ def observation(layout, heads=2, n=24, seed=3):
 
 @pytest.mark.parametrize("states", ["dual", "single", "none"])
 def test_each_state_receives_exactly_its_modality_in_its_order(states):
-    config = KVPolicyConfig(policy="retentive", states=states, feature_map="elu", gamma0=0.9)
+    config = KVPolicyConfig.from_knobs(
+        policy="retentive", states=states, feature_map="elu", gamma0=0.9
+    )
     policy = make_policy(config)
     layout = make_layout()
     obs = observation(layout)
@@ -194,7 +196,7 @@ def test_each_state_receives_exactly_its_modality_in_its_order(states):
 
 def test_a_state_folded_with_the_other_modality_masked_out_is_unchanged_by_it():
     """The text state of a fold that removes only image tokens stays empty."""
-    policy = make_policy(KVPolicyConfig(policy="retentive", feature_map="elu"))
+    policy = make_policy(KVPolicyConfig.from_knobs(policy="retentive", feature_map="elu"))
     layout = make_layout()
     folded = torch.zeros(2, 24, dtype=torch.bool)
     folded[:, 3:15] = True  # exactly the first image

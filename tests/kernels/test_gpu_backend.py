@@ -87,7 +87,9 @@ def make_impl(feature_map: str):
             NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, None, "auto"
         )
     policy = make_policy(
-        KVPolicyConfig(policy="retentive", budget=0.5, feature_map=feature_map, state_rank=16)
+        KVPolicyConfig.from_knobs(
+            policy="retentive", budget=0.5, feature_map=feature_map, state_rank=16
+        )
     )
     return impl, policy
 
@@ -186,7 +188,7 @@ def test_compression_on_the_paged_cache_equals_the_dense_one(policy_name):
     batch = make_paged_batch([n], NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float32, seed=8)
     gen = torch.Generator().manual_seed(5)
     queries = torch.randn(window, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen)
-    config = KVPolicyConfig(
+    config = KVPolicyConfig.from_knobs(
         policy=policy_name, budget=0.5, sinks=2, window=4, observation_window=window, state_rank=16
     )
     policy = make_policy(config)
