@@ -106,6 +106,12 @@ BAD_FLAG_VALUES = [
         "--kv-decode-interval",
     ),
     ("seed-text", "llama", (*POLICY, "--kv-seed", "abc"), "--kv-seed"),
+    (
+        "recall-weight-negative",
+        "llama",
+        (*POLICY, "--kv-recall-weight", "-1"),
+        "--kv-recall-weight",
+    ),
     ("states-unknown", "llama", (*POLICY, "--kv-states", "many"), "--kv-states"),
     ("state-query-unknown", "llama", (*POLICY, "--kv-state-query", "key"), "--kv-state-query"),
     (

@@ -36,6 +36,7 @@ from .state import (
     fold_sequential,
     readout,
     retention_from_entropy,
+    self_recall_error,
 )
 from .visual import VisualFoldPlan, root_patches, visual_fold_plan
 
@@ -70,6 +71,7 @@ __all__ = [
     "retention_from_entropy",
     "retention_score",
     "select_topk",
+    "self_recall_error",
     "modality_entropy",
     "pool_scores",
     "root_patches",

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .feature_maps import FeatureMap
+
+_TINY = torch.finfo(torch.float32).tiny
+
 
 @dataclass
 class RecurrentState:
@@ -103,3 +107,37 @@ def absorption_from_attention(alpha: Tensor, a_min: float, a_max: float) -> Tens
     mean = alpha.mean(-1, keepdim=True)
     ratio = alpha / mean.clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(mean > 0, ratio.clamp(a_min, a_max), torch.ones_like(alpha))
+
+
+def self_recall_error(
+    feature_map: FeatureMap, keys: Tensor, values: Tensor, members: Tensor
+) -> Tensor:
+    """How badly a state of the `members` gives each token's own value back [H, n] float32
+    (LoLA's self-recall error, McDermott et al. 2025).
+
+    keys [H, n, d], values [H, n, dv], members [H, n] (or [n]) bool. The state is the plain
+    (ungated) sum over the members of one head, S = Σ_j φ_k(k_j) v_jᵀ and z = Σ_j φ_k(k_j);
+    token i (member or not) reads it with the query features of its own key, φ_q(k_i), and
+
+        recalled_i = φ_q(k_i)ᵀS / max(φ_q(k_i)ᵀz, tiny),    error_i = ‖v_i − recalled_i‖₂.
+
+    A token the state would reconstruct badly is one worth keeping exactly. Computed in log
+    space as `merge.merge_with_state_readouts` reads a state: log φ_q(k_i) is shifted by its row
+    max before `readout`, and log φ_k by its largest entry over the head's members (a constant
+    per head), so neither side underflows as a whole; both shifts cancel in the ratio. A head
+    without members recalls 0 (error ‖v_i‖).
+    """
+    members = members.expand(keys.shape[:2])
+    log_phi_k = feature_map.log_features(keys)  # [H, n, r]
+    masked = log_phi_k.masked_fill(~members[..., None], float("-inf"))
+    key_shift = masked.flatten(1).amax(-1)  # [H]
+    key_shift = torch.where(torch.isfinite(key_shift), key_shift, 0.0)
+    phi_k = (masked - key_shift[:, None, None]).exp()  # 0 off members
+    v = values.float()
+    state = RecurrentState(S=phi_k.transpose(1, 2) @ v, z=phi_k.sum(1))
+    log_phi_q = feature_map.query_log_features(keys)
+    query_shift = log_phi_q.amax(-1)
+    query_shift = torch.where(torch.isfinite(query_shift), query_shift, 0.0)
+    numerator, denominator = readout(state, (log_phi_q - query_shift[..., None]).exp())
+    recalled = numerator / denominator.clamp(min=_TINY)[..., None]
+    return torch.linalg.vector_norm(v - recalled, dim=-1)

@@ -163,7 +163,9 @@ def compress(
     alpha = accumulated_attention(probs) if statistics is None else statistics[0]
     accumulated = memory.accumulated[:, live] + alpha
     candidates = (positions >= plan.sinks) & (positions < n - plan.window)
-    obs = Observation(probs, positions, candidates, accumulated, layout, statistics, keys)
+    obs = Observation(
+        probs, positions, candidates, accumulated, layout, statistics, keys, values, scale, layer
+    )
     kept = ~candidates | policy.select(obs, plan.budget - plan.sinks - plan.window)
     if layout is not None:
         plan.memory.visual_slots_folded += int((layout.visual & ~kept).sum())

@@ -45,6 +45,10 @@ class Observation:
         they are computed from `probs`, once, on first use.
     keys: [Hkv, n, d] the cached keys (post-RoPE, as they sit in the cache), for policies that
         score keys themselves (`knorm`); None where a caller has none to give.
+    values: [Hkv, n, dv] the cached values, for policies that score values (`retentive` with
+        ``--kv-recall-weight``); None where a caller has none to give.
+    scale: the layer's attention scale; layer: the layer's index in the model (per-layer feature
+        maps). None where a caller has none to give.
     """
 
     probs: torch.Tensor | None
@@ -54,6 +58,9 @@ class Observation:
     layout: PatchLayout | None = None
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None
     keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scale: float | None = None
+    layer: int | None = None
 
     @functools.cached_property
     def alpha(self) -> torch.Tensor:

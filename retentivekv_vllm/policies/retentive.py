@@ -11,7 +11,8 @@ query-conditioned retrieval); ``--kv-state-readout normalised`` and ``--kv-state
 rescale what a state returns (method.md section 6).  ``--kv-feature-map learned`` folds and
 reads each layer's states with that layer's maps from ``--kv-maps`` (``calibrate``).  Scoring
 is the same in every mode: entropy within each modality, 1-D pooling over text, 2-D pooling
-over each image.
+over each image; ``--kv-recall-weight`` adds LoLA's self-recall error (keep the tokens the state
+would reconstruct worst), off by default.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from retentivekv_vllm.core import (
     normalize_by_max,
     retention_from_entropy,
     retention_score,
+    self_recall_error,
     visual_fold_plan,
 )
 from retentivekv_vllm.knobs import KnobError, check_choice, knob, option
@@ -72,6 +74,12 @@ class RetentiveSettings:
     absorption_min: float = knob(0.5, "Lower clamp of the absorption weight.", float)
     absorption_max: float = knob(2.0, "Upper clamp of the absorption weight.", float)
     seed: int = knob(0, "Seed of the random-feature projection.", int)
+    recall_weight: float = knob(
+        0.0,
+        "Weight of LoLA's self-recall error in the retention score: the tokens the state would "
+        "give back worst are kept (0: off).",
+        float,
+    )
     states: str = knob(
         "dual",
         "Recurrent states of retentive: dual (visual and text), single (one for both) or "
@@ -128,6 +136,10 @@ class RetentiveSettings:
                 "absorption_min",
                 f"need 0 <= absorption_min <= absorption_max ({option('absorption_max')}), "
                 f"got {self.absorption_min} and {self.absorption_max}",
+            )
+        if not (math.isfinite(self.recall_weight) and self.recall_weight >= 0):
+            raise KnobError(
+                "recall_weight", f"must be a finite number >= 0, got {self.recall_weight}"
             )
         check_choice("states", self.states, STATE_MODES)
         check_choice("state_query", self.state_query, STATE_QUERIES)
@@ -191,7 +203,12 @@ class RetentivePolicy(KVPolicy):
         return feature_map
 
     def score(self, obs: Observation) -> torch.Tensor:
-        return retention_score(
+        """R = λ·α̂ + (1−λ)·Ĥ (`core.retention_score`), plus w·ê with ``--kv-recall-weight`` w > 0:
+        ê the self-recall error of each candidate under the state the candidates would form
+        (`core.self_recall_error`, LoLA's rule: keep what the state would reconstruct worst),
+        divided by its max over the head's candidates. The error is read through this layer's
+        feature map even with ``--kv-states none``, where it only selects. -inf off candidates."""
+        score = retention_score(
             obs.alpha,
             obs.entropy,
             self.settings.lambda_,
@@ -199,6 +216,25 @@ class RetentivePolicy(KVPolicy):
             self.config.pool_kernel,
             obs.layout,
         )
+        weight = self.settings.recall_weight
+        if weight > 0:
+            score = score + weight * normalize_by_max(self.recall_error(obs), obs.candidates)
+        return score
+
+    def recall_error(self, obs: Observation) -> torch.Tensor:
+        """[Hkv, n] each token's self-recall error under the state of the candidates."""
+        if obs.keys is None or obs.values is None or obs.scale is None:
+            raise ValueError(
+                f"{option('recall_weight')} needs the observation's keys, values and attention "
+                "scale; this caller gives none"
+            )
+        if self.settings.feature_map == "learned" and obs.layer is None:
+            raise ValueError(
+                f"{option('recall_weight')} with --kv-feature-map learned needs the layer's "
+                "index; this caller gives none"
+            )
+        phi = self.feature_map(obs.keys.shape[-1], obs.scale, obs.layer)
+        return self_recall_error(phi, obs.keys, obs.values, obs.candidates)
 
     def fold_gates(self, obs, folded):
         """The folded tokens' slots index [H, f] (in position order) and their gates: retention γ
