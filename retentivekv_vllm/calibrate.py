@@ -2,16 +2,18 @@
 
 MODEL is a Hugging Face checkpoint directory. The model reads calibration text (the documentation
 Python ships in ``pydoc_data``, or ``--text FILE``) cut into sequences of ``--length`` tokens;
-every attention layer hands over its post-RoPE queries, keys and values. In each sequence the
-first ``length - span`` tokens are the prompt: ``retentive``'s selection compresses it to
-``--budget`` exactly as the server does (sinks, window, observation queries, top-k), which says
-which tokens are folded and with which gates (retention γ, absorption a). The maps of each layer
-are then trained on the queries past the compression point, with the loss the server's output
-makes: the squared error, per head in value space, of the merged output (kept cache plus state
-readout through the shared normaliser, `core.merge_with_state_readouts`, folded by `core.fold`)
-against full attention. Sequences held out of training give the reported loss, next to the
-no-state residual (the error of eviction with the same selection); their ratio is the share of
-eviction's error the state leaves.
+every attention layer hands over its post-RoPE queries, keys and values. Each sequence is
+compressed at its own point, drawn between ``--min-prompt`` and ``length - span`` tokens (the
+stored keys and queries carry their positions, so maps fitted at one point fit only the positions
+around it): ``retentive``'s selection compresses that prompt to ``--budget`` exactly as the server
+does (sinks, window, observation queries, top-k), which says which tokens are folded and with
+which gates (retention γ, absorption a). The maps of each layer are then trained on the queries
+past the compression point, with the loss the server's output makes: the squared error, per head
+in value space, of the merged output (kept cache plus state readout through the shared
+normaliser, `core.merge_with_state_readouts`, folded by `core.fold`) against full attention.
+Sequences held out of training give the reported loss, next to the no-state residual (the error
+of eviction with the same selection); their ratio is the share of eviction's error the state
+leaves.
 
 Serve the result with ``--kv-policy retentive --kv-feature-map learned --kv-maps FILE``.
 """
@@ -88,6 +90,8 @@ class LayerExample:
     out_full: Tensor  # [H, g·Q, dv]
     out_local: Tensor  # [H, g·Q, dv] attention over the kept cache only
     lse_local: Tensor  # [H, g·Q]
+    key_positions: Tensor  # [H, F] of the folded keys (for maps that de-rotate)
+    query_positions: Tensor  # [1, g·Q] of the query rows
 
 
 def compression_example(policy, q, k, v, scale, prompt_len, query_positions) -> LayerExample:
@@ -129,18 +133,37 @@ def compression_example(policy, q, k, v, scale, prompt_len, query_positions) -> 
         out_full,
         out_local,
         lse_local,
+        index,
+        row_positions[None],
     )
 
 
-def capture_examples(model, sequences, policy, prompt_len, queries, seed, progress):
+def rotary_frequencies(model) -> Tensor | None:
+    """The model's rotary frequencies when its RoPE is the plain one-dimensional kind that maps can
+    undo at a token's position (`core.derotate`); None (maps read the vectors as cached) for any
+    other, with a note."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    rope = getattr(model.config, "rope_scaling", None) or {}
+    if (
+        inv_freq is None
+        or getattr(rotary, "attention_scaling", 1.0) != 1.0
+        or "mrope_section" in rope
+    ):
+        print("note: no plain rotary embedding found; the maps read keys and queries as cached")
+        return None
+    return inv_freq.detach().float().clone()
+
+
+def capture_examples(model, sequences, policy, prompt_lens, queries, seed, progress):
     """Run the model over every sequence (full attention) and build each layer's examples:
-    examples[layer][sequence]."""
+    examples[layer][sequence]; sequence i is compressed after its first prompt_lens[i] tokens."""
     from transformers import AttentionInterface
 
     generator = torch.Generator().manual_seed(seed)
     length = len(sequences[0])
     examples: list[list[LayerExample]] = [[] for _ in range(model.config.num_hidden_layers)]
-    query_positions = None
+    query_positions, prompt_len = None, None
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         q, k, v = query[0].float(), key[0].float(), value[0].float()  # [H, L, d]
@@ -155,17 +178,33 @@ def capture_examples(model, sequences, policy, prompt_len, queries, seed, progre
     AttentionInterface.register(ATTENTION_NAME, attention)
     model.set_attn_implementation(ATTENTION_NAME)
     with torch.no_grad():
-        for ids in progress(sequences, desc="capture q, k, v", unit="seq"):
+        for ids, prompt_len in progress(
+            list(zip(sequences, prompt_lens)), desc="capture q, k, v", unit="seq"
+        ):
             span = torch.randperm(length - prompt_len, generator=generator)[:queries]
             query_positions = prompt_len + span.sort().values
             model.base_model(input_ids=torch.tensor([ids]))  # no logits: not needed
     return examples
 
 
+# What a padding token of a shorter fold holds: it passes through the state untouched (γ = 1,
+# a = 0), so sequences compressed at different points stack into one batch.
+PADDING = {"keys": 0.0, "values": 0.0, "gamma": 1.0, "absorption": 0.0, "key_positions": 0}
+
+
 def stack(examples: list[LayerExample]) -> LayerExample:
+    """The examples as one batch; folds of different lengths are padded at their end."""
+    folded = max(e.keys.shape[1] for e in examples)
+
+    def padded(x: Tensor, name: str) -> Tensor:
+        if name not in PADDING or x.shape[1] == folded:
+            return x
+        pad = x.new_full((x.shape[0], folded - x.shape[1], *x.shape[2:]), PADDING[name])
+        return torch.cat([x, pad], 1)
+
     return LayerExample(
         *(
-            torch.stack([getattr(e, f.name) for e in examples])
+            torch.stack([padded(getattr(e, f.name), f.name) for e in examples])
             for f in dataclasses.fields(LayerExample)
         )
     )
@@ -182,7 +221,7 @@ def merged_output(
     def flat(x: Tensor) -> Tensor:
         return x.flatten(0, 1)
 
-    phi_k = feature_map.features(batch.keys)
+    phi_k = feature_map.features(batch.keys, batch.key_positions)
     state = fold(
         RecurrentState.zeros(sequences * heads, feature_map.rank, batch.values.shape[-1]),
         flat(phi_k),
@@ -196,7 +235,12 @@ def merged_output(
     if state_dtype is not None:
         state = RecurrentState(state.S.to(state_dtype).float(), state.z.to(state_dtype).float())
     return merge_with_state_readouts(
-        batch.out_local, batch.lse_local, batch.queries, [state], feature_map
+        batch.out_local,
+        batch.lse_local,
+        batch.queries,
+        [state],
+        feature_map,
+        q_positions=batch.query_positions,
     )
 
 
@@ -238,13 +282,22 @@ def search_scale(feature_map: LearnedFeatureMap, batch: LayerExample) -> None:
 
 
 def fit_layer(
-    train: LayerExample, rank: int, steps: int, batch: int, lr: float, seed: int
+    train: LayerExample,
+    rank: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    rope_inv_freq: Tensor | None = None,
 ) -> LearnedFeatureMap:
     """Adam on the merged-output error, `batch` training sequences a step; the query and key
     projections start as the same random directions, each scaled to its inputs' spread, so
-    that a query and a key that point the same way start with the same features."""
+    that a query and a key that point the same way start with the same features. With the
+    model's rotary frequencies the maps de-rotate their inputs (`core.LearnedFeatureMap`)."""
     heads, dim = train.keys.shape[1], train.keys.shape[-1]
-    feature_map = LearnedFeatureMap.initial(heads, dim, rank, seed=seed)
+    feature_map = LearnedFeatureMap.initial(
+        heads, dim, rank, seed=seed, rope_inv_freq=rope_inv_freq
+    )
     feature_map.key_weight = feature_map.query_weight / rms(train.keys)[:, None, None]
     feature_map.query_weight = feature_map.query_weight / rms(train.queries)[:, None, None]
     search_scale(feature_map, batch_of(train, torch.arange(min(2 * batch, len(train.keys)))))
@@ -291,7 +344,16 @@ def parse_args(argv):
     )
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="features per state (even)")
     parser.add_argument("--length", type=int, default=1024, help="tokens per sequence")
-    parser.add_argument("--span", type=int, default=256, help="tokens after the compression point")
+    parser.add_argument(
+        "--span", type=int, default=256, help="fewest tokens after the compression point"
+    )
+    parser.add_argument(
+        "--min-prompt",
+        type=int,
+        default=128,
+        help="earliest compression point; each sequence is compressed at a point drawn between "
+        "it and --length - --span (set both to one point to fit at that point only)",
+    )
     parser.add_argument(
         "--queries", type=int, default=64, help="query positions sampled per sequence"
     )
@@ -316,6 +378,10 @@ def parse_args(argv):
         parser.error(f"--rank: an even number >= 2 expected, got {args.rank}")
     if not 0 < args.span < args.length:
         parser.error(f"--span: between 1 and --length - 1 expected, got {args.span}")
+    if not 0 < args.min_prompt <= args.length - args.span:
+        parser.error(
+            f"--min-prompt: between 1 and --length - --span expected, got {args.min_prompt}"
+        )
     if not 0 < args.queries <= args.span:
         parser.error(f"--queries: between 1 and --span expected, got {args.queries}")
     for name in ("sequences", "held_out", "steps", "batch"):
@@ -342,11 +408,22 @@ def main(argv: list[str] | None = None) -> int:
     policy = make_policy(config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    inv_freq = rotary_frequencies(model)
     sequences = token_sequences(
         tokenizer, calibration_text(args.text), args.length, args.sequences + args.held_out
     )
-    prompt_len = args.length - args.span
-    examples = capture_examples(model, sequences, policy, prompt_len, args.queries, args.seed, tqdm)
+    # Each sequence is compressed at its own point: keys and queries are stored after RoPE, so
+    # maps fitted at one compression point fit that range of positions only.
+    latest = args.length - args.span
+    points = torch.randint(
+        args.min_prompt,
+        latest + 1,
+        (len(sequences),),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    examples = capture_examples(
+        model, sequences, policy, points.tolist(), args.queries, args.seed, tqdm
+    )
     del model
     layers, per_layer = [], []
     bar = tqdm(range(len(examples)), desc="fit layers", unit="layer")
@@ -355,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         held_out = stack(examples[layer][args.sequences :])
         examples[layer] = []  # freed as it goes: all layers' examples together are the peak
         feature_map = fit_layer(
-            train, args.rank, args.steps, args.batch, args.lr, args.seed + layer
+            train, args.rank, args.steps, args.batch, args.lr, args.seed + layer, inv_freq
         )
         state_error, residual = squared_errors(feature_map, held_out)
         bf16_error, _ = squared_errors(feature_map, held_out, torch.bfloat16)
@@ -389,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "rank": args.rank,
         "length": args.length,
         "span": args.span,
+        "min_prompt": args.min_prompt,
         "queries": args.queries,
         "sequences": args.sequences,
         "held_out": args.held_out,

@@ -4,8 +4,9 @@ reads with ``--kv-feature-map learned --kv-maps FILE``.
 A file is safetensors: the maps of every layer stacked (``query_weight`` [L, H, d, r/2], ...),
 and in its metadata the model they were fitted for (architecture, layer and head counts, head size,
 a fingerprint of the attention weights), the settings they were fitted under and the held-out losses
-calibration measured. Maps fitted for one model are meaningless for another, so a server refuses a
-file whose model does not match the one it serves and names what differs.
+calibration measured. Maps that de-rotate their inputs also hold the model's rotary frequencies
+(``rope_inv_freq`` [d_rot / 2]). Maps fitted for one model are meaningless for another, so a server
+refuses a file whose model does not match the one it serves and names what differs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FORMAT = "retentivekv-learned-maps/1"
 # Maps the package ships, one file per model, named after the model's checkpoint directory
 # (smollm2-135m-instruct.safetensors: python -m retentivekv_vllm.fixtures smollm2).
 SHIPPED_MAPS_DIR = Path(__file__).resolve().parent / "maps"
+ROPE_TENSOR = "rope_inv_freq"  # present when the maps de-rotate their inputs
 _TENSORS = (
     "query_weight",
     "key_weight",
@@ -151,6 +153,8 @@ class LearnedMaps:
             name: torch.stack([getattr(m, name).detach().float() for m in self.layers]).contiguous()
             for name in _TENSORS
         }
+        if self.layers[0].rope_inv_freq is not None:
+            tensors[ROPE_TENSOR] = self.layers[0].rope_inv_freq.float().contiguous()
         metadata = {
             "format": FORMAT,
             "model": json.dumps(dataclasses.asdict(self.model)),
@@ -180,11 +184,12 @@ class LearnedMaps:
                 if missing:
                     raise MapsFileError(f"{path}: tensors {missing} are missing")
                 tensors = {name: reader.get_tensor(name) for name in _TENSORS}
+                inv_freq = reader.get_tensor(ROPE_TENSOR) if ROPE_TENSOR in reader.keys() else None
             model = ModelIdentity(**json.loads(metadata["model"]))
             settings = json.loads(metadata["settings"])
             results = json.loads(metadata.get("results", "{}"))
             layers = [
-                LearnedFeatureMap(*(tensors[name][i] for name in _TENSORS))
+                LearnedFeatureMap(*(tensors[name][i] for name in _TENSORS), inv_freq)
                 for i in range(tensors["query_weight"].shape[0])
             ]
         except MapsFileError:

@@ -2,6 +2,7 @@
 executor's compression plus the merge with the policy's map for that layer gives calibration's
 merged output (same folded tokens, same gates, same layer's map, same GQA grouping)."""
 
+import pytest
 import torch
 
 from retentivekv_vllm import calibrate
@@ -14,10 +15,17 @@ from retentivekv_vllm.policies import make_policy
 HEADS, GROUP, DIM, LAYERS, PROMPT, SPAN = 2, 3, 16, 3, 96, 24
 
 
-def test_engine_path_equals_calibrations_merged_output(tmp_path):
+# Maps that read the vectors as cached, and maps that first undo RoPE at each token's position.
+ROTARY = {"as cached": None, "de-rotated": 10000 ** -(torch.arange(0, DIM, 2) / DIM)}
+
+
+@pytest.mark.parametrize("rotary", ROTARY, ids=list(ROTARY))
+def test_engine_path_equals_calibrations_merged_output(tmp_path, rotary):
     maps = []
     for layer in range(LAYERS):  # a distinct, non-trivial map per layer
-        m = LearnedFeatureMap.initial(HEADS, DIM, 8, key_scale=0.5, seed=layer)
+        m = LearnedFeatureMap.initial(
+            HEADS, DIM, 8, key_scale=0.5, seed=layer, rope_inv_freq=ROTARY[rotary]
+        )
         m.query_log_magnitude = 0.3 * torch.randn(HEADS, DIM)
         m.key_log_magnitude = 0.3 * torch.randn(HEADS, DIM)
         maps.append(m)
@@ -62,6 +70,8 @@ def test_engine_path_equals_calibrations_merged_output(tmp_path):
             rows, keys, values, scale, positions.repeat(GROUP), key_positions
         )
         feature_map = engine.feature_map(DIM, scale, layer)
-        merged = merge_with_state_readouts(out, lse, rows, memory.states, feature_map)
+        merged = merge_with_state_readouts(
+            out, lse, rows, memory.states, feature_map, q_positions=positions.repeat(GROUP)
+        )
         assert not torch.allclose(merged, out, atol=1e-3)  # the state matters in this test
         torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)

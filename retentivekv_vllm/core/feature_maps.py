@@ -1,7 +1,9 @@
 """Feature maps φ: R^d → R^r_{>0} that turn softmax attention into a linear, foldable sum.
 
 Every map is computed in log space: random-feature exponents overflow float32 for large-norm keys
-long before their products do, and the merge already works with logs.
+long before their products do, and the merge already works with logs. Every map takes the
+positions of its inputs (broadcastable to ``x.shape[:-1]``); only a learned map fitted on
+de-rotated keys and queries reads them (`LearnedFeatureMap`), the others ignore them.
 """
 
 import abc
@@ -15,21 +17,21 @@ class FeatureMap(abc.ABC):
     rank: int
 
     @abc.abstractmethod
-    def log_features(self, x: Tensor) -> Tensor:
-        """x [..., d] -> log φ(x) [..., r], float32."""
+    def log_features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x [..., d] (at `positions`) -> log φ(x) [..., r], float32."""
 
-    def features(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x [..., d] -> φ(x) [..., r], float32, all entries > 0 (barring underflow)."""
-        return self.log_features(x).exp()
+        return self.log_features(x, positions).exp()
 
-    def query_log_features(self, q: Tensor) -> Tensor:
+    def query_log_features(self, q: Tensor, positions: Tensor | None = None) -> Tensor:
         """log of the features a query reads a state with: log φ(q) [..., r], float32."""
-        return self.log_features(q)
+        return self.log_features(q, positions)
 
-    def query_features(self, q: Tensor) -> Tensor:
+    def query_features(self, q: Tensor, positions: Tensor | None = None) -> Tensor:
         """The features a query reads a state with: φ(q) (may underflow; the merge reads
         `query_log_features` instead)."""
-        return self.query_log_features(q).exp()
+        return self.query_log_features(q, positions).exp()
 
 
 class FixedQuery(FeatureMap):
@@ -42,11 +44,11 @@ class FixedQuery(FeatureMap):
         self.inner = inner
         self.rank = inner.rank
 
-    def log_features(self, x: Tensor) -> Tensor:
-        return self.inner.log_features(x)
+    def log_features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        return self.inner.log_features(x, positions)
 
-    def query_log_features(self, q: Tensor) -> Tensor:
-        return self.inner.query_log_features(torch.zeros_like(q))
+    def query_log_features(self, q: Tensor, positions: Tensor | None = None) -> Tensor:
+        return self.inner.query_log_features(torch.zeros_like(q), positions)
 
 
 class ScaledReadout(FeatureMap):
@@ -67,12 +69,13 @@ class ScaledReadout(FeatureMap):
         self.log_gain = log_gain
         self.normalise = normalise
 
-    def log_features(self, x: Tensor) -> Tensor:
-        return self.inner.log_features(x)
+    def log_features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        return self.inner.log_features(x, positions)
 
-    def query_log_features(self, q: Tensor) -> Tensor:
-        log_phi_q = self.inner.query_log_features(q)
+    def query_log_features(self, q: Tensor, positions: Tensor | None = None) -> Tensor:
+        log_phi_q = self.inner.query_log_features(q, positions)
         if self.normalise:
+            # A zero vector is the same at every position.
             log_phi_zero = self.inner.log_features(torch.zeros_like(q[..., :1, :]))
             log_phi_q = log_phi_q - torch.logsumexp(log_phi_q + log_phi_zero, -1, keepdim=True)
         return log_phi_q + self.log_gain
@@ -84,7 +87,7 @@ class EluPlusOne(FeatureMap):
     def __init__(self, head_dim: int):
         self.rank = head_dim
 
-    def log_features(self, x: Tensor) -> Tensor:
+    def log_features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         x = x.float()
         # elu(x)+1 is exp(x) below 0 and 1+x above: its log is exact on both sides, never -inf.
         return torch.where(x < 0, x, torch.log1p(x.clamp(min=0)))
@@ -103,7 +106,7 @@ class PositiveRandomFeatures(FeatureMap):
         self.rank = rank
         self.scale = scale
 
-    def log_features(self, x: Tensor) -> Tensor:
+    def log_features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         x = x.float() * math.sqrt(self.scale)
         projection = x @ self.weight.to(x.device).T
         return projection - 0.5 * x.square().sum(-1, keepdim=True) - 0.5 * math.log(self.rank)
@@ -118,9 +121,11 @@ class LearnedFeatureMap(FeatureMap):
     The softmax halves say which folded keys a query matches; the linear terms carry how much
     softmax mass they had (exp(scale·q·k) is as large as e^30 for sharp queries, a softmax
     feature at most 1). s starts small, so an untrained state adds almost nothing to the merge.
-    Inputs are [..., H, n, d] (the head dim third from last), keys post-RoPE as cached. The
-    parameters are plain tensors: calibration makes them leaves that require grad and trains
-    them in place.
+    Inputs are [..., H, n, d] (the head dim third from last), post-RoPE as cached. With
+    `rope_inv_freq` (the model's rotary frequencies) every input is first rotated back from its
+    position (`derotate`), so the maps see what a token says, not where it sits: maps of cached
+    vectors fitted at one compression point fit only the positions around it. The parameters
+    are plain tensors: calibration makes them leaves that require grad and trains them in place.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class LearnedFeatureMap(FeatureMap):
         query_log_magnitude: Tensor,
         key_log_magnitude: Tensor,
         key_log_scale: Tensor,
+        rope_inv_freq: Tensor | None = None,
     ):
         heads, head_dim, half = query_weight.shape
         shapes = {
@@ -148,6 +154,7 @@ class LearnedFeatureMap(FeatureMap):
         self.query_log_magnitude = query_log_magnitude
         self.key_log_magnitude = key_log_magnitude
         self.key_log_scale = key_log_scale
+        self.rope_inv_freq = rope_inv_freq
         self.num_heads, self.head_dim, self.rank = heads, head_dim, 2 * half
 
     @classmethod
@@ -159,6 +166,7 @@ class LearnedFeatureMap(FeatureMap):
         input_rms: float = 1.0,
         key_scale: float = 1e-4,
         seed: int = 0,
+        rope_inv_freq: Tensor | None = None,
     ) -> "LearnedFeatureMap":
         """Untrained maps: seeded projections that give logits of unit spread for inputs whose
         entries have root mean square `input_rms`, no magnitude terms, key scale `key_scale`."""
@@ -175,6 +183,7 @@ class LearnedFeatureMap(FeatureMap):
             torch.zeros(num_heads, head_dim),
             torch.zeros(num_heads, head_dim),
             torch.full((num_heads, rank), math.log(key_scale)),
+            rope_inv_freq,
         )
 
     def parameters(self) -> list[Tensor]:
@@ -186,22 +195,42 @@ class LearnedFeatureMap(FeatureMap):
             self.key_log_scale,
         ]
 
-    @staticmethod
-    def _log_features(x: Tensor, weight: Tensor, log_magnitude: Tensor) -> Tensor:
+    def _log_features(
+        self, x: Tensor, positions: Tensor | None, weight: Tensor, log_magnitude: Tensor
+    ) -> Tensor:
         x = x.float()
+        if self.rope_inv_freq is not None:
+            if positions is None:
+                raise ValueError("these learned maps de-rotate their inputs: positions are needed")
+            x = derotate(x, positions, self.rope_inv_freq)
         logits = x @ weight.to(x.device)  # [..., H, n, d] @ [H, d, r/2]
         magnitude = x @ log_magnitude.to(x.device)[..., None]  # [..., H, n, 1]
         halves = torch.cat([logits.log_softmax(-1), (-logits).log_softmax(-1)], -1)
         return halves + magnitude
 
-    def log_features(self, x: Tensor) -> Tensor:
+    def log_features(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """Key features: x [..., H, n, d] -> log φ_k(x) [..., H, n, r]."""
         log_scale = self.key_log_scale.to(x.device)[:, None, :]
-        return self._log_features(x, self.key_weight, self.key_log_magnitude) + log_scale
+        features = self._log_features(x, positions, self.key_weight, self.key_log_magnitude)
+        return features + log_scale
 
-    def query_log_features(self, q: Tensor) -> Tensor:
+    def query_log_features(self, q: Tensor, positions: Tensor | None = None) -> Tensor:
         """Query features: q [..., H, m, d] -> log φ_q(q) [..., H, m, r]."""
-        return self._log_features(q, self.query_weight, self.query_log_magnitude)
+        return self._log_features(q, positions, self.query_weight, self.query_log_magnitude)
+
+
+def derotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Undo rotary position embedding (RoPE, rotate-half style, as Llama-family models and vLLM's
+    neox style apply it): x [..., d] rotated at `positions` (broadcastable to x.shape[:-1]) ->
+    the vector before rotation. inv_freq [d_rot / 2] are the model's rotary frequencies; the
+    first d_rot dims are rotated, the rest pass unchanged."""
+    inv_freq = inv_freq.to(x.device)
+    half = inv_freq.shape[0]
+    angle = positions.to(x.device, torch.float32)[..., None] * inv_freq  # [..., d_rot / 2]
+    cos, sin = angle.cos(), angle.sin()
+    first, second, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    # Rotation by θ maps (a, b) to (a cos θ − b sin θ, b cos θ + a sin θ); this is rotation by −θ.
+    return torch.cat([first * cos + second * sin, second * cos - first * sin, rest], -1)
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluPlusOne, "prf": PositiveRandomFeatures}

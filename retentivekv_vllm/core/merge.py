@@ -72,6 +72,7 @@ def merge_with_state_readouts(
     states: Sequence[RecurrentState],
     feature_map: FeatureMap | None,
     merge: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
+    q_positions: Tensor | None = None,
 ) -> Tensor:
     """Local attention out_local [..., H, m, dv] (lse_local [..., H, m]) of queries q [..., H, m, d]
     merged with what every state returns to those queries -> [..., H, m, dv] float32; out_local
@@ -87,7 +88,8 @@ def merge_with_state_readouts(
     """
     if not states:
         return out_local.float()
-    log_phi_q = feature_map.query_log_features(q)
+    # The queries' positions (broadcastable to q.shape[:-1]) for maps that read them.
+    log_phi_q = feature_map.query_log_features(q, q_positions)
     shift = log_phi_q.amax(-1)
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
     phi_q = (log_phi_q - shift[..., None]).exp()

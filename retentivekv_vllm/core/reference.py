@@ -21,10 +21,9 @@ def compressed_attention(
     states: Sequence[RecurrentState],
     feature_map: FeatureMap | None,
 ) -> Tensor:
-    """Attention of q [H, m, d] (GQA rows grouped per KV head) over the kept part of k, v [H, n,
-    d(v)]
-    (keep_mask [H, n] bool, causal by position) plus every state's readout, merged -> [H, m, dv]
-    float32.
+    """Attention of q [H, m, d] (GQA rows grouped per KV head) over the kept part of k, v
+    [H, n, d(v)] (keep_mask [H, n] bool, causal by position) plus every state's readout, read at
+    the queries' positions, merged -> [H, m, dv] float32.
 
     States are read whole by every query: they hold tokens folded before any of these queries.
     Without states (eviction policies) this is attention over the kept tokens and
@@ -33,4 +32,6 @@ def compressed_attention(
     out_local, lse_local = local_attention(
         q, k, v, scale, q_positions, k_positions, key_mask=keep_mask
     )
-    return merge_with_state_readouts(out_local, lse_local, q, states, feature_map)
+    return merge_with_state_readouts(
+        out_local, lse_local, q, states, feature_map, q_positions=q_positions
+    )

@@ -110,12 +110,17 @@ def absorption_from_attention(alpha: Tensor, a_min: float, a_max: float) -> Tens
 
 
 def self_recall_error(
-    feature_map: FeatureMap, keys: Tensor, values: Tensor, members: Tensor
+    feature_map: FeatureMap,
+    keys: Tensor,
+    values: Tensor,
+    members: Tensor,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """How badly a state of the `members` gives each token's own value back [H, n] float32
     (LoLA's self-recall error, McDermott et al. 2025).
 
-    keys [H, n, d], values [H, n, dv], members [H, n] (or [n]) bool. The state is the plain
+    keys [H, n, d], values [H, n, dv], members [H, n] (or [n]) bool; positions [H, n] of the
+    keys, for maps that read them (`feature_maps.LearnedFeatureMap`). The state is the plain
     (ungated) sum over the members of one head, S = Σ_j φ_k(k_j) v_jᵀ and z = Σ_j φ_k(k_j);
     token i (member or not) reads it with the query features of its own key, φ_q(k_i), and
 
@@ -128,14 +133,14 @@ def self_recall_error(
     without members recalls 0 (error ‖v_i‖).
     """
     members = members.expand(keys.shape[:2])
-    log_phi_k = feature_map.log_features(keys)  # [H, n, r]
+    log_phi_k = feature_map.log_features(keys, positions)  # [H, n, r]
     masked = log_phi_k.masked_fill(~members[..., None], float("-inf"))
     key_shift = masked.flatten(1).amax(-1)  # [H]
     key_shift = torch.where(torch.isfinite(key_shift), key_shift, 0.0)
     phi_k = (masked - key_shift[:, None, None]).exp()  # 0 off members
     v = values.float()
     state = RecurrentState(S=phi_k.transpose(1, 2) @ v, z=phi_k.sum(1))
-    log_phi_q = feature_map.query_log_features(keys)
+    log_phi_q = feature_map.query_log_features(keys, positions)
     query_shift = log_phi_q.amax(-1)
     query_shift = torch.where(torch.isfinite(query_shift), query_shift, 0.0)
     numerator, denominator = readout(state, (log_phi_q - query_shift[..., None]).exp())

@@ -214,6 +214,8 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             if memory.states:
                 groups.setdefault((id(plan.policy), len(memory.states)), []).append(i)
         in_kernel = decode_extension().module is not None
+        # Each request's query sits at its newest position, for maps that read positions.
+        q_positions = torch.tensor([plan.seq_len - 1 for plan in plans])[:, None, None]
         for members in groups.values():
             states = [memories[i].states for i in members]
             feature_map = plans[members[0]].policy.feature_map(
@@ -221,14 +223,13 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             )
             rows_of = torch.tensor(members)
             if in_kernel:  # reads each state where it is; no stacked copy
-                merge_state_readouts(
-                    out, lse, feature_map.query_log_features(q[rows_of]), rows_of, states
-                )
+                log_phi = feature_map.query_log_features(q[rows_of], q_positions[rows_of])
+                merge_state_readouts(out, lse, log_phi, rows_of, states)
                 continue
             pick = slice(None) if len(members) == len(plans) else rows_of
             stacked = [RecurrentState.stack([s[k] for s in states]) for k in range(len(states[0]))]
             out[pick] = merge_with_state_readouts(
-                out[pick], lse[pick], q[pick], stacked, feature_map
+                out[pick], lse[pick], q[pick], stacked, feature_map, q_positions=q_positions[pick]
             )
         # [R, Hkv, g, dv] -> [R, Hq, dv]
         rows[batch.query_rows] = out.view(len(plans), self.num_heads, -1).to(rows.dtype)
@@ -250,7 +251,10 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             out, lse = slots.attend_chunk(grouped, q.shape[0], self.scale)
             if memory.states:
                 feature_map = plan.policy.feature_map(self.head_size, self.scale, index)
-                out = merge_with_state_readouts(out, lse, grouped, memory.states, feature_map)
+                q_positions = torch.arange(n - q.shape[0], n).repeat(self.num_queries_per_kv)
+                out = merge_with_state_readouts(
+                    out, lse, grouped, memory.states, feature_map, q_positions=q_positions
+                )
             out = ungroup_rows(out, self.num_heads, q.shape[0])
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         if plan.compress:

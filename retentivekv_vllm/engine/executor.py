@@ -131,7 +131,9 @@ def attend_live(
     )
     if memory.states:
         feature_map = plan.policy.feature_map(q.shape[-1], scale, layer)
-        out = merge_with_state_readouts(out, lse, grouped, memory.states, feature_map, merge)
+        out = merge_with_state_readouts(
+            out, lse, grouped, memory.states, feature_map, merge, q_positions
+        )
     return ungroup_rows(out, q.shape[1], q.shape[0])
 
 

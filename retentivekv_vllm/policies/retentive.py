@@ -234,7 +234,7 @@ class RetentivePolicy(KVPolicy):
                 "index; this caller gives none"
             )
         phi = self.feature_map(obs.keys.shape[-1], obs.scale, obs.layer)
-        return self_recall_error(phi, obs.keys, obs.values, obs.candidates)
+        return self_recall_error(phi, obs.keys, obs.values, obs.candidates, obs.positions)
 
     def fold_gates(self, obs, folded):
         """The folded tokens' slots index [H, f] (in position order) and their gates: retention γ
@@ -259,7 +259,7 @@ class RetentivePolicy(KVPolicy):
             return states
         index, gamma, absorption = self.fold_gates(obs, folded)
         phi = self.feature_map(head_dim, scale, layer)
-        phi_k = phi.features(gather_tokens(keys, index))
+        phi_k = phi.features(gather_tokens(keys, index), obs.positions.gather(1, index))
         v = gather_tokens(values, index).float()
         num_states = self.num_states(obs.layout is not None)
         states = list(states) or [

@@ -72,3 +72,28 @@ def test_retentive_builds_the_readout_its_knobs_ask_for():
     gained = built(kv_state_log_gain=-2.0, kv_state_query="fixed")
     assert isinstance(gained, ScaledReadout) and not gained.normalise
     assert isinstance(gained.inner, FixedQuery)
+
+
+def test_derotate_undoes_the_models_rotary_embedding():
+    """`derotate` against transformers' own RoPE (Llama's rotate-half form, as vLLM's neox style
+    stores keys): rotating at a position and de-rotating there gives the vector back; the dims
+    past the rotary part pass unchanged."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from retentivekv_vllm.core.feature_maps import derotate
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=2, rope_theta=10000.0)
+    rotary = LlamaRotaryEmbedding(config)
+    positions = torch.arange(0, 3000, 7)
+    cos, sin = rotary(torch.zeros(1, len(positions), 1), positions[None])
+    x = torch.randn(1, 3, len(positions), 64, generator=torch.Generator().manual_seed(0))
+    rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    assert not torch.allclose(rotated, x, atol=1e-2)
+    back = derotate(rotated, positions, rotary.inv_freq)
+    torch.testing.assert_close(back, x, atol=1e-4, rtol=1e-4)
+    # Partial rotary: only the first 2·len(inv_freq) dims are rotated.
+    wide = torch.cat([rotated, x], -1)
+    torch.testing.assert_close(
+        derotate(wide, positions, rotary.inv_freq), torch.cat([x, x], -1), atol=1e-4, rtol=1e-4
+    )
