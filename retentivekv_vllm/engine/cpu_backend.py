@@ -214,22 +214,22 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             if memory.states:
                 groups.setdefault((id(plan.policy), len(memory.states)), []).append(i)
         in_kernel = decode_extension().module is not None
-        # Each request's query sits at its newest position, for maps that read positions.
-        q_positions = torch.tensor([plan.seq_len - 1 for plan in plans])[:, None, None]
         for members in groups.values():
             states = [memories[i].states for i in members]
             feature_map = plans[members[0]].policy.feature_map(
                 self.head_size, self.scale, layer_index(layer.layer_name)
             )
             rows_of = torch.tensor(members)
+            # Each member's query sits at its newest position (for maps that read positions).
+            positions = torch.tensor([plans[i].seq_len - 1 for i in members])[:, None, None]
             if in_kernel:  # reads each state where it is; no stacked copy
-                log_phi = feature_map.query_log_features(q[rows_of], q_positions[rows_of])
+                log_phi = feature_map.query_log_features(q[rows_of], positions)
                 merge_state_readouts(out, lse, log_phi, rows_of, states)
                 continue
             pick = slice(None) if len(members) == len(plans) else rows_of
             stacked = [RecurrentState.stack([s[k] for s in states]) for k in range(len(states[0]))]
             out[pick] = merge_with_state_readouts(
-                out[pick], lse[pick], q[pick], stacked, feature_map, q_positions=q_positions[pick]
+                out[pick], lse[pick], q[pick], stacked, feature_map, q_positions=positions
             )
         # [R, Hkv, g, dv] -> [R, Hq, dv]
         rows[batch.query_rows] = out.view(len(plans), self.num_heads, -1).to(rows.dtype)
