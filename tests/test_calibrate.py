@@ -50,6 +50,8 @@ def test_the_file_holds_the_model_settings_and_results(maps_file, tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
     assert len(maps.layers) == config["num_hidden_layers"] == identity.num_layers
     assert maps.rank == 8 and maps.layers[0].num_heads == identity.num_kv_heads
+    # A Llama model has plain RoPE: the maps de-rotate (and the engine tests read them so).
+    assert maps.layers[0].rope_inv_freq is not None and maps.settings["min_prompt"] >= 1
     assert maps.settings["policy"]["budget"] == 0.2 and maps.settings["text"] == "pydoc_data.topics"
     per_layer = maps.results["per_layer"]
     assert [row["layer"] for row in per_layer] == list(range(identity.num_layers))
