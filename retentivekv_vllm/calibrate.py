@@ -45,6 +45,7 @@ from retentivekv_vllm.core import (
 from retentivekv_vllm.learned_maps import LearnedMaps, model_identity
 from retentivekv_vllm.policies import Observation, make_policy
 
+DEFAULT_MIN_PROMPT = 128  # the earliest compression point calibration draws
 DEFAULT_RANK = 16  # a state of r·(d_v + 1) numbers: about 8 cached tokens of K+V at d = 64
 ATTENTION_NAME = "retentivekv_calibration"
 DEFAULT_TEXT = "pydoc_data.topics"  # the settings' name for the default calibration text
@@ -350,9 +351,9 @@ def parse_args(argv):
     parser.add_argument(
         "--min-prompt",
         type=int,
-        default=128,
-        help="earliest compression point; each sequence is compressed at a point drawn between "
-        "it and --length - --span (set both to one point to fit at that point only)",
+        default=None,
+        help="earliest compression point (default 128, or --length - --span if that is less); "
+        "each sequence is compressed at a point drawn between it and --length - --span",
     )
     parser.add_argument(
         "--queries", type=int, default=64, help="query positions sampled per sequence"
@@ -378,6 +379,8 @@ def parse_args(argv):
         parser.error(f"--rank: an even number >= 2 expected, got {args.rank}")
     if not 0 < args.span < args.length:
         parser.error(f"--span: between 1 and --length - 1 expected, got {args.span}")
+    if args.min_prompt is None:
+        args.min_prompt = min(DEFAULT_MIN_PROMPT, args.length - args.span)
     if not 0 < args.min_prompt <= args.length - args.span:
         parser.error(
             f"--min-prompt: between 1 and --length - --span expected, got {args.min_prompt}"
