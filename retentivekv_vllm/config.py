@@ -123,16 +123,19 @@ class KVPolicyConfig:
         return int(self.budget)
 
     @classmethod
+    def _fields(cls) -> tuple[list[dataclasses.Field], list[dataclasses.Field]]:
+        """(the common knobs, the fields that hold a policy's own settings dataclass)."""
+        fields = dataclasses.fields(cls)
+        return (
+            [f for f in fields if "settings" not in f.metadata],
+            [f for f in fields if "settings" in f.metadata],
+        )
+
+    @classmethod
     def knobs(cls) -> list[dataclasses.Field]:
         """Every knob, the common ones first, then each policy's own (flat: one flag each)."""
-        common = [f for f in dataclasses.fields(cls) if "settings" not in f.metadata]
-        own = [
-            knob
-            for f in dataclasses.fields(cls)
-            if "settings" in f.metadata
-            for knob in dataclasses.fields(f.metadata["settings"])
-        ]
-        return common + own
+        common, settings = cls._fields()
+        return common + [k for f in settings for k in dataclasses.fields(f.metadata["settings"])]
 
     @staticmethod
     def key(f: dataclasses.Field) -> str:
@@ -171,24 +174,18 @@ class KVPolicyConfig:
         """The settings from knobs named flat, as in flags and keys (``feature_map="elu"``), each
         routed to the common settings or to the policy settings it belongs to; not validated."""
         nested = {}
-        for f in dataclasses.fields(cls):
-            settings = f.metadata.get("settings")
-            if settings is not None:
-                names = {knob.name for knob in dataclasses.fields(settings)}
-                own = {name: values.pop(name) for name in names & values.keys()}
-                nested[f.name] = settings(**own)
+        for f in cls._fields()[1]:
+            names = {knob.name for knob in dataclasses.fields(f.metadata["settings"])}
+            own = {name: values.pop(name) for name in names & values.keys()}
+            nested[f.name] = f.metadata["settings"](**own)
         return cls(**values, **nested)
 
     def to_additional_config(self) -> dict[str, Any]:
-        flat = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if "settings" in f.metadata:
-                flat.update(
-                    {self.key(k): getattr(value, k.name) for k in dataclasses.fields(value)}
-                )
-            else:
-                flat[self.key(f)] = value
+        common, settings = self._fields()
+        flat = {self.key(f): getattr(self, f.name) for f in common}
+        for f in settings:
+            own = getattr(self, f.name)
+            flat.update({self.key(k): getattr(own, k.name) for k in dataclasses.fields(own)})
         return flat
 
     def validate(self) -> None:
@@ -215,9 +212,8 @@ class KVPolicyConfig:
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise KnobError("pool_kernel", f"must be a positive odd number, got {self.pool_kernel}")
         check_choice("request_overrides", self.request_overrides, REQUEST_OVERRIDES)
-        for f in dataclasses.fields(self):
-            if "settings" in f.metadata:
-                getattr(self, f.name).validate()
+        for f in self._fields()[1]:
+            getattr(self, f.name).validate()
 
 
 def request_config(

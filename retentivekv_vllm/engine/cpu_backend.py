@@ -39,6 +39,7 @@ from retentivekv_vllm.engine.executor import (
     RequestPlan,
     compress,
     group_queries,
+    grouped_positions,
     layer_index,
     ungroup_rows,
 )
@@ -251,7 +252,7 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
             out, lse = slots.attend_chunk(grouped, q.shape[0], self.scale)
             if memory.states:
                 feature_map = plan.policy.feature_map(self.head_size, self.scale, index)
-                q_positions = torch.arange(n - q.shape[0], n).repeat(self.num_queries_per_kv)
+                q_positions = grouped_positions(n, q.shape[0], self.num_queries_per_kv)
                 out = merge_with_state_readouts(
                     out, lse, grouped, memory.states, feature_map, q_positions=q_positions
                 )

@@ -105,6 +105,11 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.permute(1, 0, 2).reshape(num_kv_heads, (hq // num_kv_heads) * t, d)
 
 
+def grouped_positions(seq_len: int, num_tokens: int, group: int, device=None) -> torch.Tensor:
+    """[g·T] positions of `group_queries`' rows for the newest num_tokens of a seq_len cache."""
+    return torch.arange(seq_len - num_tokens, seq_len, device=device).repeat(group)
+
+
 def ungroup_rows(out: torch.Tensor, num_heads: int, num_tokens: int) -> torch.Tensor:
     """[Hkv, g·T, dv] -> [T, Hq, dv], the inverse of `group_queries`."""
     return out.view(num_heads, num_tokens, -1).permute(1, 0, 2)
@@ -125,7 +130,7 @@ def attend_live(
     float32; `merge` as in `core.merge_with_state_readouts`."""
     heads, n = keys.shape[0], plan.seq_len
     grouped = group_queries(q, heads)
-    q_positions = torch.arange(n - q.shape[0], n, device=q.device).repeat(q.shape[1] // heads)
+    q_positions = grouped_positions(n, q.shape[0], q.shape[1] // heads, q.device)
     out, lse = local_attention(
         grouped, keys, values, scale, q_positions, memory.positions[:, plan.live_start : n]
     )

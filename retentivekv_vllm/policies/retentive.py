@@ -228,11 +228,6 @@ class RetentivePolicy(KVPolicy):
                 f"{option('recall_weight')} needs the observation's keys, values and attention "
                 "scale; this caller gives none"
             )
-        if self.settings.feature_map == "learned" and obs.layer is None:
-            raise ValueError(
-                f"{option('recall_weight')} with --kv-feature-map learned needs the layer's "
-                "index; this caller gives none"
-            )
         phi = self.feature_map(obs.keys.shape[-1], obs.scale, obs.layer)
         return self_recall_error(phi, obs.keys, obs.values, obs.candidates, obs.positions)
 
