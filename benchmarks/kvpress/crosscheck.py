@@ -1,4 +1,4 @@
-"""Cross-check the project's snapkv, streaming and h2o scores against NVIDIA kvpress.
+"""Cross-check the project's snapkv, streaming, h2o and knorm scores against NVIDIA kvpress.
 
     python -m benchmarks.kvpress.crosscheck [--kvpress-python .cache/kvpress-venv/bin/python]
 
@@ -22,11 +22,15 @@ Definitions compared (kvpress 0.5.5):
   and at the end of prefill it sums only the observation window's rows. Compared twice: with the
   observation window set to the whole prompt (scores agree after dividing by T - j) and with the
   project's default window (kept-set overlap only).
+* Knorm: both score a key by its negated L2 norm; the cache holds post-RoPE keys and kvpress
+  scores the same post-RoPE keys (RoPE keeps norms anyway). Compared with sinks and window 0, so
+  the kept sets are the top-k of the scores alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -46,6 +50,7 @@ PRESSES = {
     "snapkv": {"window_size": SNAP_WINDOW, "kernel_size": SNAP_KERNEL},
     "streaming": {"n_sink": SINKS},
     "observed": {},
+    "knorm": {},
 }
 
 
@@ -69,10 +74,12 @@ def project_policy_scores(
     # kvpress's share of the prompt, or the sinks and window alone where they are more (snapkv's
     # 64-token window over a budget of 60: the window is kept, nothing else).
     budget = max(int(n * (1 - COMPRESSION_RATIO)), sinks + window)
-    # The dump has no values; these policies do not read them.
+    # The dump has no values; these policies do not read them. Compression packs the kept tokens
+    # into the slots it was given, so it gets copies and the scores are read from the originals.
     rows = queries.transpose(0, 1)
-    _, _, obs, kept = compress_tensors(policy, rows, keys, keys, scale, budget, 0)
-    return policy.score(obs), kept, queries.shape[0] // num_kv
+    _, _, obs, kept = compress_tensors(policy, rows, keys.clone(), keys.clone(), scale, budget, 0)
+    scores = policy.score(dataclasses.replace(obs, keys=keys))
+    return scores, kept, queries.shape[0] // num_kv
 
 
 def overlap(kept_mask: torch.Tensor, kvpress_kept: torch.Tensor) -> float:
@@ -135,6 +142,15 @@ def compare(dump: dict) -> list[dict]:
                 "layer": layer,
                 "press": "h2o (default observation window 32)",
                 "kept_overlap": overlap(kept, data["observed"]["kept"]),
+            }
+        )
+        ours, kept, _ = project_policy_scores("knorm", q, k, scale, 32, 0, 0)
+        rows.append(
+            {
+                "layer": layer,
+                "press": "knorm",
+                "max_rel_diff_all": max_relative_difference(ours, data["knorm"]["scores"]),
+                "kept_overlap": overlap(kept, data["knorm"]["kept"]),
             }
         )
     return rows

@@ -6,9 +6,9 @@ transformers and kvpress -- nothing of this project:
     KVPRESS_PYTHON benchmarks/kvpress/dump.py MODEL_DIR PROMPT.json OUT.pt
 
 PROMPT.json holds ``{"token_ids": [...], "compression_ratio": r, "presses": {name: kwargs}}``
-with names among snapkv, streaming, observed. OUT.pt holds, per layer, the post-RoPE queries of
-every prompt position [Hq, T, d], the keys [Hkv, T, d], and per press the scores [Hkv, T] and the
-kept indices (kvpress's own top-k).
+with names among snapkv, streaming, observed, knorm. OUT.pt holds, per layer, the post-RoPE
+queries of every prompt position [Hq, T, d], the keys [Hkv, T, d], and per press the scores
+[Hkv, T] and the kept indices (kvpress's own top-k).
 """
 
 import json
@@ -16,7 +16,7 @@ import sys
 
 import torch
 import transformers
-from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress
+from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress, StreamingLLMPress
 from kvpress.utils import get_prerope_query_states
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
@@ -25,6 +25,7 @@ PRESSES = {
     "snapkv": SnapKVPress,
     "streaming": StreamingLLMPress,
     "observed": ObservedAttentionPress,
+    "knorm": KnormPress,
 }
 
 

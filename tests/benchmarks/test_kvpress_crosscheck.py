@@ -1,4 +1,4 @@
-"""The project's snapkv, streaming and h2o against NVIDIA kvpress on the same tensors."""
+"""The project's snapkv, streaming, h2o and knorm against NVIDIA kvpress on the same tensors."""
 
 from pathlib import Path
 
@@ -38,3 +38,8 @@ def test_scores_and_kept_sets_agree_with_kvpress():
     for row in by_press["h2o (all prompt queries)"]:
         # Equal after kvpress's division by the number of queries that see each key.
         assert row["max_rel_diff_all"] < 1e-4
+    assert len(by_press["knorm"]) == 4
+    for row in by_press["knorm"]:
+        # The same negated key norms, so the same kept tokens.
+        assert row["max_rel_diff_all"] < 1e-5
+        assert row["kept_overlap"] == 1.0
