@@ -30,7 +30,6 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from retentivekv_vllm.core import RecurrentState, merge_with_state_readouts
 from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts
@@ -44,10 +43,9 @@ from retentivekv_vllm.engine.executor import (
     ungroup_rows,
 )
 from retentivekv_vllm.engine.memory import log_memory_plan
-from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
-from retentivekv_vllm.engine.settings import policy_from_vllm_config, refuse_unsupported_layer
+from retentivekv_vllm.engine.patches import install_runner_hooks
+from retentivekv_vllm.engine.settings import policy_from_vllm_config
 from retentivekv_vllm.engine.worker import WORKER
-from retentivekv_vllm.policies import KVPolicy
 
 
 @dataclass
@@ -133,32 +131,10 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return narrowed, token_rows
 
 
-def layer_policy(impl, sliding_window: bool) -> KVPolicy | None:
-    """The policy of the model whose attention layer `impl` (vLLM's impl, just built under the
-    model's config) computes: recorded for the KV-cache spec, with the worker's hooks installed;
-    a layer the policy cannot serve is refused."""
-    from vllm.config import get_current_vllm_config
-
-    vllm_config = get_current_vllm_config()
-    policy = policy_from_vllm_config(vllm_config)
-    WORKER.record_loaded_policy(policy, vllm_config)
-    if policy is not None:
-        install_worker_hooks()
-    refuse_unsupported_layer(
-        policy,
-        impl.attn_type,
-        sliding_window=sliding_window,
-        alibi=impl.alibi_slopes is not None,
-        soft_cap=bool(impl.logits_soft_cap),
-        sinks=impl.sinks is not None,
-    )
-    return policy
-
-
 class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.policy = layer_policy(self, sliding_window=self.sliding_window != -1)
+        self.policy = WORKER.load_layer(self, sliding_window=self.sliding_window != -1)
         if self.policy is not None and self.policy.compresses:
             decode_extension()  # built (or loaded from its cache) at start-up, not in a request
 
@@ -269,15 +245,7 @@ class RetentiveCPUAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        """Full attention under a compressing policy gets the spec whose KV manager
-        frees the blocks of folded tokens."""
-        spec = super().customize_spec(spec)
-        loaded = WORKER.loaded
-        if loaded is None or not loaded.policy.compresses or type(spec) is not FullAttentionSpec:
-            return spec
-        from retentivekv_vllm.engine.kv_manager import RetentiveAttentionSpec
-
-        return RetentiveAttentionSpec.from_full(spec, loaded.policy.config, loaded.max_step_tokens)
+        return WORKER.kv_cache_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls():

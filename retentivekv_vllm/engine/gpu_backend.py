@@ -35,7 +35,6 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from retentivekv_vllm.engine.cpu_backend import RetentiveCPUAttentionBackend, layer_policy
 from retentivekv_vllm.engine.executor import RequestPlan, attend_live, compress, layer_index
 from retentivekv_vllm.engine.memory import log_memory_plan
 from retentivekv_vllm.engine.patches import install_runner_hooks
@@ -136,7 +135,7 @@ class PagedSlots(Slots):
 class RetentiveTritonAttentionImpl(TritonAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.policy = layer_policy(self, sliding_window=self.sliding_window != (-1, -1))
+        self.policy = WORKER.load_layer(self, sliding_window=self.sliding_window != (-1, -1))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(
@@ -243,9 +242,7 @@ class RetentiveTritonAttentionBackend(TritonAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        # Triton's own adjustment, then the CPU backend's, which only swaps in the spec whose
-        # KV manager frees folded blocks (its base adjustment is the identity).
-        return RetentiveCPUAttentionBackend.customize_spec(super().customize_spec(spec))
+        return WORKER.kv_cache_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls():

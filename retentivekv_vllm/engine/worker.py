@@ -18,9 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
 from retentivekv_vllm.engine.executor import RequestPlan
 from retentivekv_vllm.engine.memory import MemoryRegistry, logger
-from retentivekv_vllm.engine.settings import request_policy
+from retentivekv_vllm.engine.settings import (
+    policy_from_vllm_config,
+    refuse_unsupported_layer,
+    request_policy,
+)
 from retentivekv_vllm.policies import KVPolicy
 
 
@@ -64,9 +70,39 @@ class WorkerState:
         self.batch = BatchView([], [])
         self.planned: list[RequestPlan] = []
 
-    def record_loaded_policy(self, policy: KVPolicy | None, vllm_config) -> None:
+    def load_layer(self, impl, sliding_window: bool) -> KVPolicy | None:
+        """The policy of the model whose attention layer `impl` (a backend's impl, just built
+        under the model's config) computes: recorded for the KV-cache spec, with the worker's hooks
+        installed; a layer the policy cannot serve is refused. Every backend's impl calls it."""
+        from vllm.config import get_current_vllm_config
+
+        from retentivekv_vllm.engine.patches import install_worker_hooks
+
+        vllm_config = get_current_vllm_config()
+        policy = policy_from_vllm_config(vllm_config)
         max_step_tokens = vllm_config.max_in_flight_tokens
         self.loaded = None if policy is None else LoadedPolicy(policy, max_step_tokens)
+        if policy is not None:
+            install_worker_hooks()
+        refuse_unsupported_layer(
+            policy,
+            impl.attn_type,
+            sliding_window=sliding_window,
+            alibi=impl.alibi_slopes is not None,
+            soft_cap=bool(impl.logits_soft_cap),
+            sinks=impl.sinks is not None,
+        )
+        return policy
+
+    def kv_cache_spec(self, spec):
+        """A backend's KV-cache spec for the loaded model: full attention under a compressing
+        policy gets the spec whose KV manager frees the blocks of folded tokens."""
+        loaded = self.loaded
+        if loaded is None or not loaded.policy.compresses or type(spec) is not FullAttentionSpec:
+            return spec
+        from retentivekv_vllm.engine.kv_manager import RetentiveAttentionSpec
+
+        return RetentiveAttentionSpec.from_full(spec, loaded.policy.config, loaded.max_step_tokens)
 
     def record_batch(self, runner, num_reqs: int) -> None:
         """The runner is about to build the metadata of a step of its first num_reqs requests."""

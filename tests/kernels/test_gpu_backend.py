@@ -169,7 +169,7 @@ def test_layers_the_policy_cannot_serve_are_refused():
                 NUM_KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, None, 8, "auto"
             )
     finally:
-        WORKER.record_loaded_policy(None, config)
+        WORKER.loaded = None
     with set_current_vllm_config(VllmConfig()):
         assert (
             impl_class(
