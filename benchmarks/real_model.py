@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -52,12 +51,19 @@ from typing import Any
 import numpy as np
 
 from benchmarks import require_matplotlib
+from benchmarks.equal_memory import (
+    equal_memory_budget,
+    keeps_no_state,
+    mcnemar_exact,
+    paired_bootstrap,
+    request_stats,
+    state_tokens,
+    token_bytes,
+)
 from benchmarks.fidelity import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM_SEED = 20_261_206
-BOOTSTRAP_SEED = 0
-BOOTSTRAP_RESAMPLES = 5000
 MAX_NUM_SEQS = 8
 REQUEST_KEYS = ("kv_policy", "kv_budget")  # what a request may choose (config.REQUEST_KNOBS)
 PROTOCOLS = ("agnostic", "aware")
@@ -74,27 +80,6 @@ CELLS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------- paired statistics
-
-
-def paired_bootstrap(a, b, seed: int = BOOTSTRAP_SEED, resamples: int = BOOTSTRAP_RESAMPLES):
-    """Mean of a - b over paired items and its 95 % percentile-bootstrap interval."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diff.size == 0:
-        raise ValueError("paired_bootstrap: no items")
-    index = np.random.default_rng(seed).integers(0, diff.size, size=(resamples, diff.size))
-    means = diff[index].mean(axis=1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(diff.mean()), float(low), float(high)
-
-
-def mcnemar_exact(a, b) -> dict[str, float]:
-    """McNemar's exact test of paired right/wrong: a right where b is wrong (a_only) and the
-    reverse (b_only); two-sided binomial p-value of the discordant pairs at 1/2."""
-    a_only = sum(1 for x, y in zip(a, b) if x and not y)
-    b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    n, k = a_only + b_only, min(a_only, b_only)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "p": p}
 
 
 def compare(a: dict, b: dict) -> dict[str, Any]:
@@ -174,20 +159,6 @@ def loglik_spans(tokenizer, count: int, chunk: int, scored: int, seed: int) -> l
 # ---------------------------------------------------------------- cells
 
 
-def token_bytes(model_dir: Path) -> int:
-    """Bytes one cached token takes over all layers and KV heads in the float32 cache."""
-    config = json.loads((model_dir / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return config["num_hidden_layers"] * config["num_key_value_heads"] * 2 * head_dim * 4
-
-
-def keeps_no_state(config: dict[str, Any]) -> bool:
-    """An eviction cell: it runs again with the reference's state bytes as extra cached tokens."""
-    if config["kv_policy"] == "full":
-        return False
-    return config["kv_policy"] != "retentive" or config.get("kv_states") == "none"
-
-
 def engine_key(config: dict[str, Any]) -> str:
     """Cells whose configs differ in policy and budget only share one engine: a request chooses
     its own (vllm_xargs.kv_policy, vllm_xargs.kv_budget)."""
@@ -236,15 +207,7 @@ class Engine:
             [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
         )
         (after,) = self.llm.collective_rpc("retentivekv_stats")
-        # The worker releases a finished request at the next step, so the last ones are still
-        # live; the engine core's ids are the output's with a random suffix ("7" -> "7-1a2b3c4d").
-        seen = set(before["finished"]) | set(before["live"])
-        new = {
-            rid.rsplit("-", 1)[0]: s
-            for rid, s in {**after["finished"], **after["live"]}.items()
-            if rid not in seen
-        }
-        return outputs, [new[out.request_id] for out in outputs]
+        return outputs, request_stats(before, after, outputs)
 
     def close(self) -> None:
         del self.llm
@@ -256,9 +219,7 @@ def request_params(config: dict[str, Any], prompt_len: int, extra_tokens: int, *
     of the prompt, plus extra_tokens (the state's bytes as tokens) as a token count."""
     from vllm import SamplingParams
 
-    budget = config["kv_budget"]
-    if extra_tokens:
-        budget = min(prompt_len, math.ceil(budget * prompt_len) + extra_tokens)
+    budget = equal_memory_budget(config["kv_budget"], prompt_len, extra_tokens)
     extra = {"kv_policy": config["kv_policy"], "kv_budget": budget}
     return SamplingParams(temperature=0, extra_args=extra, **sampling)
 
@@ -670,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                     write(complete=False)
                     if label == args.equal_memory_to:
                         # Rounded up: an eviction cell never holds less memory than the reference.
-                        extra_tokens[protocol] = math.ceil(cells[-1]["state_bytes"] / per_token)
+                        extra_tokens[protocol] = state_tokens(cells[-1]["state_bytes"], per_token)
                 if not equal_memory:
                     continue
                 for label in (g for g in group if keeps_no_state(budgets[g])):

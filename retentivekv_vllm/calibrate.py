@@ -139,13 +139,20 @@ def compression_example(policy, q, k, v, scale, prompt_len, query_positions) -> 
     )
 
 
+def text_model(model):
+    """The decoder whose attention layers the maps are for: the model itself, or the language
+    model of a vision-language model."""
+    base = model.base_model
+    return getattr(base, "language_model", base)
+
+
 def rotary_frequencies(model) -> Tensor | None:
     """The model's rotary frequencies when its RoPE is the plain one-dimensional kind that maps can
     undo at a token's position (`core.derotate`); None (maps read the vectors as cached) for any
     other, with a note."""
-    rotary = getattr(model.base_model, "rotary_emb", None)
+    rotary = getattr(text_model(model), "rotary_emb", None)
     inv_freq = getattr(rotary, "inv_freq", None)
-    rope = getattr(model.config, "rope_scaling", None) or {}
+    rope = getattr(model.config.get_text_config(), "rope_scaling", None) or {}
     if (
         inv_freq is None
         or getattr(rotary, "attention_scaling", 1.0) != 1.0
@@ -158,12 +165,15 @@ def rotary_frequencies(model) -> Tensor | None:
 
 def capture_examples(model, sequences, policy, prompt_lens, queries, seed, progress):
     """Run the model over every sequence (full attention) and build each layer's examples:
-    examples[layer][sequence]; sequence i is compressed after its first prompt_lens[i] tokens."""
+    examples[layer][sequence]; sequence i is compressed after its first prompt_lens[i] tokens.
+    A sequence is a list of token ids, or the model's inputs as a dict of tensors (``input_ids``
+    [1, L] and, for a vision-language model, ``pixel_values``); only the decoder's attention
+    layers are captured, and sequences may differ in length."""
     from transformers import AttentionInterface
 
     generator = torch.Generator().manual_seed(seed)
-    length = len(sequences[0])
-    examples: list[list[LayerExample]] = [[] for _ in range(model.config.num_hidden_layers)]
+    layers = model.config.get_text_config().num_hidden_layers
+    examples: list[list[LayerExample]] = [[] for _ in range(layers)]
     query_positions, prompt_len = None, None
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -177,14 +187,20 @@ def capture_examples(model, sequences, policy, prompt_lens, queries, seed, progr
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(ATTENTION_NAME, attention)
-    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config.get_text_config() is model.config:
+        model.set_attn_implementation(ATTENTION_NAME)
+    else:  # a vision-language model: the vision tower keeps its own attention
+        model.set_attn_implementation({"text_config": ATTENTION_NAME})
     with torch.no_grad():
-        for ids, prompt_len in progress(
+        for inputs, prompt_len in progress(
             list(zip(sequences, prompt_lens)), desc="capture q, k, v", unit="seq"
         ):
+            if not isinstance(inputs, dict):
+                inputs = {"input_ids": torch.tensor([inputs])}
+            length = inputs["input_ids"].shape[-1]
             span = torch.randperm(length - prompt_len, generator=generator)[:queries]
             query_positions = prompt_len + span.sort().values
-            model.base_model(input_ids=torch.tensor([ids]))  # no logits: not needed
+            model.base_model(**inputs)  # no logits: not needed
     return examples
 
 
@@ -344,6 +360,19 @@ def parse_args(argv):
         "--budget", type=float, default=0.2, help="budget ratio of the prompt fitted at"
     )
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="features per state (even)")
+    defaults = KVPolicyConfig()
+    parser.add_argument(
+        "--sinks",
+        type=int,
+        default=defaults.sinks,
+        help="first tokens the selection never folds (set it to what the server uses)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=defaults.window,
+        help="most recent tokens the selection never folds (set it to what the server uses)",
+    )
     parser.add_argument("--length", type=int, default=1024, help="tokens per sequence")
     parser.add_argument(
         "--span", type=int, default=256, help="fewest tokens after the compression point"
@@ -399,19 +428,13 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    identity = model_identity(args.model)
-    config = KVPolicyConfig.from_knobs(policy="retentive", budget=args.budget, states="single")
-    config.validate()
-    policy = make_policy(config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    inv_freq = rotary_frequencies(model)
     sequences = token_sequences(
         tokenizer, calibration_text(args.text), args.length, args.sequences + args.held_out
     )
@@ -424,9 +447,30 @@ def main(argv: list[str] | None = None) -> int:
         (len(sequences),),
         generator=torch.Generator().manual_seed(args.seed),
     )
-    examples = capture_examples(
-        model, sequences, policy, points.tolist(), args.queries, args.seed, tqdm
+    text = str(args.text) if args.text else DEFAULT_TEXT
+    fit_maps(args, model, sequences, points.tolist(), text, started)
+    return 0
+
+
+def fit_maps(args, model, sequences, points: list[int], text: str, started: float) -> LearnedMaps:
+    """Capture every sequence (token ids, or a model's inputs as a dict: `capture_examples`),
+    compressed at its point, fit each layer's maps on the first ``args.sequences``, report the
+    rest as held out, and write the file ``args.out``; `text` names the calibration data in the
+    file's settings. `args` as `parse_args` gives them."""
+    from tqdm.auto import tqdm
+
+    identity = model_identity(args.model)
+    config = KVPolicyConfig.from_knobs(
+        policy="retentive",
+        budget=args.budget,
+        states="single",
+        sinks=args.sinks,
+        window=args.window,
     )
+    config.validate()
+    policy = make_policy(config)
+    inv_freq = rotary_frequencies(model)
+    examples = capture_examples(model, sequences, policy, points, args.queries, args.seed, tqdm)
     del model
     layers, per_layer = [], []
     bar = tqdm(range(len(examples)), desc="fit layers", unit="layer")
@@ -464,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     settings = {
-        "text": str(args.text) if args.text else DEFAULT_TEXT,
+        "text": text,
         "policy": dataclasses.asdict(config),
         "rank": args.rank,
         "length": args.length,
@@ -478,9 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "seed": args.seed,
     }
-    LearnedMaps(layers, identity, settings, results).save(args.out)
+    maps = LearnedMaps(layers, identity, settings, results)
+    maps.save(args.out)
     print_report(per_layer, results, args.out)
-    return 0
+    return maps
 
 
 def print_report(per_layer: list[dict], results: dict, out: Path) -> None:
