@@ -139,8 +139,14 @@ def cell_config(task, label: str, budget: float) -> dict[str, Any]:
 
 
 def grid(
-    task, labels: list[str], budgets: list[float], references: tuple[str, ...] = ()
+    task,
+    labels: list[str],
+    budgets: list[float],
+    references: tuple[str, ...] = (),
+    matched: list[str] | None = None,
 ) -> list[Cell]:
+    """The cells of a run: full, then budget by budget every label, then every eviction cell of
+    `matched` (default: of `labels`) again per reference, at equal memory."""
     cells = [Cell("full", 1.0, cell_config(task, "full", 1.0))]
     # Budget by budget, in the order given: a long run cut short has every label at the first ones.
     for budget in budgets:
@@ -151,7 +157,7 @@ def grid(
             continue  # nothing is folded: no state to match
         # After the references of this budget, whose state bytes they need.
         for reference in references:
-            for label in labels:
+            for label in labels if matched is None else matched:
                 config = cell_config(task, label, budget)
                 if keeps_no_state(config):
                     cells.append(
@@ -465,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(default: those of {list(EQUAL_MEMORY_REFERENCES)} that run; none: no equal-memory "
         "cells)",
     )
+    parser.add_argument(
+        "--equal-memory-cells",
+        nargs="+",
+        default=None,
+        help="eviction cells run at equal memory (default: those among --cells); they need not "
+        "run at the bare budget too",
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
     parser.add_argument(
         "--calibration",
@@ -515,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = [r for r in references if r not in labels]
         if missing:
             parser.error(f"--equal-memory-to: {missing} are not among the cells run {labels}")
+    unknown = [label for label in args.equal_memory_cells or () if label not in known]
+    if unknown:
+        parser.error(f"--equal-memory-cells: unknown {unknown}; known: {known}")
     budgets = args.budgets or list(QUICK_BUDGETS if args.quick else BUDGETS)
     if any(not 0 < b <= 1 for b in budgets):
         parser.error(f"--budgets: ratios in (0, 1] expected, got {budgets}")
@@ -552,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         return failures
 
     results = []
-    cells = grid(task, labels, budgets, references)
+    cells = grid(task, labels, budgets, references, args.equal_memory_cells)
     for cell in tqdm(cells, desc=f"fidelity {task.name}", unit="cell"):
         extra, prompt_tokens = 0, None
         if cell.equal_memory_to:

@@ -70,6 +70,9 @@ def test_equal_memory_cells_follow_their_references_at_compressed_budgets_only()
     learned = next(c for c in cells if c.label == LEARNED)
     assert learned.config["kv_feature_map"] == "learned"
     assert learned.config["kv_maps"] == str(task_maps(task))
+    # --equal-memory-cells: eviction cells at equal memory only (retentive keeps a state: none).
+    only = grid(task, [LEARNED], [0.1], (LEARNED,), ["h2o", "retentive"])
+    assert [c.label for c in only] == ["full", LEARNED, f"h2o (equal memory to {LEARNED})"]
 
 
 def test_equal_memory_budget_and_tokens():
