@@ -472,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         "cells)",
     )
     parser.add_argument(
+        "--equal-memory-tokens",
+        type=int,
+        default=None,
+        help="the extra tokens of the equal-memory cells when their reference runs in another "
+        "process (merge the runs with --table-from)",
+    )
+    parser.add_argument(
         "--equal-memory-cells",
         nargs="+",
         default=None,
@@ -526,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         references = tuple(args.equal_memory_to)
         missing = [r for r in references if r not in labels]
-        if missing:
+        if missing and args.equal_memory_tokens is None:
             parser.error(f"--equal-memory-to: {missing} are not among the cells run {labels}")
     unknown = [label for label in args.equal_memory_cells or () if label not in known]
     if unknown:
@@ -573,12 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         extra, prompt_tokens = 0, None
         if cell.equal_memory_to:
             reference = next(
-                r
-                for r in results
-                if r["label"] == cell.equal_memory_to and r["budget"] == cell.budget
+                (
+                    r
+                    for r in results
+                    if r["label"] == cell.equal_memory_to and r["budget"] == cell.budget
+                ),
+                None,
             )
-            extra = state_tokens(reference["max_state_bytes"], per_token)
-            prompt_tokens = reference["prompt_tokens"]
+            if reference is None:  # it ran in another process: its bytes as given, full's prompts
+                extra, prompt_tokens = args.equal_memory_tokens, results[0]["prompt_tokens"]
+            else:
+                extra = state_tokens(reference["max_state_bytes"], per_token)
+                prompt_tokens = reference["prompt_tokens"]
         results.append(
             run_cell(task, cell, items, args.calibration, per_token, extra, prompt_tokens)
         )
