@@ -59,7 +59,10 @@ def _policy_settings(settings_class: type) -> Any:
 @dataclass(frozen=True)
 class KVPolicyConfig:
     policy: str = knob(
-        None, "KV-cache policy: full, streaming, h2o, snapkv, knorm, lookm, retentive.", str
+        None,
+        "KV-cache policy: full, streaming, h2o, snapkv, knorm, expected_attention, lookm, "
+        "retentive.",
+        str,
     )
     budget: float = knob(
         0.2,

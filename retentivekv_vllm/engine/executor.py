@@ -170,9 +170,8 @@ def compress(
     alpha = accumulated_attention(probs) if statistics is None else statistics[0]
     accumulated = memory.accumulated[:, live] + alpha
     candidates = (positions >= plan.sinks) & (positions < n - plan.window)
-    obs = Observation(
-        probs, positions, candidates, accumulated, layout, statistics, keys, values, scale, layer
-    )
+    scored = (keys, values, scale, layer, queries, q_positions)  # for policies that read them
+    obs = Observation(probs, positions, candidates, accumulated, layout, statistics, *scored)
     kept = ~candidates | policy.select(obs, plan.budget - plan.sinks - plan.window)
     if layout is not None:
         plan.memory.visual_slots_folded += int((layout.visual & ~kept).sum())

@@ -170,7 +170,7 @@ def _patch_request_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from retentivekv_vllm.config import RequestConfigError, request_config
-    from retentivekv_vllm.engine.settings import kv_config_from_vllm_config
+    from retentivekv_vllm.engine.settings import kv_config_from_vllm_config, rotary_refusal
 
     original = InputProcessor._validate_params
 
@@ -178,11 +178,15 @@ def _patch_request_validation() -> None:
     def validate_params(self, params, *args, **kwargs):
         if isinstance(params, SamplingParams) and params.extra_args:
             try:
-                request_config(
+                config = request_config(
                     kv_config_from_vllm_config(self.vllm_config),
                     params.extra_args,
                     self.vllm_config.model_config.max_model_len,
                 )
+                # A policy the server's model cannot run (its RoPE), chosen by the request.
+                refusal = config is not None and rotary_refusal(config, self.vllm_config)
+                if refusal:
+                    raise RequestConfigError("vllm_xargs.kv_policy", refusal)
             except RequestConfigError as error:
                 raise VLLMValidationError(str(error), parameter=error.field) from None
         return original(self, params, *args, **kwargs)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import functools
 
 from retentivekv_vllm.config import KEY_PREFIX, ConfigError, KVPolicyConfig, request_config
-from retentivekv_vllm.policies import KVPolicy, make_policy
+from retentivekv_vllm.policies import POLICIES, KVPolicy, make_policy
+from retentivekv_vllm.policies.expected_attention import (
+    UnsupportedRotary,
+    rotary_frequencies_from_config,
+)
 
 
 def kv_config_from_vllm_config(vllm_config) -> KVPolicyConfig | None:
@@ -15,15 +19,32 @@ def kv_config_from_vllm_config(vllm_config) -> KVPolicyConfig | None:
 
 # Bounded: requests may choose their own budgets (the server's config has the largest share).
 @functools.lru_cache(maxsize=64)
-def _policy(config: KVPolicyConfig) -> KVPolicy:
+def _policy(config: KVPolicyConfig, rotary: tuple[float, ...] | None = None) -> KVPolicy:
     # One instance per process and config, so the builder and every layer share
     # its caches (e.g. the random-feature projection).
-    return make_policy(config)
+    return make_policy(config, rotary)
+
+
+def model_rotary(vllm_config) -> tuple[float, ...] | str | None:
+    """The served model's rotary frequencies, for policies that move queries between positions
+    (`KVPolicy.rotary`): vLLM's attention layers get queries already rotated and never see the
+    model's rotary module, so they are read from its config. A string says why they cannot be
+    (`rotary_refusal` refuses the policies that need them); None: no model config."""
+    model = getattr(vllm_config, "model_config", None)
+    if model is None:
+        return None
+    try:
+        return rotary_frequencies_from_config(model.hf_config)
+    except UnsupportedRotary as error:
+        return str(error)
 
 
 def policy_from_vllm_config(vllm_config) -> KVPolicy | None:
     config = kv_config_from_vllm_config(vllm_config)
-    return None if config is None else _policy(config)
+    if config is None:
+        return None
+    rotary = model_rotary(vllm_config)
+    return _policy(config, rotary if isinstance(rotary, tuple) else None)
 
 
 def request_policy(server: KVPolicy, request_state) -> KVPolicy:
@@ -32,13 +53,24 @@ def request_policy(server: KVPolicy, request_state) -> KVPolicy:
     params = getattr(request_state, "sampling_params", None)
     extra_args = (params.extra_args if params is not None else None) or {}
     ours = tuple(sorted((k, v) for k, v in extra_args.items() if k.startswith(KEY_PREFIX)))
-    return _request_policy(server.config, ours) if ours else server
+    return _request_policy(server.config, ours, server.rotary) if ours else server
 
 
 @functools.lru_cache(maxsize=64)
-def _request_policy(server: KVPolicyConfig, ours: tuple) -> KVPolicy:
+def _request_policy(server: KVPolicyConfig, ours: tuple, rotary) -> KVPolicy:
     # Validated by the API server already; cached because the builder asks every step.
-    return _policy(request_config(server, dict(ours)))
+    return _policy(request_config(server, dict(ours)), rotary)
+
+
+def rotary_refusal(config: KVPolicyConfig, vllm_config) -> str | None:
+    """Why the served model cannot run `config`'s policy, which needs its rotary frequencies
+    (start-up and per-request checks); None when it can, or the policy needs none."""
+    if not POLICIES[config.policy].needs_rotary:
+        return None
+    rotary = model_rotary(vllm_config)
+    if not isinstance(rotary, str):
+        return None
+    return f"--kv-policy {config.policy} needs plain rotary position embeddings: {rotary}"
 
 
 def _unsupported_engine_options(c) -> dict[str, str]:
@@ -116,6 +148,9 @@ def validate_engine(vllm_config) -> None:
     if model is None:
         return
     config.check_model_length(model.max_model_len)
+    refusal = rotary_refusal(config, vllm_config)
+    if refusal:
+        raise ConfigError(refusal)
     if config.retentive.maps:  # first: the states' reservation reads the file's rank
         check_maps(config, vllm_config)
     kv_memory = vllm_config.cache_config.kv_cache_memory_bytes

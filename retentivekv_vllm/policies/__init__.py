@@ -1,6 +1,7 @@
 """KV policies behind a registry: one small file each."""
 
 from retentivekv_vllm.policies import (  # noqa: F401  (registration)
+    expected_attention,
     full,
     h2o,
     knorm,

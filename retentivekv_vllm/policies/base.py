@@ -49,6 +49,9 @@ class Observation:
         ``--kv-recall-weight``); None where a caller has none to give.
     scale: the layer's attention scale; layer: the layer's index in the model (per-layer feature
         maps). None where a caller has none to give.
+    queries: [m, Hq, d] the observation window's queries (post-RoPE, as the engine holds them,
+        ungrouped) and query_positions: [m] their positions, for policies that model the queries
+        themselves (`expected_attention`); None where a caller has none to give.
     """
 
     probs: torch.Tensor | None
@@ -61,6 +64,8 @@ class Observation:
     values: torch.Tensor | None = None
     scale: float | None = None
     layer: int | None = None
+    queries: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
 
     @functools.cached_property
     def alpha(self) -> torch.Tensor:
@@ -80,9 +85,16 @@ class Observation:
 @dataclass
 class KVPolicy(ABC):
     config: KVPolicyConfig
+    # The served model's rotary frequencies (RoPE's inv_freq, [d_rot / 2]), for policies that
+    # move queries between positions (`needs_rotary`). Not a knob: the model's config decides
+    # them, so whoever builds the policy for a model fills them in (the engine from vLLM's model
+    # config, `engine/settings.py`); None where unknown. A tuple: policies are cached by value.
+    rotary: tuple[float, ...] | None = None
     name: ClassVar[str]
     # False for `full`: the engine never compresses, whatever the budget.
     compresses: ClassVar[bool] = True
+    # True for `expected_attention`: the server refuses a model whose RoPE it cannot read.
+    needs_rotary: ClassVar[bool] = False
 
     @classmethod
     def keeps_state_under(cls, config: KVPolicyConfig) -> bool:
@@ -133,5 +145,5 @@ def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     return cls
 
 
-def make_policy(config: KVPolicyConfig) -> KVPolicy:
-    return POLICIES[config.policy](config)
+def make_policy(config: KVPolicyConfig, rotary: tuple[float, ...] | None = None) -> KVPolicy:
+    return POLICIES[config.policy](config, rotary)

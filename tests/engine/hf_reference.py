@@ -17,13 +17,19 @@ transformers' own attention).
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+)
 
 from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import compressed_attention, local_attention
 from retentivekv_vllm.engine.executor import compress_tensors
 from retentivekv_vllm.multimodal import TokenLayout
-from retentivekv_vllm.policies import make_policy
+from retentivekv_vllm.policies import POLICIES, make_policy
+from retentivekv_vllm.policies.expected_attention import rotary_frequencies_from_config
 
 NAME = "retentivekv_reference"
 
@@ -64,7 +70,11 @@ def reference_greedy(
 ) -> list[int]:
     """Greedy tokens under the policy; ``mm_inputs`` (the processor's pixel values and
     grids) and ``layout`` (where the prompt's image tokens sit) for an image request."""
-    policy = make_policy(config)
+    # The model's rotary frequencies, as the engine reads them from vLLM's model config.
+    rotary = None
+    if POLICIES[config.policy].needs_rotary:
+        rotary = rotary_frequencies_from_config(AutoConfig.from_pretrained(model_dir))
+    policy = make_policy(config, rotary)
     num_prompt = len(prompt_ids)
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
