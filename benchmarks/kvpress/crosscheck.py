@@ -1,4 +1,5 @@
-"""Cross-check the project's snapkv, streaming, h2o and knorm scores against NVIDIA kvpress.
+"""Cross-check the project's eviction scores (snapkv, streaming, h2o, knorm, expected_attention)
+against NVIDIA kvpress.
 
     python -m benchmarks.kvpress.crosscheck [--kvpress-python .cache/kvpress-venv/bin/python]
 
@@ -25,6 +26,12 @@ Definitions compared (kvpress 0.5.5):
 * Knorm: both score a key by its negated L2 norm; the cache holds post-RoPE keys and kvpress
   scores the same post-RoPE keys (RoPE keeps norms anyway). Compared with sinks and window 0, so
   the kept sets are the top-k of the scores alone.
+* ExpectedAttention: kvpress takes the query mean and covariance over every prompt query but the
+  first 4 (n_sink) and leaves the first 4 keys out of the softmax; the project takes them over its
+  observation window and leaves ``--kv-sinks`` keys out. Compared with the observation window set
+  to every query but the first 4 and 4 sinks (window 0), where the definitions coincide: the
+  sinks' scores differ by construction (kvpress pads them with its maximum; the engine keeps
+  sinks without scoring them), so only the other tokens' scores are compared.
 """
 
 from __future__ import annotations
@@ -51,14 +58,25 @@ PRESSES = {
     "streaming": {"n_sink": SINKS},
     "observed": {},
     "knorm": {},
+    "expected_attention": {},
 }
+EXPECTED_SINKS = 4  # kvpress's n_sink
 
 
 def project_policy_scores(
-    name: str, queries, keys, scale, observation_window: int, sinks: int, window: int
+    name: str,
+    queries,
+    keys,
+    scale,
+    observation_window: int,
+    sinks: int,
+    window: int,
+    values=None,
+    rotary=None,
 ):
     """The project's scores and kept mask for one layer (sinks and window kept), from the engine's
-    own compression (`executor.compress`) of the layer's queries [Hq, n, d] and keys [Hkv, n, d]."""
+    own compression (`executor.compress`) of the layer's queries [Hq, n, d], keys [Hkv, n, d] and,
+    for policies that read them, values and the model's rotary frequencies."""
     # Imported here: the engine imports vLLM, which sets environment variables (test_imports).
     from retentivekv_vllm.engine.executor import compress_tensors
 
@@ -70,15 +88,16 @@ def project_policy_scores(
         observation_window=observation_window,
         pool_kernel=SNAP_KERNEL,
     )
-    policy = make_policy(config)
+    policy = make_policy(config, rotary)
     # kvpress's share of the prompt, or the sinks and window alone where they are more (snapkv's
     # 64-token window over a budget of 60: the window is kept, nothing else).
     budget = max(int(n * (1 - COMPRESSION_RATIO)), sinks + window)
-    # The dump has no values; these policies do not read them. Compression packs the kept tokens
-    # into the slots it was given, so it gets copies and the scores are read from the originals.
+    # Compression packs the kept tokens into the slots it was given, so it gets copies and the
+    # scores are read from the originals.
+    values = keys if values is None else values
     rows = queries.transpose(0, 1)
-    _, _, obs, kept = compress_tensors(policy, rows, keys.clone(), keys.clone(), scale, budget, 0)
-    scores = policy.score(dataclasses.replace(obs, keys=keys))
+    _, _, obs, kept = compress_tensors(policy, rows, keys.clone(), values.clone(), scale, budget, 0)
+    scores = policy.score(dataclasses.replace(obs, keys=keys, values=values))
     return scores, kept, queries.shape[0] // num_kv
 
 
@@ -91,7 +110,8 @@ def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()).abs() / b.double().abs().clamp(min=1e-12)).max())
 
 
-def compare(dump: dict) -> list[dict]:
+def compare(dump: dict, rotary: tuple[float, ...]) -> list[dict]:
+    """One row per press and layer; `rotary`: the model's rotary frequencies."""
     scale = dump["scale"]
     rows = []
     for layer, data in sorted(dump["layers"].items()):
@@ -153,7 +173,32 @@ def compare(dump: dict) -> list[dict]:
                 "kept_overlap": overlap(kept, data["knorm"]["kept"]),
             }
         )
+        # ExpectedAttention where the definitions coincide (see the module docstring).
+        sinks = EXPECTED_SINKS
+        ours, kept, _ = project_policy_scores(
+            "expected_attention", q, k, scale, n - sinks, sinks, 0, data["values"].float(), rotary
+        )
+        theirs = data["expected_attention"]["scores"]
+        rows.append(
+            {
+                "layer": layer,
+                "press": "expected_attention",
+                "max_rel_diff_all": max_relative_difference(ours[:, sinks:], theirs[:, sinks:]),
+                "kept_overlap": overlap(kept, data["expected_attention"]["kept"]),
+            }
+        )
     return rows
+
+
+def crosscheck(python: Path, model_dir: Path, work: Path) -> list[dict]:
+    """kvpress (`python`, its environment) and the project on the model in `model_dir`: the rows of
+    `compare`."""
+    from transformers import AutoConfig
+
+    from retentivekv_vllm.policies.expected_attention import rotary_frequencies_from_config
+
+    rotary = rotary_frequencies_from_config(AutoConfig.from_pretrained(model_dir))
+    return compare(run_kvpress(python, model_dir, work), rotary)
 
 
 def run_kvpress(python: Path, model_dir: Path, work: Path) -> dict:
@@ -197,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_tiny_model(work / "tiny-llama", arch="llama")
-        rows = compare(run_kvpress(args.kvpress_python, model_dir, work))
+        rows = crosscheck(args.kvpress_python, model_dir, work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

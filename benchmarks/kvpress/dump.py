@@ -6,9 +6,9 @@ transformers and kvpress -- nothing of this project:
     KVPRESS_PYTHON benchmarks/kvpress/dump.py MODEL_DIR PROMPT.json OUT.pt
 
 PROMPT.json holds ``{"token_ids": [...], "compression_ratio": r, "presses": {name: kwargs}}``
-with names among snapkv, streaming, observed, knorm. OUT.pt holds, per layer, the post-RoPE
-queries of every prompt position [Hq, T, d], the keys [Hkv, T, d], and per press the scores
-[Hkv, T] and the kept indices (kvpress's own top-k).
+with names among snapkv, streaming, observed, knorm, expected_attention. OUT.pt holds, per layer,
+the post-RoPE queries of every prompt position [Hq, T, d], the keys and values [Hkv, T, d], and
+per press the scores [Hkv, T] and the kept indices (kvpress's own top-k).
 """
 
 import json
@@ -16,7 +16,13 @@ import sys
 
 import torch
 import transformers
-from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress, StreamingLLMPress
+from kvpress import (
+    ExpectedAttentionPress,
+    KnormPress,
+    ObservedAttentionPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
 from kvpress.utils import get_prerope_query_states
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
@@ -26,6 +32,7 @@ PRESSES = {
     "streaming": StreamingLLMPress,
     "observed": ObservedAttentionPress,
     "knorm": KnormPress,
+    "expected_attention": ExpectedAttentionPress,
 }
 
 
@@ -53,6 +60,7 @@ def main(model_dir: str, prompt_path: str, out_path: str) -> None:
                 q = get_prerope_query_states(module, hidden_states)
                 q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
                 layer["queries"], layer["keys"] = q[0].clone(), keys[0].clone()
+                layer["values"] = values[0].clone()
             n_kept = int(keys.shape[2] * (1 - spec["compression_ratio"]))
             layer[name] = {
                 "scores": scores[0].clone(),

@@ -1,4 +1,4 @@
-"""The project's snapkv, streaming, h2o and knorm against NVIDIA kvpress on the same tensors."""
+"""The project's eviction policies against NVIDIA kvpress's presses on the same tensors."""
 
 from pathlib import Path
 
@@ -17,14 +17,12 @@ KVPRESS_PYTHON = REPO / ".cache" / "kvpress-venv" / "bin" / "python"
 def test_scores_and_kept_sets_agree_with_kvpress():
     import tempfile
 
-    from benchmarks.kvpress.crosscheck import compare, run_kvpress
+    from benchmarks.kvpress.crosscheck import crosscheck
     from retentivekv_vllm.fixtures import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = compare(
-            run_kvpress(KVPRESS_PYTHON, build_tiny_model(work / "tiny-llama", arch="llama"), work)
-        )
+        rows = crosscheck(KVPRESS_PYTHON, build_tiny_model(work / "tiny-llama", arch="llama"), work)
     by_press = {}
     for row in rows:
         by_press.setdefault(row["press"], []).append(row)
@@ -42,4 +40,10 @@ def test_scores_and_kept_sets_agree_with_kvpress():
     for row in by_press["knorm"]:
         # The same negated key norms, so the same kept tokens.
         assert row["max_rel_diff_all"] < 1e-5
+        assert row["kept_overlap"] == 1.0
+    assert len(by_press["expected_attention"]) == 4
+    for row in by_press["expected_attention"]:
+        # kvpress's statistics over the prompt's queries, reproduced from the cached (post-RoPE)
+        # queries de-rotated, and the same averaged rotation, quadratic term and value norms.
+        assert row["max_rel_diff_all"] < 1e-4
         assert row["kept_overlap"] == 1.0
