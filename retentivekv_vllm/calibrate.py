@@ -373,6 +373,14 @@ def parse_args(argv):
         default=defaults.window,
         help="most recent tokens the selection never folds (set it to what the server uses)",
     )
+    parser.add_argument(
+        "--lambda",
+        dest="lambda_",
+        type=float,
+        default=defaults.retentive.lambda_,
+        help="retentive's weight of attention against entropy in the selection (set it to the "
+        "server's --kv-lambda: the maps are fitted on the tokens that selection folds)",
+    )
     parser.add_argument("--length", type=int, default=1024, help="tokens per sequence")
     parser.add_argument(
         "--span", type=int, default=256, help="fewest tokens after the compression point"
@@ -466,6 +474,7 @@ def fit_maps(args, model, sequences, points: list[int], text: str, started: floa
         states="single",
         sinks=args.sinks,
         window=args.window,
+        lambda_=args.lambda_,
     )
     config.validate()
     policy = make_policy(config)

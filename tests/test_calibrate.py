@@ -38,7 +38,8 @@ def tiny_model(tmp_path_factory):
 def maps_file(tiny_model, tmp_path_factory):
     """Maps fitted by the command itself, briefly (about 20 s on two cores), on the tiny model."""
     out = tmp_path_factory.mktemp("maps") / "tiny.safetensors"
-    argv = [str(tiny_model), "--out", str(out), *TINY_CALIBRATION.split()]
+    # A λ other than the default: the file must record the selection it was fitted on.
+    argv = [str(tiny_model), "--out", str(out), *TINY_CALIBRATION.split(), "--lambda", "0.75"]
     assert calibrate.main(argv) == 0
     return out
 
@@ -53,6 +54,7 @@ def test_the_file_holds_the_model_settings_and_results(maps_file, tiny_model):
     # A Llama model has plain RoPE: the maps de-rotate (and the engine tests read them so).
     assert maps.layers[0].rope_inv_freq is not None and maps.settings["min_prompt"] >= 1
     assert maps.settings["policy"]["budget"] == 0.2 and maps.settings["text"] == "pydoc_data.topics"
+    assert maps.settings["policy"]["retentive"]["lambda_"] == 0.75
     per_layer = maps.results["per_layer"]
     assert [row["layer"] for row in per_layer] == list(range(identity.num_layers))
     assert all(row["held_out_residual"] >= 0 and row["held_out_state"] >= 0 for row in per_layer)
