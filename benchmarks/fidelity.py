@@ -413,13 +413,15 @@ def plot(task, results: list[dict[str, Any]], path: Path) -> None:
 
 def merge_results(task, args) -> int:
     reports = [json.loads(path.read_text()) for path in args.table_from]
-    # Every run includes full; keep the first file's and check the others agree with it.
+    # Every run includes full, and a reference cell may run again beside its equal-memory cells:
+    # keep the first file's and check the others generated the same, item for item.
     cells, seen = [], {}
     for report in reports:
         for c in report["cells"]:
             key = (c["label"], c["budget"])
             if key in seen:
-                if c["label"] != "full" or c["correct"] != seen[key]["correct"]:
+                first = seen[key]
+                if c["correct"] != first["correct"] or c.get("outputs") != first.get("outputs"):
                     raise SystemExit(f"--table-from: {key} appears twice with different results")
                 continue
             seen[key] = c
