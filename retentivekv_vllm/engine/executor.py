@@ -150,7 +150,8 @@ def compress(
     slots: the request's live slots (``slots.Slots``); memory: its memory in this layer, whose
     remembered queries are the observation window. Afterwards slots [fold_to, seq_len) hold each
     head's kept tokens in position order and `memory` their positions, statistics and states.
-    Returns the observation and the kept mask [Hkv, n] over the live slots (for benchmarks).
+    Returns the observation and the kept mask [Hkv, n] over the live slots (for benchmarks); the
+    observation's keys and values are the slots' as read, which the packing may have overwritten.
     """
     policy, n = plan.policy, plan.seq_len
     live = slice(plan.live_start, n)
