@@ -195,7 +195,7 @@ def crosscheck(python: Path, model_dir: Path, work: Path) -> list[dict]:
     `compare`."""
     from transformers import AutoConfig
 
-    from retentivekv_vllm.policies.expected_attention import rotary_frequencies_from_config
+    from retentivekv_vllm.core.feature_maps import rotary_frequencies_from_config
 
     rotary = rotary_frequencies_from_config(AutoConfig.from_pretrained(model_dir))
     return compare(run_kvpress(python, model_dir, work), rotary)

@@ -8,6 +8,7 @@ de-rotated keys and queries reads them (`LearnedFeatureMap`), the others ignore 
 
 import abc
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -245,3 +246,40 @@ def make_feature_map(
     if name == "elu":
         return EluPlusOne(head_dim)
     return FEATURE_MAPS[name](head_dim, rank, scale, seed)
+
+
+# RoPE kinds whose frequencies a position-independent rescaling of the default ones gives.
+HANDLED_ROPE_TYPES = ("default", "linear")
+
+
+class UnsupportedRotary(ValueError):
+    """The model's position embedding is not plain RoPE whose frequencies its config gives."""
+
+
+def rotary_frequencies_from_config(hf_config: Any) -> tuple[float, ...]:
+    """The rotary frequencies (inv_freq, [d_rot / 2]) of a Hugging Face model config, for plain
+    rotate-half RoPE over the first d_rot = head_dim · partial_rotary_factor dims of each head,
+    with linear position scaling or none; UnsupportedRotary saying why for anything else."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    # transformers >= 5 reads "rope_parameters", older configs "rope_scaling" (+ "rope_theta").
+    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise UnsupportedRotary("the model uses a different RoPE per layer type")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in HANDLED_ROPE_TYPES:
+        raise UnsupportedRotary(
+            f"the model's RoPE scaling type {kind!r} is not handled (handled: "
+            f"{', '.join(HANDLED_ROPE_TYPES)})"
+        )
+    if "mrope_section" in rope:
+        raise UnsupportedRotary("the model uses multimodal RoPE (mrope_section)")
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
+    if theta is None:
+        raise UnsupportedRotary("the model's config names no rotary embedding (rope_theta)")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    factor = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None) or 1.0)
+    dim = int(head_dim * factor)
+    inv_freq = 1.0 / float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if kind == "linear":
+        inv_freq = inv_freq / float(rope["factor"])
+    return tuple(inv_freq.tolist())

@@ -5,11 +5,8 @@ from __future__ import annotations
 import functools
 
 from retentivekv_vllm.config import KEY_PREFIX, ConfigError, KVPolicyConfig, request_config
+from retentivekv_vllm.core.feature_maps import UnsupportedRotary, rotary_frequencies_from_config
 from retentivekv_vllm.policies import POLICIES, KVPolicy, make_policy
-from retentivekv_vllm.policies.expected_attention import (
-    UnsupportedRotary,
-    rotary_frequencies_from_config,
-)
 
 
 def kv_config_from_vllm_config(vllm_config) -> KVPolicyConfig | None:

@@ -26,12 +26,11 @@ averaged over the query heads that read the KV head (GQA), s the attention scale
 * s is the layer's attention scale, which is 1/√d for Llama-family models.
 
 RoPE must be the plain rotate-half kind (Llama-family and vLLM's neox style) whose frequencies
-the model's config gives; ``rotary_frequencies_from_config`` refuses any other.
+the model's config gives; ``core.feature_maps.rotary_frequencies_from_config`` refuses any
+other.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -39,41 +38,6 @@ from retentivekv_vllm.core.feature_maps import derotate
 from retentivekv_vllm.policies.base import KVPolicy, Observation, register_policy
 
 FUTURE_POSITIONS = 512  # kvpress's n_future_positions
-# RoPE kinds whose frequencies a position-independent rescaling of the default ones gives.
-HANDLED_ROPE_TYPES = ("default", "linear")
-
-
-class UnsupportedRotary(ValueError):
-    """The model's position embedding is not one this policy can undo and average."""
-
-
-def rotary_frequencies_from_config(hf_config: Any) -> tuple[float, ...]:
-    """The rotary frequencies (inv_freq, [d_rot / 2]) of a Hugging Face model config, for plain
-    rotate-half RoPE over the first d_rot = head_dim · partial_rotary_factor dims of each head,
-    with linear position scaling or none; UnsupportedRotary saying why for anything else."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    # transformers >= 5 reads "rope_parameters", older configs "rope_scaling" (+ "rope_theta").
-    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
-    if any(isinstance(v, dict) for v in rope.values()):
-        raise UnsupportedRotary("the model uses a different RoPE per layer type")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in HANDLED_ROPE_TYPES:
-        raise UnsupportedRotary(
-            f"the model's RoPE scaling type {kind!r} is not handled (handled: "
-            f"{', '.join(HANDLED_ROPE_TYPES)})"
-        )
-    if "mrope_section" in rope:
-        raise UnsupportedRotary("the model uses multimodal RoPE (mrope_section)")
-    theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
-    if theta is None:
-        raise UnsupportedRotary("the model's config names no rotary embedding (rope_theta)")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    factor = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None) or 1.0)
-    dim = int(head_dim * factor)
-    inv_freq = 1.0 / float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    if kind == "linear":
-        inv_freq = inv_freq / float(rope["factor"])
-    return tuple(inv_freq.tolist())
 
 
 def averaged_rotation(inv_freq: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:

@@ -26,10 +26,10 @@ from transformers import (
 
 from retentivekv_vllm.config import KVPolicyConfig
 from retentivekv_vllm.core import compressed_attention, local_attention
+from retentivekv_vllm.core.feature_maps import rotary_frequencies_from_config
 from retentivekv_vllm.engine.executor import compress_tensors
 from retentivekv_vllm.multimodal import TokenLayout
 from retentivekv_vllm.policies import POLICIES, make_policy
-from retentivekv_vllm.policies.expected_attention import rotary_frequencies_from_config
 
 NAME = "retentivekv_reference"
 

@@ -12,11 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotat
 from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
 from retentivekv_vllm.config import KVPolicyConfig
+from retentivekv_vllm.core.feature_maps import UnsupportedRotary, rotary_frequencies_from_config
 from retentivekv_vllm.policies import Observation, make_policy
-from retentivekv_vllm.policies.expected_attention import (
-    UnsupportedRotary,
-    rotary_frequencies_from_config,
-)
 
 Q_HEADS, KV_HEADS, DIM, N, WINDOW, SINKS = 4, 2, 16, 120, 24, 4
 
