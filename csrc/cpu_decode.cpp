@@ -131,7 +131,45 @@ std::vector<at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Te
 // feature map), which -ffast-math assumes.
 //
 // out [R, Hkv, g, dv] and lse [R, Hkv, g] float32; log_phi [M, Hkv, g, r] float32; rows [M] int64;
-// states_S, states_z: M·K tensors, member-major, [Hkv, r, dv] and [Hkv, r] contiguous float32.
+// states_S, states_z: M·K tensors, member-major, [Hkv, r, dv] and [Hkv, r] contiguous, all of one
+// dtype (float32, or bfloat16 beside a 16-bit cache: core.state.storage_dtype), summed in float32.
+template <typename state_t>
+void merge_rows(float* out_ptr, const float* lse_ptr, const float* phi_ptr, const int64_t* row_ptr,
+                const std::vector<const state_t*>& S, const std::vector<const state_t*>& z,
+                int64_t members, int64_t per_member, int64_t heads, int64_t group, int64_t rank,
+                int64_t dv) {
+  at::parallel_for(0, members * heads, 1, [&](int64_t begin, int64_t finish) {
+    std::vector<float> phi(rank), num(dv);
+    for (int64_t item = begin; item < finish; ++item) {
+      const int64_t m = item / heads, h = item % heads;
+      const int64_t row_head = row_ptr[m] * heads + h;
+      for (int64_t j = 0; j < group; ++j) {
+        const float* log_features = phi_ptr + (item * group + j) * rank;
+        const float shift = *std::max_element(log_features, log_features + rank);
+        for (int64_t f = 0; f < rank; ++f) phi[f] = std::exp(log_features[f] - shift);
+        std::fill(num.begin(), num.end(), 0.0f);
+        float den = 0.0f;
+        for (int64_t k = 0; k < per_member; ++k) {
+          const state_t* state = S[m * per_member + k] + h * rank * dv;
+          const state_t* norm = z[m * per_member + k] + h * rank;
+          for (int64_t f = 0; f < rank; ++f) {
+            den += phi[f] * static_cast<float>(norm[f]);
+            const state_t* s = state + f * dv;
+            for (int64_t e = 0; e < dv; ++e) num[e] += phi[f] * static_cast<float>(s[e]);
+          }
+        }
+        if (!(den > 0.0f)) continue;
+        const float lse_local = lse_ptr[row_head * group + j] - shift, lse_state = std::log(den);
+        const float top = std::max(lse_local, lse_state);
+        const float weight_local = std::exp(lse_local - top), weight_state = std::exp(lse_state - top);
+        const float inverse = 1.0f / (weight_local + weight_state), state_scale = weight_state / den;
+        float* o = out_ptr + (row_head * group + j) * dv;
+        for (int64_t e = 0; e < dv; ++e) o[e] = (weight_local * o[e] + state_scale * num[e]) * inverse;
+      }
+    }
+  });
+}
+
 void merge_state_readouts(at::Tensor out, const at::Tensor& lse, const at::Tensor& log_phi,
                           const at::Tensor& rows, const std::vector<at::Tensor>& states_S,
                           const std::vector<at::Tensor>& states_z) {
@@ -146,49 +184,23 @@ void merge_state_readouts(at::Tensor out, const at::Tensor& lse, const at::Tenso
   TORCH_CHECK(members > 0 && states_S.size() % members == 0 && states_S.size() == states_z.size(),
               "the same number of states for every member");
   const int64_t per_member = static_cast<int64_t>(states_S.size()) / members;
-  std::vector<const float*> S(states_S.size()), z(states_z.size());
+  const at::ScalarType dtype = states_S[0].scalar_type();
   for (size_t i = 0; i < states_S.size(); ++i) {
-    TORCH_CHECK(states_S[i].is_contiguous() && states_S[i].scalar_type() == at::kFloat &&
-                    states_S[i].numel() == heads * rank * dv, "each S must be a contiguous [Hkv, r, dv] float32");
-    TORCH_CHECK(states_z[i].is_contiguous() && states_z[i].scalar_type() == at::kFloat &&
-                    states_z[i].numel() == heads * rank, "each z must be a contiguous [Hkv, r] float32");
-    S[i] = states_S[i].data_ptr<float>();
-    z[i] = states_z[i].data_ptr<float>();
+    TORCH_CHECK(states_S[i].is_contiguous() && states_S[i].scalar_type() == dtype &&
+                    states_S[i].numel() == heads * rank * dv, "each S must be a contiguous [Hkv, r, dv] of one dtype");
+    TORCH_CHECK(states_z[i].is_contiguous() && states_z[i].scalar_type() == dtype &&
+                    states_z[i].numel() == heads * rank, "each z must be a contiguous [Hkv, r] of S's dtype");
   }
   const at::Tensor row_index = rows.contiguous();
-  const int64_t* row_ptr = row_index.data_ptr<int64_t>();
-  float* out_ptr = out.data_ptr<float>();
-  const float* lse_ptr = lse.data_ptr<float>();
-  const float* phi_ptr = log_phi.data_ptr<float>();
-  at::parallel_for(0, members * heads, 1, [&](int64_t begin, int64_t finish) {
-    std::vector<float> phi(rank), num(dv);
-    for (int64_t item = begin; item < finish; ++item) {
-      const int64_t m = item / heads, h = item % heads;
-      const int64_t row_head = row_ptr[m] * heads + h;
-      for (int64_t j = 0; j < group; ++j) {
-        const float* log_features = phi_ptr + (item * group + j) * rank;
-        const float shift = *std::max_element(log_features, log_features + rank);
-        for (int64_t f = 0; f < rank; ++f) phi[f] = std::exp(log_features[f] - shift);
-        std::fill(num.begin(), num.end(), 0.0f);
-        float den = 0.0f;
-        for (int64_t k = 0; k < per_member; ++k) {
-          const float* state = S[m * per_member + k] + h * rank * dv;
-          const float* norm = z[m * per_member + k] + h * rank;
-          for (int64_t f = 0; f < rank; ++f) {
-            den += phi[f] * norm[f];
-            const float* s = state + f * dv;
-            for (int64_t e = 0; e < dv; ++e) num[e] += phi[f] * s[e];
-          }
-        }
-        if (!(den > 0.0f)) continue;
-        const float lse_local = lse_ptr[row_head * group + j] - shift, lse_state = std::log(den);
-        const float top = std::max(lse_local, lse_state);
-        const float weight_local = std::exp(lse_local - top), weight_state = std::exp(lse_state - top);
-        const float inverse = 1.0f / (weight_local + weight_state), state_scale = weight_state / den;
-        float* o = out_ptr + (row_head * group + j) * dv;
-        for (int64_t e = 0; e < dv; ++e) o[e] = (weight_local * o[e] + state_scale * num[e]) * inverse;
-      }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "merge_state_readouts", [&] {
+    std::vector<const scalar_t*> S(states_S.size()), z(states_z.size());
+    for (size_t i = 0; i < states_S.size(); ++i) {
+      S[i] = states_S[i].data_ptr<scalar_t>();
+      z[i] = states_z[i].data_ptr<scalar_t>();
     }
+    merge_rows<scalar_t>(out.data_ptr<float>(), lse.data_ptr<float>(), log_phi.data_ptr<float>(),
+                         row_index.data_ptr<int64_t>(), S, z, members, per_member, heads, group,
+                         rank, dv);
   });
 }
 

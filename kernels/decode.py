@@ -40,7 +40,8 @@ MAX_SPLITS = 32
 class PagedStates:
     """Recurrent states held in a pool, read per request by index.
 
-    S [num_slots, Hkv, r, dv] and z [num_slots, Hkv, r] float32 contiguous; index [R, K] int32:
+    S [num_slots, Hkv, r, dv] and z [num_slots, Hkv, r] contiguous, float32 or bfloat16 (read as
+    float32); index [R, K] int32:
     request r's k-th state (e.g. k = 0 visual, 1 text) is pool slot index[r, k], -1 for none.
     """
 
@@ -273,8 +274,10 @@ def _decode_merge_kernel(
                     state_S_ptr + (state + rank_offs)[:, None] * HEAD_DIM_V + dims_v[None, :],
                     mask=rank_present[:, None] & (dims_v[None, :] < HEAD_DIM_V),
                     other=0.0,
+                ).to(tl.float32)  # a state stored in bfloat16 (beside a 16-bit cache), widened
+                z = tl.load(state_z_ptr + state + rank_offs, mask=rank_present, other=0.0).to(
+                    tl.float32
                 )
-                z = tl.load(state_z_ptr + state + rank_offs, mask=rank_present, other=0.0)
                 numerator += tl.dot(phi_q, S, input_precision="ieee")
                 denominator += tl.sum(phi_q * z[None, :], 1)
         # As merge_with_states of lse_local − c: the states as a second normalised partial

@@ -37,6 +37,7 @@ from .state import (
     readout,
     retention_from_entropy,
     self_recall_error,
+    storage_dtype,
 )
 from .visual import VisualFoldPlan, root_patches, visual_fold_plan
 
@@ -72,6 +73,7 @@ __all__ = [
     "retention_score",
     "select_topk",
     "self_recall_error",
+    "storage_dtype",
     "modality_entropy",
     "pool_scores",
     "root_patches",

@@ -1,8 +1,8 @@
 """The recurrent state that absorbs folded tokens, and the two per-token gates of a fold.
 
 S ← γ_i·S + a_i·φ(k_i) v_iᵀ,  z ← γ_i·z + a_i·φ(k_i)  — one state per KV head, size independent of
-the
-number of tokens folded.
+the number of tokens folded. A state is computed in float32 and stored in `storage_dtype` of the
+cache beside it; every reader widens it to float32 again.
 """
 
 from dataclasses import dataclass
@@ -17,7 +17,8 @@ _TINY = torch.finfo(torch.float32).tiny
 
 @dataclass
 class RecurrentState:
-    """S [H, r, dv] and normaliser z [H, r], float32, one (S, z) per KV head."""
+    """S [H, r, dv] and normaliser z [H, r], one (S, z) per KV head; float32 as computed, or the
+    dtype it is stored in (`stored_as`)."""
 
     S: Tensor
     z: Tensor
@@ -37,6 +38,18 @@ class RecurrentState:
     @property
     def num_elements(self) -> int:
         return self.S.numel() + self.z.numel()
+
+    def stored_as(self, dtype: torch.dtype) -> "RecurrentState":
+        return RecurrentState(self.S.to(dtype), self.z.to(dtype))
+
+
+def storage_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """The dtype states are stored in beside a KV cache of `cache_dtype`: float32 beside a float32
+    cache, bfloat16 beside a 16-bit one. Not float16 beside a float16 cache: S and z are sums of
+    unnormalised key features (a learned map carries a key's softmax mass, up to e^30 for sharp
+    keys), beyond float16's largest number, 65504; bfloat16 has float32's range in the same two
+    bytes."""
+    return torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
 
 
 def fold_sequential(
@@ -85,7 +98,7 @@ def readout(state: RecurrentState, phi_q: Tensor) -> tuple[Tensor, Tensor]:
     φ(q)ᵀz [..., H, m]; leading dims (a batch of requests) are shared by the state's S [..., H, r,
     dv]."""
     phi_q = phi_q.float()
-    return phi_q @ state.S, (phi_q @ state.z.unsqueeze(-1)).squeeze(-1)
+    return phi_q @ state.S.float(), (phi_q @ state.z.float().unsqueeze(-1)).squeeze(-1)
 
 
 def retention_from_entropy(entropy_hat: Tensor, gamma0: float) -> Tensor:

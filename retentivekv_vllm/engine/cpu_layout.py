@@ -100,7 +100,7 @@ class RequestSlots(Slots):
     def __init__(
         self, kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int, isa: str
     ):
-        self.kv_cache = kv_cache
+        self.kv_cache, self.dtype = kv_cache, kv_cache.dtype
         self.caches = split_kv_cache(kv_cache)
         _, self.heads, self.block_size, self.head_size = self.caches[0].shape
         self.block_row, self.isa = block_row, isa

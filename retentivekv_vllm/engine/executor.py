@@ -24,6 +24,7 @@ from retentivekv_vllm.core import (
     gather_tokens,
     local_attention,
     merge_with_state_readouts,
+    storage_dtype,
 )
 from retentivekv_vllm.engine.memory import LayerMemory, RequestMemory
 from retentivekv_vllm.engine.slots import DenseSlots
@@ -177,7 +178,8 @@ def compress(
     if layout is not None:
         plan.memory.visual_slots_folded += int((layout.visual & ~kept).sum())
     if policy.keeps_state:
-        memory.states = policy.absorb(memory.states, obs, ~kept, keys, values, scale, layer=layer)
+        states = policy.absorb(memory.states, obs, ~kept, keys, values, scale, layer=layer)
+        memory.states = [state.stored_as(storage_dtype(slots.dtype)) for state in states]
     # Merging policies (lookm) return the kept tokens' new keys and values; the rest as read.
     keys, values = policy.merge(obs, kept, keys, values)
     # Each head keeps the same number of tokens; nonzero() lists them in slot order, which is

@@ -75,6 +75,7 @@ class PagedSlots(Slots):
 
     def __init__(self, key_cache, value_cache, block_row, start: int, end: int):
         self.key_cache, self.value_cache = key_cache, value_cache
+        self.dtype = key_cache.dtype
         self.block_table = block_row[None]
         self.start, self.end = start, end
         self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None

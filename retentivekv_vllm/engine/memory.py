@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from retentivekv_vllm.budget import live_tokens_after_step
-from retentivekv_vllm.core import PatchLayout, RecurrentState
+from retentivekv_vllm.core import PatchLayout, RecurrentState, storage_dtype
 
 # A child of vLLM's logger, so lines appear in vLLM's log format and stream.
 logger = logging.getLogger("vllm.retentivekv_vllm")
@@ -249,8 +249,9 @@ class MemoryRegistry:
 
 
 def state_bytes_per_request(policy, vllm_config) -> int:
-    """Most bytes the float32 recurrent states of one request take in this worker (its share of
-    the KV heads); an image request's for a multimodal model, 0 for eviction policies."""
+    """Most bytes the recurrent states of one request take in this worker (its share of the KV
+    heads), stored in `core.storage_dtype` of the cache (the model's dtype); an image request's
+    for a multimodal model, 0 for eviction policies."""
     if not policy.keeps_state:
         return 0
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
@@ -258,7 +259,9 @@ def state_bytes_per_request(policy, vllm_config) -> int:
     rank = policy.state_rank(head_size)
     num_states = policy.num_states(has_images=model.is_multimodal_model)
     num_kv_heads = model.get_num_kv_heads(parallel)
-    return model.get_num_layers(parallel) * num_states * num_kv_heads * rank * (head_size + 1) * 4
+    element_bytes = torch.finfo(storage_dtype(model.dtype)).bits // 8
+    numbers = model.get_num_layers(parallel) * num_states * num_kv_heads * rank * (head_size + 1)
+    return numbers * element_bytes
 
 
 def check_state_reservation(kv_memory_bytes: int, vllm_config) -> int:

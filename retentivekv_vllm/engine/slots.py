@@ -14,7 +14,10 @@ from retentivekv_vllm.core import PatchLayout, attention_probs
 
 
 class Slots:
-    """A request's live slots [start, end) in one layer."""
+    """A request's live slots [start, end) in one layer, in a cache of dtype `dtype` (the states
+    beside it are stored in `core.storage_dtype` of it)."""
+
+    dtype: torch.dtype
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the live slots, [Hkv, end - start, d] float32."""
@@ -44,6 +47,7 @@ class DenseSlots(Slots):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
         self.keys, self.values, self.start = keys.float().clone(), values.float().clone(), start
+        self.dtype = keys.dtype
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys, self.values

@@ -2,11 +2,14 @@ import pytest
 import torch
 
 from retentivekv_vllm.core import (
+    PositiveRandomFeatures,
     RecurrentState,
     absorption_from_attention,
     fold,
     fold_sequential,
+    readout,
     retention_from_entropy,
+    storage_dtype,
 )
 
 H, N, R, DV = 3, 40, 8, 5
@@ -74,3 +77,21 @@ def test_absorption_is_ratio_to_mean_inside_the_clamp(a_min, a_max):
     torch.testing.assert_close(
         absorption_from_attention(alpha, a_min, a_max), (alpha / 2.0).clamp(a_min, a_max)
     )
+
+
+def test_bfloat16_states_read_back_what_float32_states_hold():
+    """The readout of a state stored in bfloat16 is the float32 state's to bfloat16's precision
+    (the engine widens it before reading)."""
+    generator = torch.Generator().manual_seed(0)
+    feature_map = PositiveRandomFeatures(64, 32, scale=64**-0.5, seed=1)
+    keys, values = (torch.randn(2, 100, 64, generator=generator) for _ in range(2))
+    ones = torch.ones(2, 100)
+    state = fold(RecurrentState.zeros(2, 32, 64), feature_map.features(keys), values, ones, ones)
+    stored = state.stored_as(storage_dtype(torch.bfloat16))
+    assert stored.S.dtype == torch.bfloat16 and storage_dtype(torch.float16) == torch.bfloat16
+    assert state.stored_as(storage_dtype(torch.float32)).S.dtype == torch.float32
+    phi_q = feature_map.features(torch.randn(2, 5, 64, generator=generator))
+    (num, den), (num16, den16) = readout(state, phi_q), readout(stored, phi_q)
+    out, out16 = num / den[..., None], num16 / den16[..., None]
+    assert torch.linalg.vector_norm(out16 - out) < 1e-2 * torch.linalg.vector_norm(out)
+    assert not torch.equal(num16, num)  # it was rounded

@@ -14,6 +14,7 @@ from retentivekv_vllm.core import (
     fold,
     local_attention,
     retention_from_entropy,
+    storage_dtype,
 )
 
 from .paged_batch import (
@@ -82,7 +83,8 @@ def test_decode_equals_naive_twin(
     feature_map = FEATURE_MAPS[feature](head_dim)
     pool = paged = None
     if feature_map is not None:
-        pool = state_pool(feature_map, head_dim, gen)
+        # Stored as the engine stores them beside this cache (bfloat16 beside a 16-bit one).
+        pool = [s.stored_as(storage_dtype(dtype)) for s in state_pool(feature_map, head_dim, gen)]
         paged = PagedStates(
             S=torch.stack([s.S for s in pool]).to(DEVICE),
             z=torch.stack([s.z for s in pool]).to(DEVICE),
