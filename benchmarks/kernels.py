@@ -178,10 +178,24 @@ def paged_cache(shapes: Shapes, tokens: int, dtype, device, gen):
     return kv_cache, key_cache, value_cache, block_table
 
 
+def state_pool(heads: int, rank: int, head_dim: int, cache_dtype, device, gen):
+    """One request's state in a pool, stored as the engine stores it beside a `cache_dtype`
+    cache (`core.storage_dtype`)."""
+    from retentivekv_vllm.kernels import PagedStates
+
+    from retentivekv_vllm.core import RecurrentState, storage_dtype
+
+    state = RecurrentState(
+        torch.rand(1, heads, rank, head_dim, generator=gen, device=device),
+        torch.rand(1, heads, rank, generator=gen, device=device) + 1,
+    ).stored_as(storage_dtype(cache_dtype))
+    index = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    return PagedStates(S=state.S, z=state.z, index=index)
+
+
 def run(shapes: Shapes, smoke: bool) -> dict:
     import triton
     from retentivekv_vllm.kernels import (
-        PagedStates,
         cuda_extension,
         decode_attention,
         gather_slots,
@@ -228,11 +242,7 @@ def run(shapes: Shapes, smoke: bool) -> dict:
     kernels.append(bandwidth("observation_scores", 2 * H * n * d * elt + 2 * H * n * 4, ms, peak))
 
     # Decode over the whole cache with one state: K and V read once, the state read once.
-    states = PagedStates(
-        S=torch.rand(1, H, r, d, generator=gen, device=device),
-        z=torch.rand(1, H, r, generator=gen, device=device) + 1,
-        index=torch.zeros(1, 1, dtype=torch.int32, device=device),
-    )
+    states = state_pool(H, r, d, dtype, device, gen)
     query = torch.randn(1, num_q_heads, d, generator=gen, device=device).to(dtype)
     ms = timer(
         lambda: decode_attention(
@@ -248,7 +258,12 @@ def run(shapes: Shapes, smoke: bool) -> dict:
         )
     )
     kernels.append(
-        bandwidth("decode_attention", H * n * 2 * d * elt + H * r * (d + 1) * 4, ms, peak)
+        bandwidth(
+            "decode_attention",
+            H * n * 2 * d * elt + H * r * (d + 1) * states.S.element_size(),
+            ms,
+            peak,
+        )
     )
 
     # A compression's packing: half the slots read into a buffer, written onto the newest half.
@@ -300,7 +315,7 @@ def run(shapes: Shapes, smoke: bool) -> dict:
 def decode_step(shapes: Shapes, dtype, device, gen, timer, feature_map) -> list[dict]:
     """One decode token through every layer's attention at each budget: the kept cache (a
     budget's share of the context, in whole blocks) plus one state per layer below budget 1."""
-    from retentivekv_vllm.kernels import PagedStates, decode_attention
+    from retentivekv_vllm.kernels import decode_attention
 
     H, d, r = shapes.kv_heads, shapes.head_dim, shapes.state_rank
     scale = d**-0.5
@@ -316,19 +331,14 @@ def decode_step(shapes: Shapes, dtype, device, gen, timer, feature_map) -> list[
             )
             states = None
             if budget < 1.0:
-                states = PagedStates(
-                    S=torch.rand(1, H, r, d, generator=gen, device=device),
-                    z=torch.rand(1, H, r, generator=gen, device=device) + 1,
-                    index=torch.zeros(1, 1, dtype=torch.int32, device=device),
-                )
+                states = state_pool(H, r, d, dtype, device, gen)
             layers.append((kv_cache, key_cache, value_cache, block_table, states))
         # Measured from the allocator on a GPU; on CPU the same bytes, counted from the tensors.
         if device.type == "cuda":
             kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
         else:
             kv_bytes = sum(
-                c.numel() * c.element_size()
-                + (0 if s is None else s.S.numel() * 4 + s.z.numel() * 4)
+                c.numel() * c.element_size() + (0 if s is None else s.S.nbytes + s.z.nbytes)
                 for c, _, _, _, s in layers
             )
         seq_lens = torch.tensor([kept], device=device)
