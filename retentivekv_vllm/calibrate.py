@@ -232,7 +232,8 @@ def merged_output(
 ) -> Tensor:
     """The server's output for the batch's query rows: the kept cache merged with one state into
     which the folded tokens were folded with `feature_map` ([S, H, g·Q, dv]); with `state_dtype`
-    the state is rounded to that dtype before it is read, as a state stored in it would be."""
+    the state is stored in that dtype before it is read, as the engine stores it beside a cache
+    (`core.storage_dtype`)."""
     sequences, heads = batch.keys.shape[:2]
 
     def flat(x: Tensor) -> Tensor:
@@ -250,7 +251,7 @@ def merged_output(
         state.S.unflatten(0, (sequences, heads)), state.z.unflatten(0, (sequences, heads))
     )
     if state_dtype is not None:
-        state = RecurrentState(state.S.to(state_dtype).float(), state.z.to(state_dtype).float())
+        state = state.stored_as(state_dtype)
     return merge_with_state_readouts(
         batch.out_local,
         batch.lse_local,
