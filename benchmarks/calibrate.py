@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {
             **task.policy_defaults,
             "kv_policy": "retentive",
+            "kv_feature_map": "prf",  # the state whose knobs are calibrated
             "kv_budget": args.budget,
             **knobs,
         }

@@ -2,6 +2,7 @@
 
 * `token_bytes`: the bytes one cached token costs (float32 cache, every layer and KV head);
 * `keeps_no_state`: an eviction cell, one that runs again with a state's bytes as cached tokens;
+  `held_no_state`: the same of a measured cell;
 * `equal_memory_budget`: a request's budget given extra tokens on top of the cell's ratio;
 * `request_stats`: the plugin's stats of each request of one ``LLM.generate`` call, in order;
 * `paired_bootstrap`, `mcnemar_exact`: paired comparisons of two cells on the same items.
@@ -34,10 +35,23 @@ def token_bytes(model_dir: Path) -> int:
 
 
 def keeps_no_state(config: dict[str, Any]) -> bool:
-    """An eviction cell: it runs again with the reference's state bytes as extra cached tokens."""
+    """An eviction cell: it runs again with the reference's state bytes as extra cached tokens.
+    `config` is a cell's additional_config, read by the plugin's own rule (`retentive` keeps a
+    state only with a feature map, a maps file or ``kv_feature_map``, and ``kv_states`` not
+    ``none``)."""
     if config["kv_policy"] == "full":
         return False
-    return config["kv_policy"] != "retentive" or config.get("kv_states") == "none"
+    from retentivekv_vllm.config import KVPolicyConfig
+
+    return not KVPolicyConfig.from_additional_config(config).keeps_state
+
+
+def held_no_state(cell: dict[str, Any]) -> bool:
+    """A measured eviction cell at a compressed budget: a policy other than full whose requests
+    held no state bytes. Recorded results are read by this, not by their configs: a cell recorded
+    as plain ``{"kv_policy": "retentive"}`` ran with the prf state, the default until retentive
+    kept no state without a maps file."""
+    return cell["config"]["kv_policy"] != "full" and cell["state_bytes"] == 0
 
 
 def equal_memory_budget(ratio: float, prompt_len: int, extra_tokens: int) -> float | int:

@@ -13,9 +13,12 @@ ablation) and the markdown table between the task's markers in ``docs/results.md
 non-zero if full-cache accuracy is below the task's documented level or if any policy at budget
 1.0 generates anything other than what full generates.
 
-Learned maps: ``retentive: learned`` runs ``retentive`` with ``kv_feature_map: learned`` and the
-maps fitted for the task's model (``retentivekv_vllm/maps/<model>.safetensors``, written by
-``python -m benchmarks.fixture_maps --task TASK``); it is in the grid when that file exists.
+The ``retentive`` cell and its ablations fold into the prf state (``kv_feature_map: prf``), the
+state the recorded results were measured with; ``retentive: no state`` is what ``retentive`` does
+without a maps file. Learned maps: ``retentive: learned`` runs ``retentive`` with
+``kv_feature_map: learned`` and the maps fitted for the task's model
+(``retentivekv_vllm/maps/<model>.safetensors``, written by ``python -m benchmarks.fixture_maps
+--task TASK``); it is in the grid when that file exists.
 
 Equal memory (``--equal-memory-to``, by default every cell run among ``retentive`` and
 ``retentive: learned``): at each compressed budget, once a reference cell has run, every eviction
@@ -46,6 +49,7 @@ from typing import Any
 from benchmarks import require_matplotlib
 from benchmarks.equal_memory import (
     equal_memory_budget,
+    held_no_state,
     keeps_no_state,
     mcnemar_exact,
     paired_bootstrap,
@@ -67,13 +71,23 @@ POLICY_CELLS: dict[str, dict[str, Any]] = {
     "snapkv": {"kv_policy": "snapkv"},
     "knorm": {"kv_policy": "knorm"},
     "lookm": {"kv_policy": "lookm"},
-    "retentive": {"kv_policy": "retentive"},
+    # The prf state, which the recorded results were measured with (it was the default; without
+    # a maps file retentive now keeps no state, which is the "retentive: no state" cell).
+    "retentive": {"kv_policy": "retentive", "kv_feature_map": "prf"},
 }
 ABLATION_CELLS: dict[str, dict[str, Any]] = {
     "retentive: no state": {"kv_policy": "retentive", "kv_states": "none"},
-    "retentive: single state": {"kv_policy": "retentive", "kv_states": "single"},
-    "retentive: no entropy": {"kv_policy": "retentive", "kv_lambda": 1.0},
-    "retentive: fixed-query readout": {"kv_policy": "retentive", "kv_state_query": "fixed"},
+    "retentive: single state": {
+        "kv_policy": "retentive",
+        "kv_feature_map": "prf",
+        "kv_states": "single",
+    },
+    "retentive: no entropy": {"kv_policy": "retentive", "kv_feature_map": "prf", "kv_lambda": 1.0},
+    "retentive: fixed-query readout": {
+        "kv_policy": "retentive",
+        "kv_feature_map": "prf",
+        "kv_state_query": "fixed",
+    },
     "retentive: elu": {"kv_policy": "retentive", "kv_feature_map": "elu"},
     # kv_maps is the task's maps file, added per task (`task_maps`)
     "retentive: learned": {"kv_policy": "retentive", "kv_feature_map": "learned"},
@@ -306,7 +320,7 @@ def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for budget in dict.fromkeys(r["budget"] for r in results):
         mine = [r for r in results if r["budget"] == budget and "right" in r]
         by_label = {r["label"]: r for r in mine}
-        bare = [r for r in mine if keeps_no_state(r["config"]) and not r["equal_memory_to"]]
+        bare = [r for r in mine if held_no_state(r) and not r["equal_memory_to"]]
         for reference in dict.fromkeys(r["equal_memory_to"] for r in mine if r["equal_memory_to"]):
             if reference not in by_label:
                 continue

@@ -5,7 +5,8 @@
 
 Each configuration runs in its own in-process engine (one after another, same tiny
 random-weight Llama, same fixed KV pool, same prompts): stock vLLM (no
-``additional_config``), then ``kv_policy=retentive`` at each budget. All requests are
+``additional_config``), then ``kv_policy=retentive`` with the prf state (``kv_feature_map=prf``,
+the state the recorded results carry) at each budget. All requests are
 submitted at once and ``llm.llm_engine.step()`` is driven until they finish; after
 every step the benchmark reads vLLM's scheduler (its ``running`` list, the block
 pool's free count, each request's block table) -- never the plugin's own counters,
@@ -61,7 +62,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 CONFIGS: list[tuple[str, dict | None]] = [("stock", None)] + [
-    (f"retentive {b:g}", {"kv_policy": "retentive", "kv_budget": b}) for b in BUDGETS
+    (f"retentive {b:g}", {"kv_policy": "retentive", "kv_feature_map": "prf", "kv_budget": b})
+    for b in BUDGETS
 ]
 
 # The pool holds STOCK_REQUESTS_IN_POOL whole stock requests (prompt + all generated

@@ -67,15 +67,23 @@ ITEM_SEED = 20_261_206
 MAX_NUM_SEQS = 8
 REQUEST_KEYS = ("kv_policy", "kv_budget")  # what a request may choose (config.REQUEST_KNOBS)
 PROTOCOLS = ("agnostic", "aware")
+# retentive's state in these cells: the prf state the recorded results were measured with (without
+# a maps file retentive keeps none, which is the "retentive: no state" cell). Every cell carries it:
+# cells whose settings differ in policy and budget only share one engine, started with the
+# retentive cell's settings.
+PRF_STATE = {"kv_feature_map": "prf"}
 # label -> additional_config of the policy; the budget is added per cell.
 CELLS: dict[str, dict[str, Any]] = {
-    "full": {"kv_policy": "full"},
-    "retentive": {"kv_policy": "retentive"},
-    "retentive: no state": {"kv_policy": "retentive", "kv_states": "none"},
-    "snapkv": {"kv_policy": "snapkv"},
-    "knorm": {"kv_policy": "knorm"},
-    "h2o": {"kv_policy": "h2o"},
-    "streaming": {"kv_policy": "streaming"},
+    label: {**config, **PRF_STATE}
+    for label, config in {
+        "full": {"kv_policy": "full"},
+        "retentive": {"kv_policy": "retentive"},
+        "retentive: no state": {"kv_policy": "retentive", "kv_states": "none"},
+        "snapkv": {"kv_policy": "snapkv"},
+        "knorm": {"kv_policy": "knorm"},
+        "h2o": {"kv_policy": "h2o"},
+        "streaming": {"kv_policy": "streaming"},
+    }.items()
 }
 
 

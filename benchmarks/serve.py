@@ -8,7 +8,8 @@
 The cross-check of `benchmarks.speed` (which drives the engine in-process and reads the
 scheduler after every step) through the path a user runs: each configuration is a fresh
 `vllm serve` of the same model (stock with the plugin not loaded, ``VLLM_PLUGINS=""``; the
-plugin with ``--kv-policy retentive --kv-budget B``), and `vllm bench serve` with its random
+plugin with ``--kv-policy retentive --kv-feature-map prf --kv-budget B``: the prf state, which the
+recorded results carry), and `vllm bench serve` with its random
 dataset measures two workloads against it:
 
 * batch 1: a few requests of a long prompt one at a time (``--max-concurrency 1``): TTFT and
@@ -309,7 +310,10 @@ def main(argv=None) -> int:
         "load_start": load(),
     }
     configs = [("stock", None)] + [
-        (f"retentive {b:g}", ("--kv-policy", "retentive", "--kv-budget", str(b)))
+        (
+            f"retentive {b:g}",
+            ("--kv-policy", "retentive", "--kv-feature-map", "prf", "--kv-budget", str(b)),
+        )
         for b in settings["budgets"]
     ]
     results = []

@@ -45,9 +45,9 @@ from retentivekv_vllm.fixtures.server import Server
 from tests.images import data_url, png_bytes
 
 # KV per token: 4 layers x (K, V) x 2 KV heads x 64 x 4 bytes = 4 KiB; states of 8 requests
-# (2 per layer and KV head, rank 64) take 2 MiB.  12 MiB leave room for about two 1,300-token
-# requests at budget 1.0.
-POLICY_ARGS = ("--kv-policy", "retentive", "--kv-budget", "0.2")
+# (2 per layer and KV head, rank 64: the prf state, so that states are reserved and released)
+# take 2 MiB.  12 MiB leave room for about two 1,300-token requests at budget 1.0.
+POLICY_ARGS = ("--kv-policy", "retentive", "--kv-feature-map", "prf", "--kv-budget", "0.2")
 STOCK_ARGS = (
     "--kv-cache-memory-bytes",
     str(12 * 2**20),

@@ -9,7 +9,8 @@
 
 Every configuration runs in its own process, one after another, on the same model and
 prompts: stock vLLM with the plugin disabled (``VLLM_PLUGINS=""``), then
-``kv_policy=retentive`` at each budget. Each process runs two workloads on an in-process
+``kv_policy=retentive`` with the prf state (``kv_feature_map=prf``, the state the recorded
+results carry) at each budget. Each process runs two workloads on an in-process
 engine (``llm.llm_engine.step()`` driven by hand, timed around each step):
 
 * latency, batch 1: one request of a long random-token prompt; time to first token
@@ -124,7 +125,10 @@ LATENCY_REPEATS = 3
 def configs(budgets) -> list[tuple[str, dict | None]]:
     """Stock first (the reference of every ratio) and once more last: the last row's ratios to the
     first are the run's own noise and drift (ideally 1.0x everywhere)."""
-    retentive = [(f"retentive {b:g}", {"kv_policy": "retentive", "kv_budget": b}) for b in budgets]
+    retentive = [
+        (f"retentive {b:g}", {"kv_policy": "retentive", "kv_feature_map": "prf", "kv_budget": b})
+        for b in budgets
+    ]
     return [("stock", None), *retentive, ("stock again", None)]
 
 

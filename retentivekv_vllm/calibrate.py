@@ -15,7 +15,8 @@ Sequences held out of training give the reported loss, next to the no-state resi
 of eviction with the same selection); their ratio is the share of eviction's error the state
 leaves.
 
-Serve the result with ``--kv-policy retentive --kv-feature-map learned --kv-maps FILE``.
+Serve the result with ``--kv-policy retentive --kv-maps FILE`` (the maps file alone turns on the
+learned state).
 """
 
 from __future__ import annotations

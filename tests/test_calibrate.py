@@ -137,10 +137,12 @@ def test_kv_maps_knob_validation(maps_file, tmp_path):
     assert learned.retentive.maps == str(maps_file)  # a path keeps its case
     with pytest.raises(ConfigError, match=r"--kv-maps .*needs a maps file"):
         config(kv_feature_map="learned")
-    with pytest.raises(ConfigError, match=r"--kv-maps .*--kv-feature-map learned only"):
-        config(kv_maps=str(maps_file))
+    with pytest.raises(ConfigError, match=r"--kv-maps .*--kv-feature-map learned \(or auto"):
+        config(kv_feature_map="prf", kv_maps=str(maps_file))
+    # The maps file alone turns the learned state on (--kv-feature-map auto, the default).
+    assert config(kv_maps=str(maps_file)).retentive.state_feature_map == "learned"
     with pytest.raises(ConfigError, match=r"--kv-maps .*missing\.safetensors: (?i:no such file)"):
-        config(kv_feature_map="learned", kv_maps=str(tmp_path / "missing.safetensors"))
+        config(kv_maps=str(tmp_path / "missing.safetensors"))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match=r"--kv-maps .*junk\.safetensors: unreadable maps file"):

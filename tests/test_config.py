@@ -45,8 +45,10 @@ def test_defaults_and_spelling():
         0.2,
         4,
         32,
-        "prf",
+        "auto",
     )
+    # Without a maps file retentive keeps no state (docs/results.md, sections 8 and 9).
+    assert config.retentive.state_feature_map is None and not config.keeps_state
 
 
 @pytest.mark.parametrize(
@@ -108,6 +110,17 @@ def test_every_knob_has_a_flag():
         assert flag in parser._option_string_actions
 
 
+def test_the_maps_flag_alone_turns_on_the_learned_state():
+    from retentivekv_vllm.learned_maps import SHIPPED_MAPS_DIR
+
+    maps = str(SHIPPED_MAPS_DIR / "recall.safetensors")
+    args = flags_parser().parse_args(["--kv-policy", "retentive", "--kv-maps", maps])
+    merge_kv_arguments(args)
+    config = KVPolicyConfig.from_additional_config(args.additional_config)
+    assert config.retentive.feature_map == "auto"
+    assert config.retentive.state_feature_map == "learned" and config.keeps_state
+
+
 def test_flag_conflicting_with_additional_config_is_refused():
     args = flags_parser().parse_args(["--kv-policy", "h2o"])
     args.additional_config = {"kv_policy": "snapkv"}
@@ -140,7 +153,11 @@ def test_a_request_may_choose_its_policy_and_budget():
         ({"policy": "retentive"}, {"kv_policy": "nope"}, "vllm_xargs.kv_policy"),
         ({"policy": "retentive"}, {"kv_window": 8}, "vllm_xargs.kv_window"),
         # States are reserved at start-up only for a server whose policy keeps them.
-        ({"policy": "streaming"}, {"kv_policy": "retentive"}, "vllm_xargs.kv_policy"),
+        (
+            {"policy": "streaming", "feature_map": "prf"},
+            {"kv_policy": "retentive"},
+            "vllm_xargs.kv_policy",
+        ),
         ({"policy": "retentive", "states": "none"}, {"kv_policy": "retentive"}, None),
         (None, {"kv_budget": 0.5}, "vllm_xargs.kv_budget"),
         # A server that denies overrides refuses them, even values it would accept.
@@ -169,19 +186,40 @@ def test_bad_request_settings_name_the_field(server, extra_args, field):
         assert "--kv-request-overrides" in str(refused.value)
 
 
+def test_a_request_may_choose_retentive_without_states_on_a_server_without_them():
+    """Without a maps file or feature map retentive keeps no state, so a server that reserved
+    none may run it."""
+    server = parse(policy="streaming")
+    own = request_config(server, {"kv_policy": "retentive"})
+    assert own.policy == "retentive" and not own.keeps_state
+
+
 def test_request_overrides_default_to_allow():
     assert parse(policy="retentive").request_overrides == "allow"
     assert parse(policy="retentive", request_overrides=" DENY ").request_overrides == "deny"
 
 
-def test_only_retentive_with_states_keeps_state():
+def test_only_retentive_with_a_feature_map_and_states_keeps_state():
+    """retentive keeps states with a feature map in use (a maps file, or prf or elu asked for)
+    and --kv-states other than none; without a maps file it keeps none."""
+    from retentivekv_vllm.learned_maps import SHIPPED_MAPS_DIR
     from retentivekv_vllm.policies import POLICIES, make_policy
 
+    maps = str(SHIPPED_MAPS_DIR / "recall.safetensors")
+    feature_maps = [
+        ({}, False),
+        ({"maps": maps}, True),
+        ({"feature_map": "learned", "maps": maps}, True),
+        ({"feature_map": "prf"}, True),
+        ({"feature_map": "elu"}, True),
+    ]
     for policy in POLICIES:
         for states in ("dual", "single", "none"):
-            config = KVPolicyConfig.from_knobs(policy=policy, states=states)
-            expected = policy == "retentive" and states != "none"
-            assert config.keeps_state == make_policy(config).keeps_state == expected
+            for knobs, feature_map_in_use in feature_maps:
+                config = KVPolicyConfig.from_knobs(policy=policy, states=states, **knobs)
+                config.validate()
+                expected = policy == "retentive" and feature_map_in_use and states != "none"
+                assert config.keeps_state == make_policy(config).keeps_state == expected
 
 
 def test_every_knob_has_its_own_flat_name():

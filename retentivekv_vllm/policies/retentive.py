@@ -9,14 +9,20 @@ order; ``none`` drops folded tokens (eviction by the retention score).  ``--kv-s
 fixed`` reads the states with the zero query instead of each query's own (the ablation of
 query-conditioned retrieval); ``--kv-state-readout normalised`` and ``--kv-state-log-gain``
 rescale what a state returns (method.md section 6).  ``--kv-feature-map learned`` folds and
-reads each layer's states with that layer's maps from ``--kv-maps`` (``calibrate``).  Scoring
-is the same in every mode: entropy within each modality, 1-D pooling over text, 2-D pooling
-over each image; ``--kv-recall-weight`` adds LoLA's self-recall error (keep the tokens the state
-would reconstruct worst), off by default.
+reads each layer's states with that layer's maps from ``--kv-maps`` (``calibrate``); the default,
+``auto``, is ``learned`` with a maps file and no state without one (folded tokens are dropped: at
+equal memory only learned maps beat giving the state's bytes to cached tokens, docs/results.md
+section 10), so ``--kv-states`` says which states there are when a feature map is in use
+(``--kv-maps``, or ``--kv-feature-map prf`` or ``elu``).  Scoring is the same in every mode:
+entropy within each modality, 1-D pooling over text, 2-D pooling over each image;
+``--kv-recall-weight`` adds LoLA's self-recall error (keep the tokens the state would reconstruct
+worst), off by default.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +49,17 @@ from retentivekv_vllm.knobs import KnobError, check_choice, knob, option
 from retentivekv_vllm.learned_maps import MapsFileError, load_maps
 from retentivekv_vllm.policies.base import KVPolicy, Observation, register_policy
 
-FEATURE_MAP_NAMES = (*FEATURE_MAPS, "learned")  # learned: per layer, from a maps file
+# learned: per layer, from a maps file; auto: learned with a maps file, no state without one.
+FEATURE_MAP_NAMES = ("auto", *FEATURE_MAPS, "learned")
+NO_STATE_HINT = (
+    "for a state, fit maps with `python -m retentivekv_vllm.calibrate MODEL --out FILE` and pass "
+    "--kv-maps FILE, or ask for the random-feature state with --kv-feature-map prf"
+)
 STATE_MODES = ("dual", "single", "none")
 STATE_QUERIES = ("query", "fixed")
 STATE_READOUTS = ("unbiased", "normalised")
+
+logger = logging.getLogger("vllm.retentivekv_vllm")
 
 
 @dataclass(frozen=True)
@@ -56,14 +69,15 @@ class RetentiveSettings:
 
     lambda_: float = knob(0.5, "Weight of attention against entropy in the retention score.", float)
     feature_map: str = knob(
-        "prf",
-        "State feature map: prf (positive random features), elu, or learned (per layer and "
-        "KV head, read from --kv-maps).",
+        "auto",
+        "State feature map: auto (learned with --kv-maps; without a maps file no state: folded "
+        "tokens are dropped), learned (per layer and KV head, read from --kv-maps), prf "
+        "(positive random features) or elu.",
         str,
     )
     maps: str = knob(
         "",
-        "Learned feature maps for --kv-feature-map learned: the file `python -m "
+        "Learned feature maps, which turn on the learned state: the file `python -m "
         "retentivekv_vllm.calibrate MODEL --out FILE` wrote for the served model.",
         Path,
     )
@@ -82,8 +96,9 @@ class RetentiveSettings:
     )
     states: str = knob(
         "dual",
-        "Recurrent states of retentive: dual (visual and text), single (one for both) or "
-        "none (folded tokens are dropped: eviction by the retention score).",
+        "Recurrent states of retentive when a feature map is in use (--kv-maps, or "
+        "--kv-feature-map prf or elu): dual (visual and text), single (one for both) or none "
+        "(folded tokens are dropped: eviction by the retention score).",
         str,
     )
     state_query: str = knob(
@@ -106,6 +121,20 @@ class RetentiveSettings:
         0.0, "Natural log of the gain g every state's readout is multiplied by in the merge.", float
     )
 
+    @property
+    def state_feature_map(self) -> str | None:
+        """The feature map states are folded and read with: ``--kv-feature-map`` with ``auto``
+        resolved (``learned`` with a maps file), None for ``auto`` without one: no state."""
+        if self.feature_map != "auto":
+            return self.feature_map
+        return "learned" if self.maps else None
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether folded tokens live on in states: a feature map is in use and ``--kv-states``
+        is not ``none``."""
+        return self.state_feature_map is not None and self.states != "none"
+
     def validate(self) -> None:
         """KnobError naming the flag of the first bad value."""
         if not 0 <= self.lambda_ <= 1:
@@ -117,10 +146,11 @@ class RetentiveSettings:
                 "--kv-feature-map learned needs a maps file; fit one with "
                 "python -m retentivekv_vllm.calibrate MODEL --out FILE",
             )
-        if self.maps and self.feature_map != "learned":
+        if self.maps and self.state_feature_map != "learned":
             raise KnobError(
                 "maps",
-                f"a maps file is read with --kv-feature-map learned only, got {self.feature_map}",
+                "a maps file is read with --kv-feature-map learned (or auto, the default) only, "
+                f"got {self.feature_map}",
             )
         if self.maps:
             try:
@@ -141,11 +171,29 @@ class RetentiveSettings:
             raise KnobError(
                 "recall_weight", f"must be a finite number >= 0, got {self.recall_weight}"
             )
+        if self.recall_weight > 0 and self.state_feature_map is None:
+            raise KnobError(
+                "recall_weight",
+                "the self-recall error is read through the state's feature map, and without a "
+                f"maps file retentive keeps no state; {NO_STATE_HINT}",
+            )
         check_choice("states", self.states, STATE_MODES)
         check_choice("state_query", self.state_query, STATE_QUERIES)
         check_choice("state_readout", self.state_readout, STATE_READOUTS)
         if not math.isfinite(self.state_log_gain):
             raise KnobError("state_log_gain", f"must be finite, got {self.state_log_gain}")
+
+
+@functools.cache
+def log_no_state() -> None:
+    """The start-up line of a `retentive` without a maps file: no state, and how to get one. Once
+    per process that builds such a policy (under `vllm serve`: the API server at start-up, then
+    the worker)."""
+    logger.info(
+        "retentivekv: retentive keeps no state without a maps file: folded tokens are dropped "
+        "(eviction by the retention score); %s",
+        NO_STATE_HINT,
+    )
 
 
 @register_policy
@@ -156,27 +204,37 @@ class RetentivePolicy(KVPolicy):
         default_factory=dict, init=False, repr=False
     )
 
+    def __post_init__(self) -> None:
+        if self.settings.state_feature_map is None:
+            log_no_state()
+
     @classmethod
     def keeps_state_under(cls, config) -> bool:
-        return config.retentive.states != "none"
+        return config.retentive.keeps_state
 
     @property
     def settings(self) -> RetentiveSettings:
         return self.config.retentive
 
     def num_states(self, has_images: bool) -> int:
-        return {"none": 0, "single": 1, "dual": 2 if has_images else 1}[self.settings.states]
+        if not self.keeps_state:
+            return 0
+        return {"single": 1, "dual": 2 if has_images else 1}[self.settings.states]
 
     def feature_map(self, head_dim: int, scale: float, layer: int | None = None) -> FeatureMap:
         """The map layer `layer` (its index in the model) folds and reads its states with; every
-        layer shares one map except with ``--kv-feature-map learned``, where `layer` is required."""
+        layer shares one map except with learned maps, where `layer` is required. ValueError
+        when no feature map is in use (``auto`` without a maps file)."""
         c = self.settings
-        key = (head_dim, scale, layer if c.feature_map == "learned" else None)
+        name = c.state_feature_map
+        if name is None:
+            raise ValueError(f"retentive keeps no state without a maps file; {NO_STATE_HINT}")
+        key = (head_dim, scale, layer if name == "learned" else None)
         if key not in self._feature_maps:
-            if c.feature_map == "learned":
+            if name == "learned":
                 feature_map = self._learned_map(head_dim, layer)
             else:
-                feature_map = make_feature_map(c.feature_map, head_dim, c.state_rank, scale, c.seed)
+                feature_map = make_feature_map(name, head_dim, c.state_rank, scale, c.seed)
             if c.state_query == "fixed":
                 feature_map = FixedQuery(feature_map)
             if c.state_readout == "normalised" or c.state_log_gain != 0:
@@ -188,8 +246,11 @@ class RetentivePolicy(KVPolicy):
 
     def state_rank(self, head_dim: int) -> int:
         """Features per state, r of a state's r·(d_v + 1) numbers: the same in every layer, so
-        memory can be planned without a layer index."""
-        if self.settings.feature_map == "learned":
+        memory can be planned without a layer index; 0 when no feature map is in use."""
+        name = self.settings.state_feature_map
+        if name is None:
+            return 0
+        if name == "learned":
             return load_maps(self.settings.maps).rank
         return self.feature_map(head_dim, 1.0).rank
 

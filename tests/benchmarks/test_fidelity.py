@@ -70,6 +70,8 @@ def test_equal_memory_cells_follow_their_references_at_compressed_budgets_only()
     learned = next(c for c in cells if c.label == LEARNED)
     assert learned.config["kv_feature_map"] == "learned"
     assert learned.config["kv_maps"] == str(task_maps(task))
+    # "retentive" is the prf state the recorded results were measured with.
+    assert next(c for c in cells if c.label == "retentive").config["kv_feature_map"] == "prf"
     # --equal-memory-cells: eviction cells at equal memory only (retentive keeps a state: none).
     only = grid(task, [LEARNED], [0.1], (LEARNED,), ["h2o", "retentive"])
     assert [c.label for c in only] == ["full", LEARNED, f"h2o (equal memory to {LEARNED})"]
@@ -85,7 +87,7 @@ def test_equal_memory_budget_and_tokens():
     assert token_bytes(make_task("grid").model_dir()) == 3 * 2 * 2 * 64 * 4
 
 
-def _cell(label, right, reference=None, policy="snapkv", states=None):
+def _cell(label, right, reference=None, policy="snapkv", states=None, state_bytes=0):
     config = {"kv_policy": policy, **({"kv_states": states} if states else {})}
     return {
         "label": label,
@@ -94,12 +96,16 @@ def _cell(label, right, reference=None, policy="snapkv", states=None):
         "equal_memory_to": reference,
         "correct": sum(right),
         "right": right,
+        "state_bytes": state_bytes,
     }
 
 
 def test_comparisons_pair_each_reference_with_the_best_eviction_cell_at_its_memory():
+    """Eviction cells are told by the state bytes they held: "retentive" recorded as plain
+    {"kv_policy": "retentive"} ran with the prf state (the default then), and is no eviction
+    cell even though that config keeps no state now."""
     results = [
-        _cell("retentive", [1, 0, 0, 0], policy="retentive"),
+        _cell("retentive", [1, 0, 0, 0], policy="retentive", state_bytes=16640),
         _cell("retentive: no state", [1, 0, 0, 0], policy="retentive", states="none"),
         _cell("snapkv", [0, 1, 0, 0]),
         _cell("h2o (equal memory to retentive)", [1, 1, 0, 0], "retentive", policy="h2o"),
@@ -161,7 +167,7 @@ def test_table_from_merges_runs_of_different_budgets_and_compares_them(tmp_path)
         cells = []
         for cell in (
             _cell("full", [1, 1, 1, 1], policy="full"),
-            _cell("retentive", [1, 0, 0, 0], policy="retentive"),
+            _cell("retentive", [1, 0, 0, 0], policy="retentive", state_bytes=16640),
             _cell("snapkv (equal memory to retentive)", [1, 1, 0, 0], "retentive"),
         ):
             budget_of = 1.0 if cell["label"] == "full" else budget

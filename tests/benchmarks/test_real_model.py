@@ -24,6 +24,7 @@ from benchmarks.real_model import (
     request_params,
 )
 from benchmarks.tasks.ruler import TASK_NAMES, make_items
+from retentivekv_vllm.learned_maps import SHIPPED_MAPS_DIR
 
 REPO = Path(__file__).parents[2]
 
@@ -94,6 +95,12 @@ def test_cells_share_an_engine_only_when_policy_and_budget_alone_differ():
         "h2o",
         "streaming",
     ]
+    # "retentive" is the prf state the recorded results were measured with; by the plugin's rule
+    # retentive without a maps file or feature map keeps none, and with a maps file keeps one.
+    assert CELLS["retentive"]["kv_feature_map"] == "prf"
+    assert keeps_no_state({"kv_policy": "retentive"})
+    maps = str(SHIPPED_MAPS_DIR / "smollm2-135m-instruct.safetensors")
+    assert not keeps_no_state({"kv_policy": "retentive", "kv_maps": maps})
 
 
 def test_extra_cells_are_checked():

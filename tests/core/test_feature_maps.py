@@ -63,7 +63,9 @@ def test_retentive_builds_the_readout_its_knobs_ask_for():
     from retentivekv_vllm.policies import make_policy
 
     def built(**knobs):
-        config = KVPolicyConfig.from_additional_config({"kv_policy": "retentive", **knobs})
+        config = KVPolicyConfig.from_additional_config(
+            {"kv_policy": "retentive", "kv_feature_map": "prf", **knobs}
+        )
         return make_policy(config).feature_map(16, 0.25)
 
     assert isinstance(built(), PositiveRandomFeatures)

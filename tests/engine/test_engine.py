@@ -26,6 +26,8 @@ ENGINE = dict(
 )
 REPO = pathlib.Path(__file__).parents[2]
 MAX_TOKENS = 24  # below the decode interval: only the prefill compression runs
+# retentive with a state: without a maps file it keeps none unless a feature map is asked for.
+PRF = {"kv_feature_map": "prf"}
 
 
 def generate_in_subprocess(
@@ -88,11 +90,23 @@ def test_no_compression_gives_stock_tokens(model_dir, prompts, stock_tokens, pol
     assert [s["tokens_folded"] for s in stats] == [0] * len(prompts)
 
 
-@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "lookm", "retentive"])
-def test_compressed_generation_matches_reference(model_dir, prompts, policy):
+@pytest.mark.parametrize(
+    "policy, knobs",
+    [
+        ("streaming", {}),
+        ("h2o", {}),
+        ("snapkv", {}),
+        ("lookm", {}),
+        ("retentive", PRF),
+        ("retentive", {}),  # no maps file: no state, folded tokens dropped
+    ],
+    ids=["streaming", "h2o", "snapkv", "lookm", "retentive-prf", "retentive-no-maps"],
+)
+def test_compressed_generation_matches_reference(model_dir, prompts, policy, knobs):
     """At budget 0.2 the engine folds each prompt to its budget and generates exactly
-    what a plain transformers run of the same policy generates."""
-    config = {"kv_policy": policy, "kv_budget": 0.2}
+    what a plain transformers run of the same policy generates; only retentive with a feature
+    map keeps a state."""
+    config = {"kv_policy": policy, "kv_budget": 0.2, **knobs}
     tokens, stats = generate(model_dir, prompts, config)
     kv = KVPolicyConfig.from_additional_config(config)
     for ids, got, s in zip(prompts, tokens, stats):
@@ -101,7 +115,7 @@ def test_compressed_generation_matches_reference(model_dir, prompts, policy):
         assert s["tokens_folded"] == len(ids) - budget > 0
         assert s["kept_after_compression"] == budget
         assert s["tokens_kept"] == s["tokens_cached"] - s["tokens_folded"]
-        assert (s["state_elements"] > 0) == (policy == "retentive")
+        assert (s["state_elements"] > 0) == (s["state_bytes"] > 0) == (knobs == PRF)
         assert got == reference_greedy(model_dir, ids, kv, MAX_TOKENS)
 
 
@@ -142,7 +156,7 @@ def test_decode_compression_folds_whole_blocks(model_dir, prompts):
         ({"kv_policy": "retentive", "kv_bogus": 1}, {}, "kv_bogus"),
         ({"kv_budget": 0.5}, {}, "--kv-policy"),
         ({"kv_policy": "retentive"}, {"enable_prefix_caching": True}, "--no-enable-prefix-caching"),
-        ({"kv_policy": "retentive"}, {"kv_cache_memory_bytes": 8 * 2**20}, "--max-num-seqs"),
+        ({"kv_policy": "retentive", **PRF}, {"kv_cache_memory_bytes": 8 * 2**20}, "--max-num-seqs"),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(model_dir, additional_config, engine, message):
@@ -175,7 +189,7 @@ def test_prefill_chunks_are_compressed_once_over_budget(model_dir, prompts):
 
 def test_tensor_parallel_two_gives_the_same_tokens(model_dir, prompts, tmp_path):
     """TP=2 (two CPU workers, one KV head each: the state is sharded with the heads)."""
-    config = {"kv_policy": "retentive", "kv_budget": 0.2}
+    config = {"kv_policy": "retentive", "kv_budget": 0.2, **PRF}
     expected, _ = generate(model_dir, prompts, config)
     engine = {
         **ENGINE,
@@ -197,7 +211,7 @@ def test_chunked_prefill_equals_one_shot_when_only_the_last_chunk_ends_over_budg
     chunks overrun earlier compresses mid-prompt by design, scored by the queries seen so far:
     docs/method.md, section 7.)"""
     ids = prompts[0]
-    config = {"kv_policy": "retentive", "kv_budget": len(ids) - 10}
+    config = {"kv_policy": "retentive", "kv_budget": len(ids) - 10, **PRF}
     one_shot, (s1,) = generate(model_dir, [ids], config)
     chunked, (s2,) = generate(
         model_dir, [ids], config, max_num_batched_tokens=48, enable_chunked_prefill=True

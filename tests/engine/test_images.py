@@ -28,8 +28,9 @@ PROMPTS = {
     "one image": [0, "What is in the picture? Answer in a few words."],
     "two images": ["Left:", 0, "and right:", 1, "which one has more red in it?"],
 }
-# A short window, so that at 0.2 the policy chooses which image tokens stay.
-COMPRESSED = {"kv_policy": "retentive", "kv_budget": 0.2, "kv_window": 8}
+# A short window, so that at 0.2 the policy chooses which image tokens stay; the prf state, so
+# that folded image tokens go into the visual state (without a maps file there is none).
+COMPRESSED = {"kv_policy": "retentive", "kv_budget": 0.2, "kv_window": 8, "kv_feature_map": "prf"}
 
 
 def mm_engine(arch: str) -> dict:

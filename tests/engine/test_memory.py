@@ -12,7 +12,7 @@ from vllm import LLM, SamplingParams
 from retentivekv_vllm.engine.worker import WORKER, worker_stats
 from retentivekv_vllm.fixtures import build_tiny_model
 
-from .test_engine import ENGINE
+from .test_engine import ENGINE, PRF
 
 
 def random_prompt(n: int, seed: int) -> dict:
@@ -142,7 +142,7 @@ def test_aborts_and_preemption_return_every_block_and_state(model_dir, make_engi
         # A long decode interval lets decoding outgrow the small pool, so requests are
         # preempted (and recomputed) as well as aborted and finished.
         model_dir,
-        {"kv_policy": "retentive", "kv_budget": 0.5, "kv_decode_interval": 256},
+        {"kv_policy": "retentive", "kv_budget": 0.5, "kv_decode_interval": 256, **PRF},
         kv_cache_memory_bytes=8 * 2**20,
         max_model_len=1536,
         max_num_batched_tokens=512,
@@ -197,7 +197,9 @@ def test_budget_0_2_runs_at_least_four_times_the_requests_of_stock(tmp_path_fact
     stock_running = max_running(stock, [random_prompt(prompt_len, i) for i in range(5)], max_tokens)
     assert stock_running == 4
     stock.close()
-    retentive = make_engine(model_dir, {"kv_policy": "retentive", "kv_budget": 0.2}, **engine)
+    retentive = make_engine(
+        model_dir, {"kv_policy": "retentive", "kv_budget": 0.2, **PRF}, **engine
+    )
     # One request more than needed: the test then fails only if fewer than 4x run at once.
     num_requests = 4 * stock_running + 1
     retentive_running = max_running(
@@ -213,7 +215,7 @@ def test_states_of_max_num_seqs_requests_are_reserved_out_of_the_kv_memory(model
     stock.close()
     retentive = make_engine(
         model_dir,
-        {"kv_policy": "retentive"},
+        {"kv_policy": "retentive", **PRF},
         kv_cache_memory_bytes=memory,
         max_num_seqs=max_num_seqs,
     )
@@ -226,4 +228,18 @@ def test_states_of_max_num_seqs_requests_are_reserved_out_of_the_kv_memory(model
     retentive.drain()
     (stats,) = retentive.llm.collective_rpc(worker_stats)
     (finished,) = stats["finished"].values()
-    assert finished["state_elements"] * 4 == state_bytes
+    assert finished["state_elements"] * 4 == finished["state_bytes"] == state_bytes
+    retentive.close()
+    # Without a maps file retentive keeps no state: nothing reserved, nothing held.
+    no_maps = make_engine(
+        model_dir, {"kv_policy": "retentive"}, kv_cache_memory_bytes=memory, max_num_seqs=32
+    )
+    assert no_maps.free_at_start == stock.free_at_start
+    no_maps.engine.add_request(
+        "r", random_prompt(600, 0), SamplingParams(max_tokens=2, ignore_eos=True)
+    )
+    no_maps.drain()
+    (stats,) = no_maps.llm.collective_rpc(worker_stats)
+    (finished,) = stats["finished"].values()
+    assert finished["tokens_folded"] > 0
+    assert finished["state_elements"] == finished["state_bytes"] == 0

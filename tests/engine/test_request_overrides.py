@@ -14,7 +14,7 @@ from retentivekv_vllm.engine.worker import WORKER, worker_stats
 
 from .test_engine import ENGINE, MAX_TOKENS
 
-SERVER = {"kv_policy": "retentive", "kv_budget": 0.2}
+SERVER = {"kv_policy": "retentive", "kv_budget": 0.2, "kv_feature_map": "prf"}  # with a state
 
 
 def random_prompt(n: int, seed: int) -> list[int]:

@@ -189,7 +189,13 @@ def test_compression_on_the_paged_cache_equals_the_dense_one(policy_name):
     gen = torch.Generator().manual_seed(5)
     queries = torch.randn(window, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen)
     config = KVPolicyConfig.from_knobs(
-        policy=policy_name, budget=0.5, sinks=2, window=4, observation_window=window, state_rank=16
+        policy=policy_name,
+        budget=0.5,
+        sinks=2,
+        window=4,
+        observation_window=window,
+        feature_map="prf",  # retentive's state (without a maps file it keeps none)
+        state_rank=16,
     )
     policy = make_policy(config)
     # After an earlier fold each head's live slots hold the sinks and a different set of tokens.

@@ -18,7 +18,11 @@ OUTLIER = 11
 
 
 def policy(**knobs):
-    return make_policy(KVPolicyConfig.from_knobs(policy="retentive", **knobs))
+    """retentive with the prf state unless `knobs` choose another: the term reads the state's
+    feature map (without one, as retentive has without a maps file, it is refused)."""
+    return make_policy(
+        KVPolicyConfig.from_knobs(policy="retentive", **{"feature_map": "prf", **knobs})
+    )
 
 
 def outlier_observation(seed=0):
@@ -72,7 +76,7 @@ def test_recall_weight_zero_is_the_old_score():
     obs = Observation(
         probs, obs.positions, obs.candidates, probs.sum(1), None, None, obs.keys, obs.values, 1.0
     )
-    config = KVPolicyConfig.from_knobs(policy="retentive", lambda_=0.3)
+    config = KVPolicyConfig.from_knobs(policy="retentive", feature_map="prf", lambda_=0.3)
     old = retention_score(obs.alpha, obs.entropy, 0.3, obs.candidates, config.pool_kernel)
     assert torch.equal(make_policy(config).score(obs), old)
     assert not torch.equal(policy(lambda_=0.3, recall_weight=1.0).score(obs), old)
@@ -102,7 +106,7 @@ def test_the_settings_refuse_bad_recall_weights(value):
 
 def test_the_recall_weight_knob():
     config = KVPolicyConfig.from_additional_config(
-        {"kv_policy": "retentive", "kv_recall_weight": "0.25"}
+        {"kv_policy": "retentive", "kv_feature_map": "prf", "kv_recall_weight": "0.25"}
     )
     assert config.retentive.recall_weight == 0.25
     assert KVPolicyConfig(policy="retentive").retentive.recall_weight == 0.0

@@ -1,10 +1,11 @@
 """The demo (`bash scripts/demo.sh`, `python -m retentivekv_vllm.demo`): the real SmolLM2-135M-
-Instruct served by `vllm serve` with --kv-policy retentive --kv-budget 0.2 answers a question about
-Python's debugger documentation (about 5,300 tokens) as it does with the whole cache, and what it
-prints of the request is what the server's stats route says, against the model's shape.
+Instruct served by `vllm serve` with --kv-policy retentive --kv-budget 0.2 and the learned maps
+shipped for it (--kv-maps) answers a question about Python's debugger documentation (about 5,300
+tokens) as it does with the whole cache, and what it prints of the request is what the server's
+stats route says, against the model's shape.
 
 The served tests take a few minutes (two server starts, 5,300-token prefills): slow tier. The
-report's arithmetic and the options' errors are checked in the default tier.
+report's arithmetic, the server's flags and the options' errors are checked in the default tier.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from pathlib import Path
 import pytest
 
 from retentivekv_vllm import demo
+from retentivekv_vllm.learned_maps import load_maps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # SmolLM2-135M: 30 layers, 3 KV heads of 64; the retentive state of a text request is one
-# prf state (rank 64) per layer and KV head: S [64, 64] and z [64], fp32.
+# learned state per layer and KV head, of the shipped maps' rank r: S [r, 64] and z [r], fp32.
 SMOLLM2_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
-SMOLLM2_STATE_BYTES = 30 * 3 * 64 * (64 + 1) * 4
+SMOLLM2_MAPS_RANK = 16  # calibrate's default rank
+SMOLLM2_STATE_BYTES = 30 * 3 * SMOLLM2_MAPS_RANK * (64 + 1) * 4
 MAX_TOKENS = 32  # below the decode interval (64): the prompt is folded once, at its end
 
 
@@ -44,6 +47,17 @@ def test_report_sets_kv_and_state_against_stock():
     assert lines[4].split()[2:4] == ["1.0", "MiB"]
     # stock holds 5,031 KiB; this request 1,031 KiB + 1 MiB of state = 2,055 KiB: 2.4x
     assert lines[5].split()[3:5] == ["4.9", "MiB"] and "2.4x this request's" in lines[5]
+
+
+def test_retentive_serves_with_the_maps_shipped_for_smollm2():
+    """The demo shows the method with its state: retentive reads the learned maps shipped for
+    the model (without a maps file it would keep none); other policies take no maps."""
+    flags = demo.server_args("retentive", "0.2")
+    assert flags[flags.index("--kv-maps") + 1] == str(demo.SMOLLM2_MAPS)
+    maps = load_maps(demo.SMOLLM2_MAPS)
+    assert (maps.model.num_layers, maps.rank) == (30, SMOLLM2_MAPS_RANK)
+    assert "--kv-maps" not in demo.server_args("snapkv", "0.2")
+    assert "--kv-maps" not in demo.server_args("retentive", "0.2", maps="")
 
 
 def test_kv_bytes_per_token_from_config(tmp_path):

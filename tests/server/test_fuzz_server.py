@@ -36,7 +36,8 @@ PROMPTS = ["Hi", "Sentence one: the river carried sand past the mill. " * 40]
 def server(tmp_path_factory):
     model_dir = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
     log_path = tmp_path_factory.mktemp("server") / "vllm-serve.log"
-    args = ("--kv-policy", "retentive", "--kv-budget", "0.2")
+    # The prf state, so that states are held and must come back.
+    args = ("--kv-policy", "retentive", "--kv-feature-map", "prf", "--kv-budget", "0.2")
     with Server(
         str(model_dir), args=args, env={"VLLM_PLUGINS": "retentivekv"}, log_path=log_path
     ) as srv:

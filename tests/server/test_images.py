@@ -46,11 +46,14 @@ RUNS = {
     "stock": ((), {"VLLM_PLUGINS": ""}),
     "budget 1.0": (("--kv-policy", "retentive", "--kv-budget", "1.0"), {}),
     # A short window, so that the policy chooses which image tokens stay; small blocks, so that
-    # the folded image tokens of these short prompts fill whole blocks; the plugin's metrics on.
+    # the folded image tokens of these short prompts fill whole blocks; the prf state, so that
+    # they fold into the visual state; the plugin's metrics on.
     "budget 0.2": (
         (
             "--kv-policy",
             "retentive",
+            "--kv-feature-map",
+            "prf",
             "--kv-budget",
             "0.2",
             "--kv-window",

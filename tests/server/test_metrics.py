@@ -36,6 +36,8 @@ def server(tmp_path_factory):
         args = (
             "--kv-policy",
             "retentive",
+            "--kv-feature-map",  # a state to show (without a maps file retentive keeps none)
+            "prf",
             "--kv-budget",
             str(BUDGET),
             "--api-key",
@@ -105,7 +107,7 @@ def wait_until(predicate, timeout: float = 30.0):
 
 
 def state_bytes_per_text_request() -> int:
-    """One float32 state (S [r, d] and z [r]) per layer and KV head at the default rank 64."""
+    """One float32 prf state (S [r, d] and z [r]) per layer and KV head at the default rank 64."""
     c = BASE_CONFIG
     return c["num_hidden_layers"] * c["num_key_value_heads"] * 64 * (c["head_dim"] + 1) * 4
 

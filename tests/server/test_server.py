@@ -194,6 +194,21 @@ def test_folding_happened_in_server(server, client, served_model, tokenizer):
     assert int(line["compressions"]) >= 1, line.group(0)
 
 
+def test_start_up_says_that_retentive_keeps_no_state_without_a_maps_file(server):
+    """Served without --kv-maps, retentive drops what it folds; the log says so with how to get a
+    state: first the API server, at start-up, then once in each process that builds the policy
+    (vLLM's worker)."""
+    said = [
+        line
+        for line in read_log(server).splitlines()
+        if "retentive keeps no state without a maps file" in line
+    ]
+    assert said and said[0].startswith("(APIServer pid="), said
+    processes = [line.split(")")[0] for line in said]
+    assert len(processes) == len(set(processes)), said
+    assert all("--kv-maps FILE" in line and "--kv-feature-map prf" in line for line in said)
+
+
 def test_request_chooses_its_budget(server, client, served_model, tokenizer):
     """vllm_xargs.kv_budget reaches the worker: the request folds to its own budget."""
     prompt = long_prompt(17, "an owl called twice from the barn")
