@@ -8,7 +8,7 @@ fields of ``KVPolicyConfig``; a policy's own parameters are a small dataclass ne
 The settings travel inside vLLM's own ``additional_config`` (keys ``kv_policy``,
 ``kv_budget``, ...), so the same dictionary reaches the API server, the engine core
 and every worker.  ``--kv-policy retentive`` and the other ``--kv-*`` flags are
-spellings of those keys (see ``engine/cli.py``).
+spellings of those keys (see ``cli.py``).
 """
 
 from __future__ import annotations

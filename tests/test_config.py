@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from retentivekv_vllm.cli import add_kv_arguments, merge_kv_arguments
 from retentivekv_vllm.config import ConfigError, KVPolicyConfig, RequestConfigError, request_config
-from retentivekv_vllm.engine.cli import add_kv_arguments, merge_kv_arguments
 
 
 def parse(**extra):

@@ -23,7 +23,7 @@ Patched or overridden symbols, and why:
 - The ``vllm_xargs`` field of ``CompletionRequest``, ``ChatCompletionRequest`` and
   ``ResponsesRequest``: refuses JSON booleans in ``kv_*``, which pydantic would read as 1.
 - ``vllm.v1.worker.worker_base.WorkerBase`` (added methods ``retentivekv_metrics``,
-  ``retentivekv_stats``): read by ``collective_rpc`` from the API server (``engine/serving.py``).
+  ``retentivekv_stats``): read by ``collective_rpc`` from the API server (``serving.py``).
 - ``vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots``: hands each request's own
   settings to the KV manager (installed with a policy only).
 - ``vllm.v1.worker.gpu_model_runner.GPUModelRunner``: ``_build_attention_metadata`` records the
@@ -119,8 +119,8 @@ def _select_gpu_backend(engine_args) -> None:
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
+    from retentivekv_vllm.cli import add_kv_arguments, merge_kv_arguments
     from retentivekv_vllm.config import ConfigError, KVPolicyConfig
-    from retentivekv_vllm.engine.cli import add_kv_arguments, merge_kv_arguments
     from retentivekv_vllm.engine.settings import validate_engine
 
     original_add = EngineArgs.add_cli_args

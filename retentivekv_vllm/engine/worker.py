@@ -164,5 +164,5 @@ def worker_stats(worker=None) -> dict:
 
 def worker_metrics(worker=None) -> dict:
     """This worker's totals and gauges; a worker method (``collective_rpc("retentivekv_metrics")``,
-    engine/serving.py)."""
+    serving.py)."""
     return WORKER.memories.metrics()

@@ -15,10 +15,10 @@ import pytest
 from openai import BadRequestError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from retentivekv_vllm.engine.serving import REFRESH_SECONDS, STATS_ROUTE
 from retentivekv_vllm.fixtures import build_tiny_model
 from retentivekv_vllm.fixtures.build import BASE_CONFIG
 from retentivekv_vllm.fixtures.server import Server
+from retentivekv_vllm.serving import REFRESH_SECONDS, STATS_ROUTE
 
 from .test_server import long_prompt
 

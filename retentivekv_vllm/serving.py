@@ -1,7 +1,7 @@
 """What the API server shows of the plugin: Prometheus metrics on vLLM's own /metrics and a
 read-only stats route, through vLLM's endpoint-plugin mechanism.
 
-The numbers live in the workers (``memory.MemoryRegistry``: compression runs there, and the
+The numbers live in the workers (``engine.memory.MemoryRegistry``: compression runs there, and the
 worker counts the blocks the scheduler frees by the rule the KV manager applies).  vLLM's
 stat-logger plugins only see SchedulerStats and IterationStats, which have no room for them, so
 the endpoint plugin asks the workers through the engine client's ``collective_rpc`` (the path the
