@@ -1,6 +1,6 @@
 """What the harnesses share to compare policies at equal memory and paired over items.
 
-* `token_bytes`: the bytes one cached token costs (float32 cache, every layer and KV head);
+* `token_bytes`: the bytes one cached token costs (every layer and KV head);
 * `keeps_no_state`: an eviction cell, one that runs again with a state's bytes as cached tokens;
   `held_no_state`: the same of a measured cell;
 * `equal_memory_budget`: a request's budget given extra tokens on top of the cell's ratio;
@@ -23,15 +23,16 @@ BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 5000
 
 
-def token_bytes(model_dir: Path) -> int:
-    """Bytes one cached token takes over all layers and KV heads in the float32 cache (the
+def token_bytes(model_dir: Path, dtype: str = "float32") -> int:
+    """Bytes one cached token takes over all layers and KV heads in a cache of `dtype` (the
     language model's, for a vision-language model)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config = config.get("text_config", config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    return config["num_hidden_layers"] * kv_heads * 2 * head_dim * 4
+    element_bytes = 4 if dtype == "float32" else 2
+    return config["num_hidden_layers"] * kv_heads * 2 * head_dim * element_bytes
 
 
 def keeps_no_state(config: dict[str, Any]) -> bool:

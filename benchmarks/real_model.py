@@ -184,18 +184,19 @@ class Engine:
         longest: int,
         max_tokens: int,
         configs: list[dict[str, Any]],
+        dtype: str = "float32",
     ):
         from vllm import LLM
 
         server = next((c for c in configs if c["kv_policy"] == "retentive"), configs[0])
         self.llm = LLM(
             model=str(model_dir),
-            dtype="float32",
+            dtype=dtype,
             enforce_eager=True,
             seed=0,
             kv_cache_memory_bytes=MAX_NUM_SEQS
             * (longest + max_tokens)
-            * token_bytes(model_dir)
+            * token_bytes(model_dir, dtype)
             * 2,
             enable_prefix_caching=False,
             max_num_seqs=MAX_NUM_SEQS,
@@ -508,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the model's and so the cache's dtype (states beside a bfloat16 cache are bfloat16)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "real_model.json"
     )
     args = parser.parse_args(argv)
@@ -553,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ll_items
         else []
     )
-    per_token = token_bytes(args.model)
+    per_token = token_bytes(args.model, args.dtype)
     cells: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -566,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         "loglik_spans": args.ll_items,
         "loglik_scored_tokens": args.ll_tokens,
         "token_bytes": per_token,
+        # Recorded only when not the default, so runs from before the option still merge.
+        **({"dtype": args.dtype} if args.dtype != "float32" else {}),
     }
     merged = [cell for path in args.merge for cell in merged_cells(path, settings)]
 
@@ -610,7 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     extra_tokens = dict.fromkeys(args.protocols, args.equal_memory_tokens)
     for group in groups.values():
         engine = Engine(
-            args.model, args.chunk, longest, args.max_tokens, [budgets[g] for g in group]
+            args.model,
+            args.chunk,
+            longest,
+            args.max_tokens,
+            [budgets[g] for g in group],
+            args.dtype,
         )
         try:
             for protocol in args.protocols:

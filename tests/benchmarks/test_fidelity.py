@@ -85,6 +85,7 @@ def test_equal_memory_budget_and_tokens():
     # A float32 cache token over every layer and KV head; a VLM's language model (text_config).
     assert token_bytes(make_task("recall").model_dir()) == 2 * 2 * 2 * 64 * 4
     assert token_bytes(make_task("grid").model_dir()) == 3 * 2 * 2 * 64 * 4
+    assert token_bytes(make_task("recall").model_dir(), "bfloat16") == 2 * 2 * 2 * 64 * 2
 
 
 def _cell(label, right, reference=None, policy="snapkv", states=None, state_bytes=0):
