@@ -94,6 +94,48 @@ def model_dir() -> str:
     return str(smollm2_model_dir(REPO_ROOT / "models" / "smollm2-135m-instruct"))
 
 
+@pytest.mark.slow
+def test_demo_prints_the_answer_and_the_servers_numbers(model_dir, tmp_path):
+    """`python -m retentivekv_vllm.demo` as `bash scripts/demo.sh` runs it, its own server. Before
+    the tests of the module's `server`: that server stays up until the module ends, and two idle
+    vLLM workers beside the demo's would take both cores of a small machine."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retentivekv_vllm.demo",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--model-dir",
+            model_dir,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    answer = next(line for line in lines if line.startswith("answer: "))
+    assert "pdb" in answer
+    # "  tokens cached   5,320  (...)": the first two words name the number
+    numbers = {" ".join(line.split()[:2]): line.split()[2:] for line in lines if line[:2] == "  "}
+
+    def tokens(name: str) -> int:
+        return int(numbers[name][0].replace(",", ""))
+
+    def mib(name: str, index: int) -> float:
+        assert numbers[name][index + 1] == "MiB"
+        return float(numbers[name][index]) * 2**20
+
+    cached, kept = tokens("tokens cached"), tokens("tokens kept")
+    assert tokens("tokens folded") == cached - kept > 0.75 * cached
+    assert abs(mib("KV bytes", 1) - kept * SMOLLM2_KV_BYTES_PER_TOKEN) < 0.05 * 2**20
+    assert numbers["state bytes"][0] == f"{SMOLLM2_STATE_BYTES / 2**20:.1f}"
+    assert abs(mib("stock vLLM", 1) - cached * SMOLLM2_KV_BYTES_PER_TOKEN) < 0.05 * 2**20
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     from retentivekv_vllm.fixtures.server import Server
@@ -139,43 +181,3 @@ def test_answer_at_a_fifth_of_the_cache_as_with_all_of_it(server, model_dir, bud
     assert stats["tokens_kept"] == stats["budget_tokens"] + reply.usage.completion_tokens - 1
     assert stats["tokens_folded"] == stats["tokens_cached"] - stats["tokens_kept"]
     assert stats["state_bytes"] == SMOLLM2_STATE_BYTES
-
-
-@pytest.mark.slow
-def test_demo_prints_the_answer_and_the_servers_numbers(model_dir, tmp_path):
-    """`python -m retentivekv_vllm.demo` as `bash scripts/demo.sh` runs it, its own server."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "retentivekv_vllm.demo",
-            "--max-tokens",
-            str(MAX_TOKENS),
-            "--model-dir",
-            model_dir,
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    answer = next(line for line in lines if line.startswith("answer: "))
-    assert "pdb" in answer
-    # "  tokens cached   5,320  (...)": the first two words name the number
-    numbers = {" ".join(line.split()[:2]): line.split()[2:] for line in lines if line[:2] == "  "}
-
-    def tokens(name: str) -> int:
-        return int(numbers[name][0].replace(",", ""))
-
-    def mib(name: str, index: int) -> float:
-        assert numbers[name][index + 1] == "MiB"
-        return float(numbers[name][index]) * 2**20
-
-    cached, kept = tokens("tokens cached"), tokens("tokens kept")
-    assert tokens("tokens folded") == cached - kept > 0.75 * cached
-    assert abs(mib("KV bytes", 1) - kept * SMOLLM2_KV_BYTES_PER_TOKEN) < 0.05 * 2**20
-    assert numbers["state bytes"][0] == f"{SMOLLM2_STATE_BYTES / 2**20:.1f}"
-    assert abs(mib("stock vLLM", 1) - cached * SMOLLM2_KV_BYTES_PER_TOKEN) < 0.05 * 2**20
