@@ -98,10 +98,10 @@ def run_case(requests: int, context: int, repeats: int) -> dict:
 
     q_grouped = q.view(requests, HEADS, 1, HEAD_SIZE)
     live = int(BUDGET * context)
-    whole = DecodeBatch.plan(
+    whole = DecodeBatch(
         list(range(requests)), block_rows, [0] * requests, [context] * requests, BLOCK_SIZE
     )
-    budget = DecodeBatch.plan(
+    budget = DecodeBatch(
         list(range(requests)),
         block_rows,
         [context - live] * requests,

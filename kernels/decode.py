@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from retentivekv_vllm.core.feature_maps import FeatureMap
+from retentivekv_vllm.core.state import RecurrentState
 
 from .features import feature_args, log_feature_tile
 from .paged import (
@@ -48,6 +49,19 @@ class PagedStates:
     S: Tensor
     z: Tensor
     index: Tensor
+
+    @classmethod
+    def of(cls, states: list[list[RecurrentState]]) -> "PagedStates":
+        """The pool of the requests' states, request r's being states[r] (any number each)."""
+        pool = [state for member in states for state in member]
+        index = torch.full((len(states), max(map(len, states))), -1, dtype=torch.int32)
+        first = 0
+        for r, member in enumerate(states):
+            index[r, : len(member)] = torch.arange(first, first + len(member))
+            first += len(member)
+        device = pool[0].S.device
+        S, z = torch.stack([s.S for s in pool]), torch.stack([s.z for s in pool])
+        return cls(S, z, index.to(device))
 
 
 @triton.jit

@@ -19,7 +19,6 @@ pass-through whenever no policy is configured. With a policy:
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +33,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from retentivekv_vllm.core import RecurrentState, merge_with_state_readouts
 from retentivekv_vllm.engine.cpu_kernel import decode_extension, merge_state_readouts
 from retentivekv_vllm.engine.cpu_layout import DecodeBatch, RequestSlots
-from retentivekv_vllm.engine.executor import (
-    RequestPlan,
-    compress,
-    group_queries,
-    grouped_positions,
-    layer_index,
-    ungroup_rows,
-)
-from retentivekv_vllm.engine.memory import log_memory_plan
-from retentivekv_vllm.engine.patches import install_runner_hooks
-from retentivekv_vllm.engine.settings import policy_from_vllm_config
+from retentivekv_vllm.engine.executor import RequestPlan, attend_live, layer_index
 from retentivekv_vllm.engine.worker import WORKER
 
 
@@ -64,10 +53,7 @@ class RetentiveCPUMetadata(CPUAttentionMetadata):
 class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.policy = policy_from_vllm_config(vllm_config)
-        if self.policy is not None:
-            install_runner_hooks()
-            log_memory_plan(self.policy, kv_cache_spec, len(layer_names), vllm_config)
+        self.policy = WORKER.load_builder(kv_cache_spec, len(layer_names), vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if self.policy is None:
@@ -86,7 +72,7 @@ class RetentiveCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         decode_plans = [plan for plan in plans if plan.recomputed and plan.decodes]
         decode_batch = None
         if decode_plans:
-            decode_batch = DecodeBatch.plan(
+            decode_batch = DecodeBatch(
                 [plan.query_start for plan in decode_plans],
                 block_table[[plan.row for plan in decode_plans]],
                 [plan.live_start for plan in decode_plans],
@@ -214,30 +200,20 @@ class RetentiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def _run_plan(self, layer, plan: RequestPlan, query, kv_cache, block_table, rows) -> None:
         n = plan.seq_len
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n)
-        batched = plan.recomputed and plan.decodes  # attended, query remembered, by `_decode`
-        chunk = plan.recomputed and not plan.decodes
-        if not batched:
+        if not (plan.recomputed and plan.decodes):  # else attended, query remembered: `_decode`
             q = query[plan.query_start : plan.query_end].float()
             window = plan.policy.config.observation_window
             memory.remember_queries(q[-window:].clone(), n - min(window, q.shape[0]), window)
-        if chunk or plan.compress:
-            slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
+        chunk = plan.recomputed and not plan.decodes
+        if not (chunk or plan.compress):
+            return
+        slots = RequestSlots(kv_cache, block_table[plan.row], plan.live_start, n, layer.isa)
         index = layer_index(layer.layer_name)
         if chunk:
-            grouped = group_queries(q, self.num_kv_heads)
-            out, lse = slots.attend_chunk(grouped, q.shape[0], self.scale)
-            if memory.states:
-                feature_map = plan.policy.feature_map(self.head_size, self.scale, index)
-                q_positions = grouped_positions(n, q.shape[0], self.num_queries_per_kv)
-                out = merge_with_state_readouts(
-                    out, lse, grouped, memory.states, feature_map, q_positions=q_positions
-                )
-            out = ungroup_rows(out, self.num_heads, q.shape[0])
+            out = attend_live(plan, memory, q, slots, self.scale, index)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         if plan.compress:
-            started = time.perf_counter()
-            compress(plan, memory, slots, self.scale, index)
-            WORKER.memories.compress_seconds += time.perf_counter() - started
+            WORKER.compress(plan, memory, slots, self.scale, index)
 
 
 class RetentiveCPUAttentionBackend(CPUAttentionBackend):

@@ -18,7 +18,6 @@ over blocks. Compaction writes through vLLM's own cache op, so any layout is wri
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from vllm import _custom_ops as ops
@@ -130,19 +129,15 @@ class RequestSlots(Slots):
             values.permute(1, 0, 2, 3)[:, picked].reshape(h, n * bs, d),
         )
 
-    def attend_chunk(
-        self, q: torch.Tensor, num_new: int, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal softmax attention of a chunk of num_new new tokens over the live slots
-        -> out [Hkv, m, d] float32 and its log-sum-exp [Hkv, m].
+    def attend(self, q, num_new, scale, q_positions=None, positions=None):
+        """`Slots.attend` of a chunk of num_new new tokens, in torch's fused CPU attention
+        (row r of q [Hkv, g·num_new, d] is token r % num_new of the step).
 
-        q [Hkv, m, d] holds each KV head's query rows grouped (m = g·num_new, row r is token
-        r % num_new of the step).  The slots below the step's first new token hold tokens
-        older than every query of the step (compaction packs kept tokens there), and the
-        step's own tokens sit at their positions: the prefix is visible to every row, the
-        new tokens causally.  Torch's fused CPU attention, which returns the log-sum-exp,
-        runs once over the prefix (no mask) and once causally over the new tokens; the two
-        are merged in log space.
+        The positions are not read: the slots below the step's first new token hold tokens
+        older than every query of the step (compaction packs kept tokens there), and the step's
+        own tokens sit at their positions, so the prefix is visible to every row and the new
+        tokens causally. The fused attention, which returns the log-sum-exp, runs once over the
+        prefix (no mask) and once causally over the new tokens; the two merge in log space.
         """
         keys, values = self.read()
         heads, m, d = q.shape
@@ -201,33 +196,23 @@ class RequestSlots(Slots):
         self._tokens = None
 
 
-@dataclass
 class DecodeBatch:
     """The decode requests of one step whose rows are recomputed, and where each one's live slots
     are, planned once per step (every layer shares the block table)."""
 
-    query_rows: torch.Tensor  # [R] each request's row in the step's query tensor
-    block_rows: torch.Tensor  # [R, max_blocks] int32, the requests' block-table rows
-    starts: torch.Tensor  # [R] int64: request i's live slots are [starts[i], ends[i])
-    ends: torch.Tensor
-    block_size: int
-
-    @classmethod
-    def plan(
-        cls,
+    def __init__(
+        self,
         query_rows: list[int],
         block_rows: torch.Tensor,
         starts: list[int],
         ends: list[int],
         block_size: int,
-    ):
-        return cls(
-            torch.tensor(query_rows),
-            block_rows.int(),
-            torch.tensor(starts),
-            torch.tensor(ends),
-            block_size,
-        )
+    ) -> None:
+        self.query_rows = torch.tensor(query_rows)  # each request's row in the step's queries
+        self.block_rows = block_rows.int()  # [R, max_blocks], the requests' block-table rows
+        # [R] int64: request i's live slots are [starts[i], ends[i])
+        self.starts, self.ends = torch.tensor(starts), torch.tensor(ends)
+        self.block_size = block_size
 
     def attend(
         self, kv_cache: torch.Tensor, q: torch.Tensor, scale: float, isa: str

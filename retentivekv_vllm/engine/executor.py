@@ -22,12 +22,11 @@ from retentivekv_vllm.budget import folded_after_step
 from retentivekv_vllm.core import (
     accumulated_attention,
     gather_tokens,
-    local_attention,
     merge_with_state_readouts,
     storage_dtype,
 )
 from retentivekv_vllm.engine.memory import LayerMemory, RequestMemory
-from retentivekv_vllm.engine.slots import DenseSlots
+from retentivekv_vllm.engine.slots import DenseSlots, Slots
 from retentivekv_vllm.policies import KVPolicy, Observation
 
 
@@ -120,21 +119,19 @@ def attend_live(
     plan: RequestPlan,
     memory: LayerMemory,
     q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    slots: Slots,
     scale: float,
     layer: int,
     merge=None,
 ) -> torch.Tensor:
-    """The step's rows q [T, Hq, d] (the newest T tokens) over the live slots' keys and values
-    [Hkv, n, d], causal by position, merged with the states of layer `layer` -> [T, Hq, dv]
-    float32; `merge` as in `core.merge_with_state_readouts`."""
-    heads, n = keys.shape[0], plan.seq_len
+    """The step's rows q [T, Hq, d] (the newest T tokens) over the request's live slots
+    (``Slots.attend``), merged with the states of layer `layer` -> [T, Hq, dv] float32; `merge`
+    as in `core.merge_with_state_readouts`."""
+    heads, n = memory.positions.shape[0], plan.seq_len
     grouped = group_queries(q, heads)
     q_positions = grouped_positions(n, q.shape[0], q.shape[1] // heads, q.device)
-    out, lse = local_attention(
-        grouped, keys, values, scale, q_positions, memory.positions[:, plan.live_start : n]
-    )
+    live_positions = memory.positions[:, plan.live_start : n]
+    out, lse = slots.attend(grouped, q.shape[0], scale, q_positions, live_positions)
     if memory.states:
         feature_map = plan.policy.feature_map(q.shape[-1], scale, layer)
         out = merge_with_state_readouts(

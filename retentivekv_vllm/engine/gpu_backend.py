@@ -35,12 +35,19 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from retentivekv_vllm.engine.executor import RequestPlan, attend_live, compress, layer_index
-from retentivekv_vllm.engine.memory import log_memory_plan
-from retentivekv_vllm.engine.patches import install_runner_hooks
-from retentivekv_vllm.engine.settings import policy_from_vllm_config
+from retentivekv_vllm.engine.executor import RequestPlan, attend_live, layer_index
 from retentivekv_vllm.engine.slots import Slots
 from retentivekv_vllm.engine.worker import WORKER
+from retentivekv_vllm.kernels import (
+    PagedStates,
+    decode_attention,
+    gather_slots,
+    merge_with_state,
+    observation_scores,
+    split_kv_cache,
+    supports_feature_map,
+    write_slots,
+)
 
 
 @dataclass
@@ -55,10 +62,7 @@ class RetentiveTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.policy = policy_from_vllm_config(vllm_config)
-        if self.policy is not None:
-            install_runner_hooks()
-            log_memory_plan(self.policy, kv_cache_spec, len(layer_names), vllm_config)
+        self.policy = WORKER.load_builder(kv_cache_spec, len(layer_names), vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -82,8 +86,6 @@ class PagedSlots(Slots):
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the slots, [Hkv, end - start, d] float32 (read once a step)."""
-        from retentivekv_vllm.kernels import gather_slots
-
         if self._tokens is None:
             heads, device = self.key_cache.shape[2], self.key_cache.device
             slots = torch.arange(self.start, self.end, device=device).expand(heads, -1)[None]
@@ -98,8 +100,6 @@ class PagedSlots(Slots):
         per modality, which the kernel does not split, so it is scored in torch."""
         if layout is not None:
             return super().observe(queries, keys, scale, q_positions, positions, layout)
-        from retentivekv_vllm.kernels import observation_scores
-
         # The grouped rows [Hkv, g·T, d] passed as g·T tokens of Hkv query heads: each KV head
         # reads the same rows either way, and α and H are sums over rows.
         rows, device = queries.shape[1], keys.device
@@ -118,8 +118,6 @@ class PagedSlots(Slots):
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite slots [start, start + m) with [Hkv, m, d] keys and values."""
-        from retentivekv_vllm.kernels import write_slots
-
         device = self.key_cache.device
         write_slots(
             self.key_cache,
@@ -145,8 +143,6 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         plans = getattr(attn_metadata, "plans", None)
         if not plans or self.attn_type != AttentionType.DECODER:
             return output
-        from retentivekv_vllm.kernels import split_kv_cache
-
         caches = split_kv_cache(kv_cache, self.head_size)
         rows = output.view(output.shape[0], self.num_heads, self.head_size)
         block_table = attn_metadata.block_table
@@ -162,8 +158,6 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         launch per feature map their states are read with (one, unless requests chose their own
         policies); returns the batch rows served. Requests whose feature map has no kernel are
         left to `_run_plan`."""
-        from retentivekv_vllm.kernels import supports_feature_map
-
         groups: dict[int, tuple] = {}
         for plan in plans:
             if not (plan.recomputed and plan.decodes):
@@ -181,26 +175,11 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         return {plan.row for _, members in groups.values() for plan, _ in members}
 
     def _decode_group(self, feature_map, members, query, caches, block_table, rows) -> None:
-        from retentivekv_vllm.kernels import PagedStates, decode_attention
-
         device = query.device
         plans = [plan for plan, _ in members]
         states = None
         if feature_map is not None:
-            # The requests' states as one pool: request i reads pool slots index[i, :].
-            pool = []
-            index = torch.full(
-                (len(members), max(len(m.states) for _, m in members)), -1, dtype=torch.int32
-            )
-            for i, (_, memory) in enumerate(members):
-                for k, state in enumerate(memory.states):
-                    index[i, k] = len(pool)
-                    pool.append(state)
-            states = PagedStates(
-                S=torch.stack([s.S for s in pool]),
-                z=torch.stack([s.z for s in pool]),
-                index=index.to(device),
-            )
+            states = PagedStates.of([memory.states for _, memory in members])
         tokens = torch.tensor([p.query_start for p in plans], device=device)
         out, _ = decode_attention(
             query[tokens],
@@ -218,20 +197,18 @@ class RetentiveTritonAttentionImpl(TritonAttentionImpl):
         self, layer, index: int, plan: RequestPlan, query, caches, block_table, rows, attended: bool
     ) -> None:
         """One request's rows that `_decode` did not recompute, and its compression."""
-        from retentivekv_vllm.kernels import merge_with_state
-
         n = plan.seq_len
         q = query[plan.query_start : plan.query_end].float()
         memory = plan.memory.layer(layer.layer_name, self.num_kv_heads, n, q.device)
         attend = plan.recomputed and not attended
         slots = PagedSlots(*caches, block_table[plan.row], plan.live_start, n)
         if attend:
-            out = attend_live(plan, memory, q, *slots.read(), self.scale, index, merge_with_state)
+            out = attend_live(plan, memory, q, slots, self.scale, index, merge_with_state)
             rows[plan.query_start : plan.query_end] = out.to(rows.dtype)
         window = plan.policy.config.observation_window
         memory.remember_queries(q[-window:].clone(), n - min(window, q.shape[0]), window)
         if plan.compress:
-            compress(plan, memory, slots, self.scale, index)
+            WORKER.compress(plan, memory, slots, self.scale, index)
 
 
 class RetentiveTritonAttentionBackend(TritonAttentionBackend):

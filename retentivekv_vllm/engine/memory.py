@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,14 @@ logger = logging.getLogger("vllm.retentivekv_vllm")
 
 # Stats of finished requests are kept for inspection (tests, debugging), bounded.
 FINISHED_STATS_KEPT = 1024
+# The counters of `MemoryRegistry.metrics` (released requests plus live ones).
+COUNTERS = (
+    "requests_released_total",
+    "compressions_total",
+    "tokens_cached_total",
+    "tokens_folded_total",
+    "blocks_freed_total",
+)
 
 
 @dataclass
@@ -146,24 +154,14 @@ class RequestMemory:
         }
 
 
-@dataclass
-class ReleasedTotals:
-    """What the requests a worker has released (finished, aborted or preempted) added up to."""
-
-    requests: int = 0
-    tokens_cached: int = 0
-    tokens_folded: int = 0
-    blocks_freed: int = 0
-    compressions: int = 0
-
-
 class MemoryRegistry:
     """The live RequestMemory objects of one worker, plus stats of finished ones."""
 
     def __init__(self) -> None:
         self.live: dict[str, RequestMemory] = {}
         self.finished: OrderedDict[str, dict] = OrderedDict()
-        self.released = ReleasedTotals()
+        # What the released requests (finished, aborted or preempted) added up to.
+        self.released: Counter[str] = Counter()
         self.compress_seconds = 0.0  # wall time of every compression, all layers
         self.block_size = 0
         self._runner = lambda: None
@@ -173,7 +171,7 @@ class MemoryRegistry:
         if self._runner() is not runner:
             self.live.clear()
             self.finished.clear()
-            self.released = ReleasedTotals()
+            self.released.clear()
             self.compress_seconds = 0.0
             self.block_size = runner.cache_config.block_size
             self._runner = weakref.ref(runner)
@@ -183,58 +181,39 @@ class MemoryRegistry:
         its oldest slots, so every whole block of them (kv_manager.py applies the same rule)."""
         return memory.num_folded // self.block_size if self.block_size else 0
 
-    def get_or_create(
-        self, req_id: str, num_prompt_tokens: int, budget: int, token_layout=None
-    ) -> RequestMemory:
-        memory = self.live.get(req_id)
-        if memory is None:
-            memory = self.live[req_id] = RequestMemory(
-                req_id, num_prompt_tokens, budget, token_layout=token_layout
-            )
-        return memory
-
-    def restart(self, req_id: str) -> None:
-        """Forget a request's memory (its prompt is being recomputed from the start)."""
-        self.live.pop(req_id, None)
-
     def release(self, req_ids) -> None:
         for req_id in req_ids:
             memory = self.live.pop(req_id, None)
             if memory is not None:
-                totals = self.released
-                totals.requests += 1
-                totals.tokens_cached += memory.num_cached
-                totals.tokens_folded += memory.num_folded
-                totals.blocks_freed += self.blocks_freed(memory)
-                totals.compressions += memory.num_compressions
+                self.released.update(self.totals(memory), requests_released_total=1)
                 stats = self.finished[req_id] = memory.stats()
                 logger.info(
-                    "retentivekv: request %s kept %d of %d cached tokens (budget %d), folded %d "
-                    "(prompt %d, %d images, %d image-token slots folded over layers and heads) "
-                    "in %d compressions",
-                    req_id,
-                    stats["tokens_kept"],
-                    stats["tokens_cached"],
-                    stats["budget_tokens"],
-                    stats["tokens_folded"],
-                    stats["num_prompt_tokens"],
-                    stats["images"],
-                    stats["visual_slots_folded"],
-                    stats["compressions"],
+                    "retentivekv: request %(req_id)s kept %(tokens_kept)d of %(tokens_cached)d "
+                    "cached tokens (budget %(budget_tokens)d), folded %(tokens_folded)d (prompt "
+                    "%(num_prompt_tokens)d, %(images)d images, %(visual_slots_folded)d image-token "
+                    "slots folded over layers and heads) in %(compressions)d compressions",
+                    stats,
                 )
                 while len(self.finished) > FINISHED_STATS_KEPT:
                     self.finished.popitem(last=False)
 
+    def totals(self, memory: RequestMemory) -> dict[str, int]:
+        """A request's share of the `COUNTERS` (but the request count)."""
+        return {
+            "compressions_total": memory.num_compressions,
+            "tokens_cached_total": memory.num_cached,
+            "tokens_folded_total": memory.num_folded,
+            "blocks_freed_total": self.blocks_freed(memory),
+        }
+
     def metrics(self) -> dict:
         """Totals since the engine started (released and live requests) and live gauges."""
-        live, totals = list(self.live.values()), self.released
+        live, totals = list(self.live.values()), Counter(self.released)
+        for memory in live:
+            totals.update(self.totals(memory))
         return {
             "requests_live": len(live),
-            "requests_released_total": totals.requests,
-            "compressions_total": totals.compressions + sum(m.num_compressions for m in live),
-            "tokens_cached_total": totals.tokens_cached + sum(m.num_cached for m in live),
-            "tokens_folded_total": totals.tokens_folded + sum(m.num_folded for m in live),
-            "blocks_freed_total": totals.blocks_freed + sum(self.blocks_freed(m) for m in live),
+            **{key: totals[key] for key in COUNTERS},
             "compress_seconds_total": self.compress_seconds,
             "tokens_kept": sum(m.num_cached - m.num_folded for m in live),
             "state_bytes": sum(m.state_bytes for m in live),

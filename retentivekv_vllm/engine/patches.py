@@ -77,29 +77,21 @@ def apply_process_patches() -> None:
             ", ".join(CHECKED_VLLM_VERSIONS),
             vllm.__version__,
         )
-    _register_cpu_backend()
-    _register_gpu_backend()
+    _register_backends()
     _patch_engine_args()
     _patch_request_validation()
     _patch_request_models()
     _add_worker_methods()
 
 
-def _register_cpu_backend() -> None:
+def _register_backends() -> None:
     from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
-
-
-def _register_gpu_backend() -> None:
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
     # On every platform: CUSTOM is otherwise unregistered, the path is resolved only when a
     # GPU run asks for it, and the CPU platform never does (it ignores --attention-backend).
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
     register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND_PATH)
 
 

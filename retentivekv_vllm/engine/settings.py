@@ -88,24 +88,18 @@ def _unsupported_engine_options(c) -> dict[str, str]:
     return {option: reason for option, reason in why.items() if reason}
 
 
-def refuse_unsupported_layer(
-    policy: KVPolicy | None,
-    attn_type,
-    sliding_window: bool,
-    alibi: bool,
-    soft_cap: bool,
-    sinks: bool,
-) -> None:
-    """Refuse, while the model loads, a decoder layer with features the policy cannot serve."""
+def refuse_unsupported_layer(policy: KVPolicy | None, impl, sliding_window: bool) -> None:
+    """Refuse, while the model loads, a decoder layer (a backend's attention impl) with features
+    the policy cannot serve."""
     from vllm.v1.attention.backend import AttentionType
 
-    if policy is None or attn_type != AttentionType.DECODER:
+    if policy is None or impl.attn_type != AttentionType.DECODER:
         return
     unsupported = {
         "sliding window": sliding_window,
-        "ALiBi": alibi,
-        "logits soft-capping": soft_cap,
-        "attention sinks": sinks,
+        "ALiBi": impl.alibi_slopes is not None,
+        "logits soft-capping": bool(impl.logits_soft_cap),
+        "attention sinks": impl.sinks is not None,
     }
     found = [name for name, present in unsupported.items() if present]
     if found:

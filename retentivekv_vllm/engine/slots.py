@@ -3,14 +3,15 @@
 Each backend implements it once over its cache: vLLM's CPU blocks (``cpu_layout.RequestSlots``),
 the paged GPU cache (``gpu_backend.PagedSlots``), plain tensors (``DenseSlots``, for the
 transformers reference and the benchmarks). ``observe`` is the backend's way of scoring the live
-keys; the default is the torch definition, which a backend replaces by its kernel.
+keys, ``attend`` its way of attending a step's rows over them; the defaults are the torch
+definitions, which a backend replaces by its kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from retentivekv_vllm.core import PatchLayout, attention_probs
+from retentivekv_vllm.core import PatchLayout, attention_probs, local_attention
 
 
 class Slots:
@@ -26,6 +27,19 @@ class Slots:
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite slots [start, start + m) with keys and values [Hkv, m, d]."""
         raise NotImplementedError
+
+    def attend(
+        self,
+        queries: torch.Tensor,
+        num_new: int,
+        scale: float,
+        q_positions: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rows queries [Hkv, g·num_new, d] (`executor.group_queries` of its newest
+        num_new tokens) at q_positions, causal over the live keys at positions [Hkv, n] -> out
+        [Hkv, rows, d] float32 and its log-sum-exp [Hkv, rows]."""
+        return local_attention(queries, *self.read(), scale, q_positions, positions)
 
     def observe(
         self,

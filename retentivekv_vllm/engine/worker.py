@@ -15,13 +15,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from retentivekv_vllm.engine.executor import RequestPlan
-from retentivekv_vllm.engine.memory import MemoryRegistry, logger
+from retentivekv_vllm.engine.executor import RequestPlan, compress
+from retentivekv_vllm.engine.memory import MemoryRegistry, RequestMemory, log_memory_plan, logger
+from retentivekv_vllm.engine.patches import install_runner_hooks, install_worker_hooks
 from retentivekv_vllm.engine.settings import (
     policy_from_vllm_config,
     refuse_unsupported_layer,
@@ -76,23 +78,29 @@ class WorkerState:
         installed; a layer the policy cannot serve is refused. Every backend's impl calls it."""
         from vllm.config import get_current_vllm_config
 
-        from retentivekv_vllm.engine.patches import install_worker_hooks
-
         vllm_config = get_current_vllm_config()
         policy = policy_from_vllm_config(vllm_config)
         max_step_tokens = vllm_config.max_in_flight_tokens
         self.loaded = None if policy is None else LoadedPolicy(policy, max_step_tokens)
         if policy is not None:
             install_worker_hooks()
-        refuse_unsupported_layer(
-            policy,
-            impl.attn_type,
-            sliding_window=sliding_window,
-            alibi=impl.alibi_slopes is not None,
-            soft_cap=bool(impl.logits_soft_cap),
-            sinks=impl.sinks is not None,
-        )
+        refuse_unsupported_layer(policy, impl, sliding_window)
         return policy
+
+    def load_builder(self, kv_cache_spec, num_layers: int, vllm_config) -> KVPolicy | None:
+        """The policy a backend's metadata builder plans with; with one, the runner's hooks are
+        installed and the start-up line on memory is logged. Every backend's builder calls it."""
+        policy = policy_from_vllm_config(vllm_config)
+        if policy is not None:
+            install_runner_hooks()
+            log_memory_plan(policy, kv_cache_spec, num_layers, vllm_config)
+        return policy
+
+    def compress(self, plan: RequestPlan, memory, slots, scale: float, layer: int) -> None:
+        """`executor.compress`, its wall time added to the worker's metrics."""
+        started = time.perf_counter()
+        compress(plan, memory, slots, scale, layer)
+        self.memories.compress_seconds += time.perf_counter() - started
 
     def kv_cache_spec(self, spec):
         """A backend's KV-cache spec for the loaded model: full attention under a compressing
@@ -129,15 +137,16 @@ class WorkerState:
             seq_len = seq_lens[row]
             if seq_len == end - start:
                 # A request's first step, or a preempted one recomputing its prompt.
-                registry.restart(req_id)
+                registry.live.pop(req_id, None)
             num_prompt = view.num_prompt_tokens[row]
             policy = request_policy(server, view.requests.get(req_id))
-            memory = registry.live.get(req_id) or registry.get_or_create(
-                req_id,
-                num_prompt,
-                policy.config.budget_tokens(num_prompt),
-                request_token_layout(view, req_id, num_prompt),
-            )
+            memory = registry.live.get(req_id)
+            if memory is None:
+                budget = policy.config.budget_tokens(num_prompt)
+                layout = request_token_layout(view, req_id, num_prompt)
+                memory = registry.live[req_id] = RequestMemory(
+                    req_id, num_prompt, budget, token_layout=layout
+                )
             plans.append(RequestPlan.make(policy, memory, row, start, end, seq_len, block_size))
         self.planned = plans
         return plans

@@ -97,7 +97,7 @@ def test_decode_batch_matches_local_attention(attend, dtype, group, requests):
     block_rows = torch.stack(
         [torch.cat([r[0], torch.zeros(max_blocks - len(r[0]), dtype=torch.long)]) for r in requests]
     )
-    batch = DecodeBatch.plan(
+    batch = DecodeBatch(
         list(range(len(requests))),
         block_rows.int(),
         [r[1] for r in requests],
@@ -118,7 +118,7 @@ def test_decode_batch_matches_local_attention(attend, dtype, group, requests):
 
 def test_one_request_with_consecutive_blocks_is_read_in_place():
     block_row, start, end = CONSECUTIVE
-    batch = DecodeBatch.plan([0], block_row[None].int(), [start], [end], BLOCK_SIZE)
+    batch = DecodeBatch([0], block_row[None].int(), [start], [end], BLOCK_SIZE)
     blocks, _ = batch._torch_plan
     assert blocks == [slice(3, 7)]  # slots 128-639 of blocks 2-6: the first live one is 150
 
@@ -145,7 +145,7 @@ def test_chunk_matches_local_attention(dtype, blocks, num_queries, group):
     )
     q_positions = torch.arange(end - num_queries, end).repeat(group)
 
-    out, lse = slots.attend_chunk(q, num_queries, SCALE)
+    out, lse = slots.attend(q, num_queries, SCALE)
 
     keys, values = slots.read()
     want_out, want_lse = local_attention(

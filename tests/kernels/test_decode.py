@@ -235,3 +235,23 @@ def test_decode_reads_states_of_sharp_queries_in_log_space():
         (expected - local.reshape(NUM_KV_HEADS, head_dim)).norm(dim=-1) > 0.1 * local.norm()
     ).all()
     torch.testing.assert_close(out[0].cpu(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_pool_of_requests_states():
+    """`PagedStates.of` pools the requests' states in order: request r's k-th state is read from
+    the pool slot index[r, k], and a request with fewer states reads -1 past them."""
+    gen = torch.Generator().manual_seed(5)
+
+    def state():
+        S = torch.randn(NUM_KV_HEADS, 4, 8, generator=gen)
+        return RecurrentState(S, torch.rand(NUM_KV_HEADS, 4, generator=gen))
+
+    states = [[state(), state()], [state()], [state(), state()]]
+
+    paged = PagedStates.of(states)
+
+    assert paged.index.tolist() == [[0, 1], [2, -1], [3, 4]]
+    for r, member in enumerate(states):
+        for k, s in enumerate(member):
+            assert torch.equal(paged.S[paged.index[r, k]], s.S)
+            assert torch.equal(paged.z[paged.index[r, k]], s.z)

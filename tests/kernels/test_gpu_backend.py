@@ -137,8 +137,7 @@ def test_decode_rows_equal_the_cpu_path(feature_map):
             plans[row],
             on_cpu(memory),
             query[row : row + 1].float().cpu(),
-            batch.keys[row][:, s:n],
-            batch.values[row][:, s:n],
+            DenseSlots(batch.keys[row][:, s:n], batch.values[row][:, s:n], s),
             impl.scale,
             0,
         )[0]
