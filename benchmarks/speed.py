@@ -6,11 +6,13 @@
     check)
     python -m benchmarks.speed --readme   # rewrite the README's headline table from the JSON
     python -m benchmarks.speed --model smollm2   # the real SmolLM2-135M-Instruct: stock and 0.2
+                                                 # with the prf and the learned state
 
 Every configuration runs in its own process, one after another, on the same model and
 prompts: stock vLLM with the plugin disabled (``VLLM_PLUGINS=""``), then
 ``kv_policy=retentive`` with the prf state (``kv_feature_map=prf``, the state the recorded
-results carry) at each budget. Each process runs two workloads on an in-process
+results carry) at each budget, and for a model with shipped learned maps (SmolLM2) with those
+too (``kv_maps``, the state the demo serves). Each process runs two workloads on an in-process
 engine (``llm.llm_engine.step()`` driven by hand, timed around each step):
 
 * latency, batch 1: one request of a long random-token prompt; time to first token
@@ -88,6 +90,9 @@ SMOLLM2 = dict(
     max_position_embeddings=8192,
 )
 MODELS = {"synthetic": MODEL, "smollm2": SMOLLM2}
+# The learned maps shipped for a model (the state the demo serves), from the repository root:
+# the measuring processes run there, and the JSON records no machine path.
+SHIPPED_MAPS = {"smollm2": "retentivekv_vllm/maps/smollm2-135m-instruct.safetensors"}
 SETTINGS = {
     "full": dict(
         budgets=(1.0, 0.5, 0.2, 0.1, 0.05),
@@ -122,13 +127,17 @@ MAX_NUM_BATCHED_TOKENS = 2048
 LATENCY_REPEATS = 3
 
 
-def configs(budgets) -> list[tuple[str, dict | None]]:
+def configs(budgets, maps: str | None = None) -> list[tuple[str, dict | None]]:
     """Stock first (the reference of every ratio) and once more last: the last row's ratios to the
-    first are the run's own noise and drift (ideally 1.0x everywhere)."""
-    retentive = [
-        (f"retentive {b:g}", {"kv_policy": "retentive", "kv_feature_map": "prf", "kv_budget": b})
-        for b in budgets
-    ]
+    first are the run's own noise and drift (ideally 1.0x everywhere). With `maps` (a model's
+    learned maps), each budget runs with the learned state too."""
+    retentive = []
+    for b in budgets:
+        prf = {"kv_policy": "retentive", "kv_feature_map": "prf", "kv_budget": b}
+        retentive.append((f"retentive {b:g}", prf))
+        if maps:
+            learned = {"kv_policy": "retentive", "kv_budget": b, "kv_maps": maps}
+            retentive.append((f"retentive {b:g} learned", learned))
     return [("stock", None), *retentive, ("stock again", None)]
 
 
@@ -566,7 +575,7 @@ def main(argv=None) -> int:
         "load_start": load(),
     }
     started = time.perf_counter()
-    runs = configs(settings["budgets"])
+    runs = configs(settings["budgets"], SHIPPED_MAPS.get(args.model))
     by_config = [[] for _ in runs]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = benchmark_model_dir(args.model, Path(tmp) / "speed-llama")
