@@ -4,13 +4,14 @@
     python -m benchmarks.serve            # stock, retentive 0.2 and 0.05
     python -m benchmarks.serve --quick    # stock and retentive 0.2, shorter prompts
     python -m benchmarks.serve --model smollm2   # the real SmolLM2-135M-Instruct: stock and 0.2
+                                                 # with the prf and the learned state
 
 The cross-check of `benchmarks.speed` (which drives the engine in-process and reads the
 scheduler after every step) through the path a user runs: each configuration is a fresh
 `vllm serve` of the same model (stock with the plugin not loaded, ``VLLM_PLUGINS=""``; the
 plugin with ``--kv-policy retentive --kv-feature-map prf --kv-budget B``: the prf state, which the
-recorded results carry), and `vllm bench serve` with its random
-dataset measures two workloads against it:
+recorded results carry; for SmolLM2 also with its shipped ``--kv-maps``, the demo's state), and
+`vllm bench serve` with its random dataset measures two workloads against it:
 
 * batch 1: a few requests of a long prompt one at a time (``--max-concurrency 1``): TTFT and
   TPOT as vLLM's benchmark reports them;
@@ -43,6 +44,7 @@ from benchmarks.speed import (
     BLOCK_SIZE,
     MAX_NUM_BATCHED_TOKENS,
     MODELS,
+    SHIPPED_MAPS,
     STOCK_REQUESTS_IN_POOL,
     bar_panels,
     benchmark_model_dir,
@@ -283,7 +285,8 @@ def main(argv=None) -> int:
         "--model",
         choices=tuple(MODELS),
         default="synthetic",
-        help="synthetic (the default) or smollm2 (the real SmolLM2-135M-Instruct: stock and 0.2)",
+        help="synthetic (the default) or smollm2 (the real SmolLM2-135M-Instruct: stock and 0.2, "
+        "prf and learned state)",
     )
     args = parser.parse_args(argv)
     if args.model != "synthetic" and args.quick:
@@ -309,13 +312,13 @@ def main(argv=None) -> int:
         "settings": {**settings, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE},
         "load_start": load(),
     }
-    configs = [("stock", None)] + [
-        (
-            f"retentive {b:g}",
-            ("--kv-policy", "retentive", "--kv-feature-map", "prf", "--kv-budget", str(b)),
-        )
-        for b in settings["budgets"]
-    ]
+    configs = [("stock", None)]
+    maps = SHIPPED_MAPS.get(args.model)
+    for b in settings["budgets"]:
+        retentive = ("--kv-policy", "retentive", "--kv-budget", str(b))
+        configs.append((f"retentive {b:g}", (*retentive, "--kv-feature-map", "prf")))
+        if maps:
+            configs.append((f"retentive {b:g} learned", (*retentive, "--kv-maps", maps)))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
