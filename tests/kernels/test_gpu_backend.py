@@ -235,3 +235,57 @@ def test_compression_on_the_paged_cache_equals_the_dense_one(policy_name):
     ).read()
     torch.testing.assert_close(after_keys[:, packed], dense_slots.keys[:, packed])
     torch.testing.assert_close(after_values[:, packed], dense_slots.values[:, packed])
+
+
+def test_a_chunk_after_a_fold_is_attended_and_compressed_by_run_plan():
+    """A prompt chunk of a request with folded tokens and a state (`_run_plan` on the paged cache):
+    its rows are `executor.attend_live` over the live slots as plain tensors, merged with the state
+    through the extension's merge; then the step compresses as `executor.compress` does on those
+    tensors, timed into the worker's metrics."""
+    impl, _ = make_impl("prf")
+    n, live_start, chunk, window = 70, 6, 8, 8
+    config = KVPolicyConfig.from_knobs(
+        policy="retentive",
+        budget=0.5,
+        sinks=2,
+        window=4,
+        observation_window=window,
+        feature_map="prf",
+        state_rank=16,
+    )
+    policy = make_policy(config)
+    batch = make_paged_batch([n], NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.float32, seed=9)
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(chunk, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen)
+    phi = policy.feature_map(HEAD_DIM, impl.scale, 0)
+    folded = torch.randn(NUM_KV_HEADS, live_start, HEAD_DIM, generator=gen)
+    ones = torch.ones(NUM_KV_HEADS, live_start)
+    values = torch.randn(NUM_KV_HEADS, live_start, HEAD_DIM, generator=gen)
+    state = fold(RecurrentState.zeros(NUM_KV_HEADS, phi.rank, HEAD_DIM), phi.features(folded),
+                 values, ones, ones)  # fmt: skip
+    live = slice(live_start, n)
+    dense_slots = DenseSlots(batch.keys[0][:, live], batch.values[0][:, live], live_start)
+    plans, memories = [], []
+    for _ in range(2):  # the request on the paged cache, and its twin on plain tensors
+        request = RequestMemory("request", n - chunk, budget=32)
+        plans.append(RequestPlan(request, policy, 0, 0, chunk, n, live_start, n - 32))
+        memories.append(request.layer(Layer.layer_name, NUM_KV_HEADS, n, DEVICE))
+        # The earlier fold kept the two sinks and folded positions 2-7.
+        memories[-1].positions[:, live] = torch.cat([torch.arange(2), torch.arange(8, n)])
+        memories[-1].states = [RecurrentState(state.S.to(DEVICE), state.z.to(DEVICE))]
+    plan, dense_plan = plans
+    memory, dense_memory = memories
+    expected = attend_live(dense_plan, dense_memory, query, dense_slots, impl.scale, 0)
+    dense_memory.remember_queries(query.clone(), n - chunk, window)
+    compress(dense_plan, dense_memory, dense_slots, impl.scale, 0)
+    rows = torch.full((chunk, NUM_KV_HEADS * GROUP, HEAD_DIM), float("nan"), device=DEVICE)
+    seconds = WORKER.memories.compress_seconds
+
+    caches = (batch.key_cache, batch.value_cache)
+    impl._run_plan(Layer(), 0, plan, query.to(DEVICE), caches, batch.block_table, rows, False)
+
+    reduction = n - live_start + HEAD_DIM + phi.rank
+    assert_close_scaled(rows.cpu(), expected, tolerance(torch.float32, reduction))
+    assert torch.equal(memory.positions[:, :n].cpu(), dense_memory.positions[:, :n])
+    torch.testing.assert_close(memory.states[0].S.cpu(), dense_memory.states[0].S)
+    assert WORKER.memories.compress_seconds > seconds
