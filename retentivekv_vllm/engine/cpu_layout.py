@@ -129,7 +129,7 @@ class RequestSlots(Slots):
             values.permute(1, 0, 2, 3)[:, picked].reshape(h, n * bs, d),
         )
 
-    def attend(self, q, num_new, scale, q_positions=None, positions=None):
+    def attend(self, q, num_new, scale, q_positions, positions):
         """`Slots.attend` of a chunk of num_new new tokens, in torch's fused CPU attention
         (row r of q [Hkv, g·num_new, d] is token r % num_new of the step).
 

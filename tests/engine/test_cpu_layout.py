@@ -145,12 +145,12 @@ def test_chunk_matches_local_attention(dtype, blocks, num_queries, group):
     )
     q_positions = torch.arange(end - num_queries, end).repeat(group)
 
-    out, lse = slots.attend(q, num_queries, SCALE)
+    positions = torch.arange(start, end).expand(HEADS, -1)
+
+    out, lse = slots.attend(q, num_queries, SCALE, q_positions, positions)
 
     keys, values = slots.read()
-    want_out, want_lse = local_attention(
-        q, keys, values, SCALE, q_positions, torch.arange(start, end)
-    )
+    want_out, want_lse = local_attention(q, keys, values, SCALE, q_positions, positions)
     torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
     torch.testing.assert_close(out, want_out, **TOLERANCE[dtype])
 
