@@ -51,6 +51,7 @@ from benchmarks.speed import (
     kv_bytes_per_token,
     load,
 )
+from benchmarks.speed import configs as speed_configs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -159,6 +160,16 @@ def bench_serve(
     )
     saved = json.loads(result.read_text())
     return {key: saved[key] for key in REPORTED if key in saved}
+
+
+def plugin_flags(additional_config: dict | None) -> tuple[str, ...] | None:
+    """The `vllm serve` flags of a configuration's settings (`cli.flag`); None for stock."""
+    from retentivekv_vllm.cli import flag
+
+    if additional_config is None:
+        return None
+    settings = additional_config.items()
+    return tuple(part for key, value in settings for part in (flag(key), str(value)))
 
 
 def run_config(
@@ -312,13 +323,14 @@ def main(argv=None) -> int:
         "settings": {**settings, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE},
         "load_start": load(),
     }
-    configs = [("stock", None)]
-    maps = SHIPPED_MAPS.get(args.model)
-    for b in settings["budgets"]:
-        retentive = ("--kv-policy", "retentive", "--kv-budget", str(b))
-        configs.append((f"retentive {b:g}", (*retentive, "--kv-feature-map", "prf")))
-        if maps:
-            configs.append((f"retentive {b:g} learned", (*retentive, "--kv-maps", maps)))
+    # The speed benchmark's configurations, spelled as `vllm serve` flags; no stock again.
+    configs = [
+        (name, plugin_flags(additional_config))
+        for name, additional_config in speed_configs(
+            settings["budgets"], SHIPPED_MAPS.get(args.model)
+        )
+        if name != "stock again"
+    ]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

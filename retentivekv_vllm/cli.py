@@ -14,7 +14,8 @@ from retentivekv_vllm.config import ConfigError, KVPolicyConfig
 GROUP_TITLE = "KVPolicy"
 
 
-def _flag(key: str) -> str:
+def flag(key: str) -> str:
+    """The flag of an ``additional_config`` key: ``kv_budget`` -> ``--kv-budget``."""
     return "--" + key.replace("_", "-")
 
 
@@ -27,7 +28,7 @@ def add_kv_arguments(parser) -> None:
     for knob in KVPolicyConfig.knobs():
         key = KVPolicyConfig.key(knob)
         group.add_argument(
-            _flag(key),
+            flag(key),
             dest=key,
             default=None,
             metavar=knob.metadata["kind"].__name__.upper(),
@@ -50,7 +51,7 @@ def merge_kv_arguments(args: argparse.Namespace) -> None:
     for key, value in given.items():
         if key in extra and str(extra[key]) != str(value):
             raise ConfigError(
-                f"{_flag(key)} {value!r} conflicts with additional_config.{key}={extra[key]!r}"
+                f"{flag(key)} {value!r} conflicts with additional_config.{key}={extra[key]!r}"
             )
         extra[key] = value
     args.additional_config = extra

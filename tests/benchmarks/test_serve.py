@@ -3,10 +3,13 @@
 tiers);
 and the /metrics gauge it reads the concurrency from, against a real HTTP server."""
 
+import argparse
 import http.server
 import threading
 
-from benchmarks import serve
+from benchmarks import serve, speed
+from retentivekv_vllm.cli import add_kv_arguments, merge_kv_arguments
+from retentivekv_vllm.config import KVPolicyConfig
 
 
 def result(name, ttft_ms, tpot_ms, tok_s, running):
@@ -71,3 +74,21 @@ def test_running_gauge_keeps_the_peak_of_the_servers_gauge():
         assert gauge.stop() == 7  # the peak: not the waiting count, not the last reading
     finally:
         server.shutdown()
+
+
+def test_each_configuration_is_served_with_flags_that_mean_its_settings():
+    """The flags `vllm serve` gets for each of the speed benchmark's configurations, parsed by the
+    plugin's --kv-* flags, are the same settings the in-process run passes as additional_config."""
+    configs = speed.configs((0.2, 0.05), speed.SHIPPED_MAPS["smollm2"])
+    parser = argparse.ArgumentParser()
+    add_kv_arguments(parser)
+    for name, additional_config in configs:
+        flags = serve.plugin_flags(additional_config)
+        if additional_config is None:
+            assert flags is None
+            continue
+        args = parser.parse_args(flags)
+        merge_kv_arguments(args)
+        assert KVPolicyConfig.from_additional_config(
+            args.additional_config
+        ) == KVPolicyConfig.from_additional_config(additional_config), name
